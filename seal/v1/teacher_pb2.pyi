@@ -1,0 +1,211 @@
+from seal.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class AdaptRequest(_message.Message):
+    __slots__ = ("context", "questions", "k", "overrides", "prompt_style", "adapter_name", "seed")
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    QUESTIONS_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    OVERRIDES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_STYLE_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_NAME_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    context: _common_pb2.Context
+    questions: _containers.RepeatedCompositeFieldContainer[_common_pb2.Question]
+    k: int
+    overrides: _common_pb2.UpdateOverrides
+    prompt_style: str
+    adapter_name: str
+    seed: int
+    def __init__(self, context: _Optional[_Union[_common_pb2.Context, _Mapping]] = ..., questions: _Optional[_Iterable[_Union[_common_pb2.Question, _Mapping]]] = ..., k: _Optional[int] = ..., overrides: _Optional[_Union[_common_pb2.UpdateOverrides, _Mapping]] = ..., prompt_style: _Optional[str] = ..., adapter_name: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class SelfEdit(_message.Message):
+    __slots__ = ("index", "prompt", "text", "completion_tokens")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    prompt: str
+    text: str
+    completion_tokens: int
+    def __init__(self, index: _Optional[int] = ..., prompt: _Optional[str] = ..., text: _Optional[str] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
+
+class SelfEditsProposed(_message.Message):
+    __slots__ = ("self_edits", "seconds")
+    SELF_EDITS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    self_edits: _containers.RepeatedCompositeFieldContainer[SelfEdit]
+    seconds: float
+    def __init__(self, self_edits: _Optional[_Iterable[_Union[SelfEdit, _Mapping]]] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class CandidateProgress(_message.Message):
+    __slots__ = ("index", "training")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    training: _common_pb2.TrainingProgress
+    def __init__(self, index: _Optional[int] = ..., training: _Optional[_Union[_common_pb2.TrainingProgress, _Mapping]] = ...) -> None: ...
+
+class CandidateTrained(_message.Message):
+    __slots__ = ("index", "adapter", "seconds")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    adapter: _common_pb2.AdapterManifest
+    seconds: float
+    def __init__(self, index: _Optional[int] = ..., adapter: _Optional[_Union[_common_pb2.AdapterManifest, _Mapping]] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class BaselineScored(_message.Message):
+    __slots__ = ("accuracy", "outcomes")
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    accuracy: float
+    outcomes: _containers.RepeatedCompositeFieldContainer[_common_pb2.QuestionOutcome]
+    def __init__(self, accuracy: _Optional[float] = ..., outcomes: _Optional[_Iterable[_Union[_common_pb2.QuestionOutcome, _Mapping]]] = ...) -> None: ...
+
+class CandidateScored(_message.Message):
+    __slots__ = ("index", "adapter_id", "accuracy", "reward", "passed_gates", "gates", "seconds")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    REWARD_FIELD_NUMBER: _ClassVar[int]
+    PASSED_GATES_FIELD_NUMBER: _ClassVar[int]
+    GATES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    adapter_id: str
+    accuracy: float
+    reward: float
+    passed_gates: bool
+    gates: _containers.RepeatedCompositeFieldContainer[_common_pb2.GateResult]
+    seconds: float
+    def __init__(self, index: _Optional[int] = ..., adapter_id: _Optional[str] = ..., accuracy: _Optional[float] = ..., reward: _Optional[float] = ..., passed_gates: _Optional[bool] = ..., gates: _Optional[_Iterable[_Union[_common_pb2.GateResult, _Mapping]]] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class CandidateFailed(_message.Message):
+    __slots__ = ("index", "reason", "gates")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    GATES_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    reason: str
+    gates: _containers.RepeatedCompositeFieldContainer[_common_pb2.GateResult]
+    def __init__(self, index: _Optional[int] = ..., reason: _Optional[str] = ..., gates: _Optional[_Iterable[_Union[_common_pb2.GateResult, _Mapping]]] = ...) -> None: ...
+
+class PromotionDecided(_message.Message):
+    __slots__ = ("promoted", "adapter_id", "reason")
+    PROMOTED_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    promoted: bool
+    adapter_id: str
+    reason: str
+    def __init__(self, promoted: _Optional[bool] = ..., adapter_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class CandidateSummary(_message.Message):
+    __slots__ = ("index", "adapter_id", "self_edit", "training_sequences", "accuracy", "reward", "passed_gates", "gates", "failure", "train_seconds", "outcomes")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    SELF_EDIT_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    REWARD_FIELD_NUMBER: _ClassVar[int]
+    PASSED_GATES_FIELD_NUMBER: _ClassVar[int]
+    GATES_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    adapter_id: str
+    self_edit: str
+    training_sequences: int
+    accuracy: float
+    reward: float
+    passed_gates: bool
+    gates: _containers.RepeatedCompositeFieldContainer[_common_pb2.GateResult]
+    failure: str
+    train_seconds: float
+    outcomes: _containers.RepeatedCompositeFieldContainer[_common_pb2.QuestionOutcome]
+    def __init__(self, index: _Optional[int] = ..., adapter_id: _Optional[str] = ..., self_edit: _Optional[str] = ..., training_sequences: _Optional[int] = ..., accuracy: _Optional[float] = ..., reward: _Optional[float] = ..., passed_gates: _Optional[bool] = ..., gates: _Optional[_Iterable[_Union[_common_pb2.GateResult, _Mapping]]] = ..., failure: _Optional[str] = ..., train_seconds: _Optional[float] = ..., outcomes: _Optional[_Iterable[_Union[_common_pb2.QuestionOutcome, _Mapping]]] = ...) -> None: ...
+
+class AdaptResult(_message.Message):
+    __slots__ = ("request_id", "context_id", "promoted", "adapter_id", "version", "baseline_accuracy", "adapted_accuracy", "candidates", "baseline_outcomes", "adapted_outcomes", "decision_reason", "phase_seconds")
+    class PhaseSecondsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMOTED_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    ADAPTED_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    ADAPTED_OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    DECISION_REASON_FIELD_NUMBER: _ClassVar[int]
+    PHASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    context_id: str
+    promoted: bool
+    adapter_id: str
+    version: int
+    baseline_accuracy: float
+    adapted_accuracy: float
+    candidates: _containers.RepeatedCompositeFieldContainer[CandidateSummary]
+    baseline_outcomes: _containers.RepeatedCompositeFieldContainer[_common_pb2.QuestionOutcome]
+    adapted_outcomes: _containers.RepeatedCompositeFieldContainer[_common_pb2.QuestionOutcome]
+    decision_reason: str
+    phase_seconds: _containers.ScalarMap[str, float]
+    def __init__(self, request_id: _Optional[str] = ..., context_id: _Optional[str] = ..., promoted: _Optional[bool] = ..., adapter_id: _Optional[str] = ..., version: _Optional[int] = ..., baseline_accuracy: _Optional[float] = ..., adapted_accuracy: _Optional[float] = ..., candidates: _Optional[_Iterable[_Union[CandidateSummary, _Mapping]]] = ..., baseline_outcomes: _Optional[_Iterable[_Union[_common_pb2.QuestionOutcome, _Mapping]]] = ..., adapted_outcomes: _Optional[_Iterable[_Union[_common_pb2.QuestionOutcome, _Mapping]]] = ..., decision_reason: _Optional[str] = ..., phase_seconds: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class AdaptResponse(_message.Message):
+    __slots__ = ("request_id", "self_edits_proposed", "candidate_progress", "candidate_trained", "baseline_scored", "candidate_scored", "candidate_failed", "promotion_decided", "result")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SELF_EDITS_PROPOSED_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_TRAINED_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_SCORED_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_SCORED_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_FAILED_FIELD_NUMBER: _ClassVar[int]
+    PROMOTION_DECIDED_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    self_edits_proposed: SelfEditsProposed
+    candidate_progress: CandidateProgress
+    candidate_trained: CandidateTrained
+    baseline_scored: BaselineScored
+    candidate_scored: CandidateScored
+    candidate_failed: CandidateFailed
+    promotion_decided: PromotionDecided
+    result: AdaptResult
+    def __init__(self, request_id: _Optional[str] = ..., self_edits_proposed: _Optional[_Union[SelfEditsProposed, _Mapping]] = ..., candidate_progress: _Optional[_Union[CandidateProgress, _Mapping]] = ..., candidate_trained: _Optional[_Union[CandidateTrained, _Mapping]] = ..., baseline_scored: _Optional[_Union[BaselineScored, _Mapping]] = ..., candidate_scored: _Optional[_Union[CandidateScored, _Mapping]] = ..., candidate_failed: _Optional[_Union[CandidateFailed, _Mapping]] = ..., promotion_decided: _Optional[_Union[PromotionDecided, _Mapping]] = ..., result: _Optional[_Union[AdaptResult, _Mapping]] = ...) -> None: ...
+
+class ProposeSelfEditsRequest(_message.Message):
+    __slots__ = ("context", "k", "prompt_style", "seed")
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_STYLE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    context: _common_pb2.Context
+    k: int
+    prompt_style: str
+    seed: int
+    def __init__(self, context: _Optional[_Union[_common_pb2.Context, _Mapping]] = ..., k: _Optional[int] = ..., prompt_style: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class ProposeSelfEditsResponse(_message.Message):
+    __slots__ = ("self_edits",)
+    SELF_EDITS_FIELD_NUMBER: _ClassVar[int]
+    self_edits: _containers.RepeatedCompositeFieldContainer[SelfEdit]
+    def __init__(self, self_edits: _Optional[_Iterable[_Union[SelfEdit, _Mapping]]] = ...) -> None: ...
