@@ -1,0 +1,199 @@
+"""The auditor engine: closed-book scoring on τ, SEAL's reward, the promotion decision, and the
+ordered reward log that the teacher's ReST^EM buffer subscribes to (transport-free)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from seal.domains.knowledge import (
+    Grade,
+    Grader,
+    Question,
+    build_question_prompt,
+    extract_answer,
+)
+from seal.gates import CandidateScores, Decision, GateSettings, decide, reward
+from seal.guardrails import GuardrailResult
+
+# prompts, adapter_id ("" = base model) → completions
+AnswerFunction = Callable[[list[str], str], list[str]]
+
+
+@dataclass(frozen=True)
+class QuestionOutcome:
+    question: str
+    gold_answer: str
+    prediction: str
+    correct: bool
+    exact_match: bool
+    f1: float
+    contains_answer: bool
+
+
+@dataclass(frozen=True)
+class ScoreReport:
+    baseline_accuracy: float
+    adapted_accuracy: float
+    reward: float
+    baseline_outcomes: list[QuestionOutcome]
+    adapted_outcomes: list[QuestionOutcome]
+    decision: Decision
+
+
+def outcomes_from(questions: Sequence[Question], predictions: Sequence[str], grades: Sequence[Grade]) -> list[QuestionOutcome]:
+    return [
+        QuestionOutcome(q.question, q.answer, p, g.correct, g.exact_match, g.f1, g.contains)
+        for q, p, g in zip(questions, predictions, grades, strict=True)
+    ]
+
+
+def accuracy_of(outcomes: Sequence[QuestionOutcome]) -> float:
+    return sum(outcome.correct for outcome in outcomes) / len(outcomes)
+
+
+class Auditor:
+    def __init__(self, grader: Grader, gate_settings: GateSettings) -> None:
+        self._grader = grader
+        self._gate_settings = gate_settings
+        # Baselines depend only on the base model and τ, so each is computed once.
+        self._baselines: dict[tuple[str, ...], list[QuestionOutcome]] = {}
+        self._baseline_lock = threading.Lock()
+
+    def closed_book(
+        self, answer: AnswerFunction, questions: Sequence[Question], adapter_id: str
+    ) -> list[QuestionOutcome]:
+        if not questions:
+            raise ValueError("τ is empty: send at least one question with its gold answer")
+        prompts = [build_question_prompt(q.question) for q in questions]
+        predictions = [extract_answer(text) for text in answer(prompts, adapter_id)]
+        grades = self._grader.grade_batch(
+            [q.question for q in questions], [q.answer for q in questions], predictions
+        )
+        return outcomes_from(questions, predictions, grades)
+
+    def baseline(self, answer: AnswerFunction, questions: Sequence[Question]) -> list[QuestionOutcome]:
+        key = tuple(f"{q.question}\x1f{q.answer}" for q in questions)
+        with self._baseline_lock:
+            cached = self._baselines.get(key)
+        if cached is None:
+            cached = self.closed_book(answer, questions, "")
+            with self._baseline_lock:
+                self._baselines[key] = cached
+        return cached
+
+    def score(
+        self,
+        answer: AnswerFunction,
+        adapter_id: str,
+        questions: Sequence[Question],
+        guardrails: Sequence[GuardrailResult] = (),
+    ) -> ScoreReport:
+        baseline_outcomes = self.baseline(answer, questions)
+        baseline_accuracy = accuracy_of(baseline_outcomes)
+        if adapter_id:
+            adapted_outcomes = self.closed_book(answer, questions, adapter_id)
+        else:
+            adapted_outcomes = baseline_outcomes
+        adapted_accuracy = accuracy_of(adapted_outcomes)
+        decision = decide(
+            CandidateScores(
+                tau_accuracy=adapted_accuracy,
+                baseline_tau_accuracy=baseline_accuracy,
+                retention_accuracy=None,
+                baseline_retention_accuracy=None,
+                guardrails=tuple(guardrails),
+            ),
+            self._gate_settings,
+        )
+        return ScoreReport(
+            baseline_accuracy,
+            adapted_accuracy,
+            reward(adapted_accuracy, baseline_accuracy),
+            baseline_outcomes,
+            adapted_outcomes,
+            decision,
+        )
+
+
+@dataclass(frozen=True)
+class RewardRecord:
+    sequence: int
+    event_id: str
+    context_id: str
+    adapter_id: str
+    prompt: str
+    self_edit: str
+    reward: float
+    baseline_accuracy: float
+    adapted_accuracy: float
+    outcomes: list[QuestionOutcome]
+    seed: int
+    at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+
+    @classmethod
+    def from_json(cls, line: str) -> RewardRecord:
+        data = json.loads(line)
+        data["outcomes"] = [QuestionOutcome(**outcome) for outcome in data["outcomes"]]
+        return cls(**data)
+
+
+class RewardLog:
+    """Append-only, sequence-numbered rewards on disk (JSON lines).
+
+    Subscribers resume with the last sequence they saw, so a reconnecting teacher gets every
+    event exactly once in order."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._records: list[RewardRecord] = []
+        if path.exists():
+            with path.open(encoding="utf-8") as handle:
+                for line in handle:
+                    if line.strip():
+                        try:
+                            self._records.append(RewardRecord.from_json(line))
+                        except (ValueError, TypeError):
+                            break  # a torn last line from a crash: everything before it stands
+        self._condition = threading.Condition()
+        self._closed = False
+
+    @property
+    def last_sequence(self) -> int:
+        with self._condition:
+            return self._records[-1].sequence if self._records else 0
+
+    def append(self, **fields: object) -> RewardRecord:
+        with self._condition:
+            record = RewardRecord(sequence=self.last_sequence + 1, event_id=uuid.uuid4().hex, **fields)  # type: ignore[arg-type]
+            with self._path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(asdict(record), ensure_ascii=False) + "\n")
+                handle.flush()
+            self._records.append(record)
+            self._condition.notify_all()
+            return record
+
+    def follow(self, after_sequence: int, is_active: Callable[[], bool], poll_s: float = 1.0) -> Iterator[RewardRecord]:
+        """Every record after ``after_sequence``, then new ones as they arrive, until inactive."""
+        next_index = 0
+        while is_active():
+            with self._condition:
+                pending = [r for r in self._records[next_index:] if r.sequence > after_sequence]
+                next_index = len(self._records)
+                if not pending:
+                    if self._closed:
+                        return
+                    self._condition.wait(poll_s)
+                    continue
+            yield from pending
+
+    def close(self) -> None:
+        with self._condition:
+            self._closed = True
+            self._condition.notify_all()

@@ -1,0 +1,387 @@
+"""``seal`` command line: prepare the model, run the services, and drive them as a client."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from seal.config import Settings, get_settings
+from seal.domains.knowledge import KnowledgeContext, Question, load_squad
+from seal.v1 import common_pb2, student_pb2, student_pb2_grpc, teacher_pb2, teacher_pb2_grpc
+
+console = Console()
+SERVICES = ("student", "auditor", "teacher")  # start order: each needs the ones before it
+
+
+# --- model ----------------------------------------------------------------------------------
+
+
+def cmd_prepare_model(args: argparse.Namespace, settings: Settings) -> int:
+    from seal.models import model_fingerprint, resolve_model_path
+
+    started = time.perf_counter()
+    with console.status("preparing the model (the first run converts the embedded GGUF, ~1 min)"):
+        path = resolve_model_path(settings.model)
+        fingerprint = model_fingerprint(path)
+    console.print(f"model ready at [bold]{path}[/] (sha256 {fingerprint[:16]}…, {time.perf_counter() - started:.1f}s)")
+    return 0
+
+
+# --- services -------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from seal.rpc import serve_until_signalled
+
+    if args.service == "student":
+        from student_svc.servicer import serve_student as serve
+    elif args.service == "auditor":
+        from auditor_svc.servicer import serve_auditor as serve
+    else:
+        from teacher_svc.servicer import serve_teacher as serve
+    running = serve(settings, port=args.port, metrics_port=args.metrics_port)
+    console.print(f"{args.service} serving on {settings.services.host}:{running.port}, metrics on :{running.metrics_port}")
+    serve_until_signalled(running, settings.services.shutdown_grace_s)
+    return 0
+
+
+@contextmanager
+def local_services(settings: Settings, *, startup_timeout: float = 600.0) -> Iterator[dict[str, str]]:
+    """Run the three services as child processes on loopback; stop them on exit."""
+    log_dir = settings.home / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    children: list[subprocess.Popen[bytes]] = []
+    addresses = {name: settings.services.address_of(name) for name in SERVICES}
+    full_names = {
+        "student": "seal.v1.StudentService",
+        "auditor": "seal.v1.AuditorService",
+        "teacher": "seal.v1.TeacherService",
+    }
+    try:
+        for name in SERVICES:
+            log_path = log_dir / f"{name}.log"
+            with log_path.open("ab") as log_file:
+                child = subprocess.Popen(
+                    [sys.executable, "-m", "seal.cli", "serve", name],
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, "SEAL_HOME": str(settings.home)},
+                    start_new_session=True,
+                )
+            children.append(child)
+            with console.status(f"starting {name} (log: {log_path})"):
+                try:
+                    wait_for_child(child, addresses[name], full_names[name], startup_timeout)
+                except (TimeoutError, RuntimeError) as exc:
+                    tail = log_path.read_text(errors="replace")[-3000:]
+                    raise RuntimeError(f"{name} did not start: {exc}\n--- {log_path} ---\n{tail}") from exc
+            console.print(f"[green]✓[/] {name} on {addresses[name]}")
+        yield addresses
+    finally:
+        for child in reversed(children):
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in reversed(children):
+            try:
+                child.wait(timeout=settings.services.shutdown_grace_s + 10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+def wait_for_child(child: subprocess.Popen[bytes], address: str, service: str, timeout: float) -> None:
+    from seal.rpc import wait_until_serving
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            raise RuntimeError(f"exited with status {child.returncode}")
+        try:
+            wait_until_serving(address, service, timeout=5)
+            return
+        except TimeoutError:
+            continue
+    raise TimeoutError(f"not serving after {timeout:.0f}s")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    with local_services(settings) as addresses:
+        console.print(f"all services up: {addresses}; Ctrl-C stops them")
+        signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+# --- client commands ------------------------------------------------------------------------
+
+
+def load_context(args: argparse.Namespace) -> KnowledgeContext:
+    if args.squad_file:
+        contexts = load_squad(args.squad_file)
+        if not 0 <= args.index < len(contexts):
+            raise SystemExit(f"--index {args.index} is out of range: {args.squad_file} has {len(contexts)} passages")
+        return contexts[args.index]
+    path = Path(args.passage_file)
+    if path.suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return KnowledgeContext(
+            data.get("title", path.stem),
+            data["context"],
+            tuple(Question(q["question"], q["answer"]) for q in data["questions"]),
+        )
+    questions = []
+    for pair in args.qa or []:
+        question, separator, answer = pair.partition("=>")
+        if not separator:
+            raise SystemExit(f"--qa {pair!r}: write it as 'question => answer'")
+        questions.append(Question(question.strip(), answer.strip()))
+    return KnowledgeContext(args.title or path.stem, path.read_text(encoding="utf-8"), tuple(questions))
+
+
+def adapt_request(context: KnowledgeContext, args: argparse.Namespace) -> teacher_pb2.AdaptRequest:
+    request = teacher_pb2.AdaptRequest(
+        context=common_pb2.Context(title=context.title, passage=context.passage),
+        questions=[common_pb2.Question(question=q.question, answer=q.answer) for q in context.questions],
+        k=args.k or 0,
+        prompt_style=args.style or "",
+    )
+    if args.seed is not None:
+        request.seed = args.seed
+    if args.epochs:
+        request.overrides.epochs = args.epochs
+    if args.learning_rate:
+        request.overrides.learning_rate = args.learning_rate
+    return request
+
+
+def run_adapt(address: str, request: teacher_pb2.AdaptRequest, timeout: float) -> teacher_pb2.AdaptResult:
+    """Stream one Adapt call with progress bars; return its final result."""
+    result = None
+    with grpc.insecure_channel(address) as channel, Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"),
+        TimeElapsedColumn(), console=console, transient=False,
+    ) as progress:
+        stub = teacher_pb2_grpc.TeacherServiceStub(channel)
+        overall = progress.add_task("self-edits", total=None, note="sampling…")
+        training: dict[int, int] = {}
+        for response in stub.Adapt(request, timeout=timeout):
+            kind = response.WhichOneof("event")
+            if kind == "self_edits_proposed":
+                proposed = response.self_edits_proposed
+                progress.update(overall, total=len(proposed.self_edits), completed=0,
+                                note=f"{len(proposed.self_edits)} proposed in {proposed.seconds:.0f}s")
+            elif kind == "baseline_scored":
+                progress.console.print(f"baseline closed-book accuracy: {response.baseline_scored.accuracy:.1%}")
+            elif kind == "candidate_progress":
+                item = response.candidate_progress
+                if item.index not in training:
+                    training[item.index] = progress.add_task(f"  train #{item.index}", total=item.training.total_steps, note="")
+                progress.update(training[item.index], completed=item.training.step, note=f"loss {item.training.loss:.3f}")
+            elif kind == "candidate_scored":
+                item = response.candidate_scored
+                progress.update(overall, advance=1, note=f"#{item.index} reward {item.reward:+.3f}")
+            elif kind == "candidate_failed":
+                item = response.candidate_failed
+                progress.update(overall, advance=1, note=f"#{item.index} failed")
+                progress.console.print(f"[yellow]candidate #{item.index} failed:[/] {item.reason}")
+            elif kind == "promotion_decided":
+                item = response.promotion_decided
+                colour = "green" if item.promoted else "yellow"
+                progress.console.print(f"[{colour}]{item.reason}[/]")
+            elif kind == "result":
+                result = response.result
+    if result is None:
+        raise RuntimeError("the Adapt stream ended without a result")
+    return result
+
+
+def print_result(result: teacher_pb2.AdaptResult) -> None:
+    table = Table(title=f"Adapt {result.request_id} — context {result.context_id}")
+    for column in ("#", "adapter", "train seqs", "accuracy", "reward", "gates", "train s"):
+        table.add_column(column)
+    for c in result.candidates:
+        gates = "pass" if c.passed_gates else (c.failure or "; ".join(g.gate for g in c.gates if not g.passed) or "fail")
+        table.add_row(str(c.index), c.adapter_id or "—", str(c.training_sequences), f"{c.accuracy:.1%}",
+                      f"{c.reward:+.3f}", gates, f"{c.train_seconds:.1f}")
+    console.print(table)
+    questions = Table(title="closed-book answers (baseline → adapted)")
+    for column in ("question", "gold", "baseline", "adapted"):
+        questions.add_column(column, overflow="fold")
+    for before, after in zip(result.baseline_outcomes, result.adapted_outcomes):
+        mark = lambda o: ("✓ " if o.correct else "✗ ") + o.prediction  # noqa: E731
+        questions.add_row(before.question, before.gold_answer, mark(before), mark(after))
+    console.print(questions)
+    phases = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in result.phase_seconds.items())
+    console.print(f"phases: {phases}")
+    console.print(
+        f"[bold]baseline accuracy {result.baseline_accuracy:.1%} → adapted accuracy {result.adapted_accuracy:.1%}[/] "
+        + (f"(promoted {result.adapter_id})" if result.promoted else "(nothing promoted)")
+    )
+
+
+def cmd_adapt(args: argparse.Namespace, settings: Settings) -> int:
+    context = load_context(args)
+    result = run_adapt(args.address or settings.services.address_of("teacher"), adapt_request(context, args), args.timeout)
+    print_result(result)
+    if args.json_out:
+        from google.protobuf.json_format import MessageToJson
+
+        Path(args.json_out).write_text(MessageToJson(result))
+    return 0
+
+
+def generate_one(address: str, prompt: str, adapter_id: str, max_new_tokens: int) -> student_pb2.GenerateResponse:
+    selector = student_pb2.AdapterSelector(adapter_id=adapter_id) if adapter_id else student_pb2.AdapterSelector()
+    with grpc.insecure_channel(address) as channel:
+        return student_pb2_grpc.StudentServiceStub(channel).Generate(
+            student_pb2.GenerateRequest(prompts=[prompt], adapter=selector, max_new_tokens=max_new_tokens), timeout=600
+        )
+
+
+def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
+    reply = generate_one(settings.services.address_of("student"), args.prompt, args.adapter or "", args.max_new_tokens)
+    console.print(f"[dim]{reply.served_adapter_id or 'base model'}:[/] {reply.completions[0].text}")
+    return 0
+
+
+def cmd_adapters(args: argparse.Namespace, settings: Settings) -> int:
+    with grpc.insecure_channel(settings.services.address_of("student")) as channel:
+        stub = student_pb2_grpc.StudentServiceStub(channel)
+        if args.action == "list":
+            reply = stub.ListAdapters(student_pb2.ListAdaptersRequest(adapter_name=args.name or ""), timeout=30)
+            table = Table(title="adapters")
+            for column in ("adapter", "status", "context", "created", "seed"):
+                table.add_column(column)
+            for m in reply.adapters:
+                status = common_pb2.AdapterStatus.Name(m.status).removeprefix("ADAPTER_STATUS_").lower()
+                table.add_row(m.adapter_id, status, m.context_id, m.created_at.ToJsonString(), str(m.seed))
+            console.print(table)
+        elif args.action == "promote":
+            reply = stub.Promote(student_pb2.PromoteRequest(adapter_id=args.adapter_id, reason=args.reason), timeout=60)
+            console.print(f"promoted {reply.adapter.adapter_id}")
+        else:
+            reply = stub.Rollback(
+                student_pb2.RollbackRequest(adapter_name=args.name or "", reason=args.reason, allow_base_model=args.to_base),
+                timeout=60,
+            )
+            now = reply.now_serving.adapter_id if reply.HasField("now_serving") else "the base model"
+            console.print(f"rolled back {reply.rolled_back.adapter_id}; now serving {now}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    """Prepare the model, start the services, adapt on one SQuAD passage, print the result."""
+    cmd_prepare_model(args, settings)
+    context = load_context(args)
+    console.print(f"passage {args.index} of {args.squad_file}: [bold]{context.title}[/] ({len(context.questions)} questions)")
+    with local_services(settings):
+        result = run_adapt(settings.services.address_of("teacher"), adapt_request(context, args), args.timeout)
+        print_result(result)
+        if result.promoted and result.adapted_outcomes:
+            question = result.adapted_outcomes[0].question
+            from seal.domains.knowledge import build_question_prompt
+
+            reply = generate_one(settings.services.address_of("student"), build_question_prompt(question), "", 32)
+            console.print(f"served by {reply.served_adapter_id}: Q: {question} → {reply.completions[0].text!r}")
+    return 0
+
+
+# --- entry ----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="seal", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    commands.add_parser("prepare-model", help="convert the embedded model once (or check SEAL_MODEL__PATH)")
+
+    serve = commands.add_parser("serve", help="run one service (for a container)")
+    serve.add_argument("service", choices=SERVICES)
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--metrics-port", type=int)
+
+    commands.add_parser("up", help="run all three services locally on loopback until Ctrl-C")
+
+    def add_context_args(sub: argparse.ArgumentParser, *, demo: bool) -> None:
+        source = sub if demo else sub.add_mutually_exclusive_group(required=True)
+        source.add_argument("--squad-file", default="../shared/data/squad/seal_eval_200.json" if demo else None,
+                            help="SEAL's grouped SQuAD JSON")
+        if not demo:
+            source.add_argument("--passage-file", help="a .txt passage (with --qa) or a .json {title, context, questions}")
+            sub.add_argument("--title")
+            sub.add_argument("--qa", action="append", help="'question => answer' (repeatable)")
+        sub.add_argument("--index", type=int, default=0, help="passage index in --squad-file")
+        sub.add_argument("--k", type=int, help="candidate self-edits")
+        sub.add_argument("--style", choices=("implications", "rewrite", "self_qa"))
+        sub.add_argument("--seed", type=int)
+        sub.add_argument("--epochs", type=int)
+        sub.add_argument("--learning-rate", type=float)
+        sub.add_argument("--timeout", type=float, default=3600.0)
+
+    adapt = commands.add_parser("adapt", help="send one Adapt call to a running teacher")
+    add_context_args(adapt, demo=False)
+    adapt.add_argument("--address", help="teacher address (default from settings)")
+    adapt.add_argument("--json-out", help="also write the AdaptResult as JSON here")
+
+    demo = commands.add_parser("demo", help="prepare, start everything, adapt on one SQuAD passage")
+    add_context_args(demo, demo=True)
+
+    generate = commands.add_parser("generate", help="ask the student (promoted adapter unless --adapter)")
+    generate.add_argument("prompt")
+    generate.add_argument("--adapter", help="adapter id such as default@v3")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+
+    adapters = commands.add_parser("adapters", help="list, promote or roll back adapter versions")
+    adapters.add_argument("action", choices=("list", "promote", "rollback"))
+    adapters.add_argument("adapter_id", nargs="?", default="")
+    adapters.add_argument("--name", help="adapter lineage (default from settings)")
+    adapters.add_argument("--reason", default="operator request")
+    adapters.add_argument("--to-base", action="store_true", help="rollback may leave the base model serving")
+    return parser
+
+
+HANDLERS = {
+    "prepare-model": cmd_prepare_model,
+    "serve": cmd_serve,
+    "up": cmd_up,
+    "adapt": cmd_adapt,
+    "demo": cmd_demo,
+    "generate": cmd_generate,
+    "adapters": cmd_adapters,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return HANDLERS[args.command](args, get_settings())
+    except grpc.RpcError as exc:
+        console.print(f"[red]{exc.code().name}[/]: {exc.details()}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""All three services in one process on ephemeral loopback ports: for tests, benchmarks and
+notebooks. Production runs each service in its own process or pod (``seal serve``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from seal.config import Settings
+from seal.rpc import RunningService
+
+
+@dataclass
+class LocalStack:
+    settings: Settings
+    student: RunningService
+    auditor: RunningService
+    teacher: RunningService
+
+    @property
+    def addresses(self) -> dict[str, str]:
+        return {"student": self.student.address, "auditor": self.auditor.address, "teacher": self.teacher.address}
+
+
+@contextmanager
+def local_stack(settings: Settings) -> Iterator[LocalStack]:
+    """Start student, auditor and teacher on free gRPC and /metrics ports, each told the others'
+    real addresses."""
+    from auditor_svc.servicer import serve_auditor
+    from student_svc.servicer import serve_student
+    from teacher_svc.servicer import serve_teacher
+
+    metrics_port = 0
+    started: list[RunningService] = []
+    try:
+        student = serve_student(settings, port=0, metrics_port=metrics_port)
+        started.append(student)
+        settings = settings.model_copy(
+            update={"services": settings.services.model_copy(update={"student_address": student.address})}
+        )
+        auditor = serve_auditor(settings, port=0, metrics_port=metrics_port)
+        started.append(auditor)
+        settings = settings.model_copy(
+            update={"services": settings.services.model_copy(update={"auditor_address": auditor.address})}
+        )
+        teacher = serve_teacher(settings, port=0, metrics_port=metrics_port)
+        started.append(teacher)
+        yield LocalStack(settings, student, auditor, teacher)
+    finally:
+        for service in reversed(started):
+            service.stop(grace=1.0)

@@ -1,0 +1,125 @@
+"""The teacher engine: writes k self-edits for a context, and keeps every reward the auditor
+streams back in a durable buffer for ReST^EM (transport-free; ``teacher_svc`` wraps it)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from seal.domains.knowledge import PROMPT_STYLES, PromptStyle, build_self_edit_prompt
+from seal.models import GenerationEngine, SamplingParams
+
+
+@dataclass(frozen=True)
+class ProposedSelfEdit:
+    index: int
+    prompt: str
+    text: str
+    completion_tokens: int
+
+
+def validate_prompt_style(style: str) -> PromptStyle:
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"prompt_style {style!r} is unknown; use one of {', '.join(PROMPT_STYLES)}")
+    return style  # type: ignore[return-value]
+
+
+class SelfEditProposer:
+    def __init__(self, engine: GenerationEngine, *, max_new_tokens: int, temperature: float, top_p: float) -> None:
+        self._engine = engine
+        self._max_new_tokens = max_new_tokens
+        self._temperature = temperature
+        self._top_p = top_p
+
+    def propose(self, title: str, passage: str, k: int, style: PromptStyle, seed: int) -> list[ProposedSelfEdit]:
+        """Sample k self-edits in one batch: at batch 8 this model generates ~4x the tokens/s of batch 1."""
+        prompt = build_self_edit_prompt(title, passage, style)
+        params = SamplingParams(
+            max_new_tokens=self._max_new_tokens, temperature=self._temperature, top_p=self._top_p, seed=seed
+        )
+        generations = self._engine.generate([prompt] * k, params, chat=True, batch_size=k)
+        return [
+            ProposedSelfEdit(index, prompt, generation.text, generation.completion_tokens)
+            for index, generation in enumerate(generations)
+        ]
+
+
+class RewardBuffer:
+    """The teacher's durable copy of the auditor's reward stream (JSON lines, one per event).
+
+    Keyed by the auditor's event id, so a stream that reconnects and repeats events adds nothing
+    twice; ``last_sequence`` is where a reconnect resumes."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._events: dict[str, dict[str, Any]] = {}
+        self._last_sequence = 0
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue  # torn line from a crash mid-write
+                self._remember(event)
+
+    def _remember(self, event: dict[str, Any]) -> None:
+        self._events[event["event_id"]] = event
+        self._last_sequence = max(self._last_sequence, int(event["sequence"]))
+
+    @property
+    def last_sequence(self) -> int:
+        with self._lock:
+            return self._last_sequence
+
+    def add(self, event: dict[str, Any]) -> bool:
+        """Append unless already present; True if it was new."""
+        with self._lock:
+            if event["event_id"] in self._events:
+                return False
+            with self._path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(event, ensure_ascii=False, sort_keys=True) + "\n")
+                handle.flush()
+            self._remember(event)
+            return True
+
+    def events(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return sorted(self._events.values(), key=lambda event: event["sequence"])
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._events)
+
+
+def validate_k(k: int, max_k: int) -> int:
+    if k < 1 or k > max_k:
+        raise ValueError(f"k={k} is out of range: ask for between 1 and {max_k} candidate self-edits")
+    return k
+
+
+def validate_context(title: str, passage: str, questions: Sequence[Any], *, max_passage_chars: int, max_questions: int, max_question_chars: int) -> None:
+    """Reject bad Adapt input before any model work starts, with a message saying what to change."""
+    if not passage.strip():
+        raise ValueError("context.passage is empty: send the text the model should learn")
+    if len(passage) > max_passage_chars:
+        raise ValueError(
+            f"context.passage has {len(passage)} characters, above the limit of {max_passage_chars}; "
+            "split it into several Adapt calls or raise limits.max_passage_chars"
+        )
+    if len(title) > 500:
+        raise ValueError("context.title is longer than 500 characters; send a short title")
+    if not questions:
+        raise ValueError("no questions: τ needs at least one held-out question with its gold answer")
+    if len(questions) > max_questions:
+        raise ValueError(f"{len(questions)} questions is above the limit of {max_questions}; send fewer")
+    for index, question in enumerate(questions):
+        if not question.question.strip() or not question.answer.strip():
+            raise ValueError(f"questions[{index}] needs both a question and a gold answer")
+        if len(question.question) > max_question_chars:
+            raise ValueError(f"questions[{index}] is longer than {max_question_chars} characters")

@@ -1,0 +1,1 @@
+"""gRPC entry point of the student: thin wrapper over ``seal.student.Student``."""

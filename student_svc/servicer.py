@@ -1,0 +1,240 @@
+"""StudentService over gRPC: validate, call ``seal.student.Student``, map errors, record metrics."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+import grpc
+from google.protobuf import struct_pb2, timestamp_pb2
+
+from seal.config import Settings
+from seal.domains.knowledge import context_digest
+from seal.models import SamplingParams
+from seal.registry import Manifest
+from seal.rpc import RpcMetrics, RunningService, deadline_checker, map_errors, start_service
+from seal.student import AdapterChoice, Student
+from seal.v1 import common_pb2, student_pb2, student_pb2_grpc
+
+_STATUS = {
+    "candidate": common_pb2.ADAPTER_STATUS_CANDIDATE,
+    "promoted": common_pb2.ADAPTER_STATUS_PROMOTED,
+    "superseded": common_pb2.ADAPTER_STATUS_SUPERSEDED,
+    "rejected": common_pb2.ADAPTER_STATUS_REJECTED,
+    "rolled_back": common_pb2.ADAPTER_STATUS_ROLLED_BACK,
+}
+_STATUS_NAME = {value: key for key, value in _STATUS.items()}
+
+
+def _timestamp(iso: str) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(datetime.fromisoformat(iso))
+    return stamp
+
+
+def _struct(values: dict[str, Any]) -> struct_pb2.Struct:
+    message = struct_pb2.Struct()
+    message.update({key: value for key, value in values.items() if value is not None})
+    return message
+
+
+def manifest_to_proto(manifest: Manifest, path: str) -> common_pb2.AdapterManifest:
+    return common_pb2.AdapterManifest(
+        adapter_id=manifest.adapter_id,
+        adapter_name=manifest.adapter_name,
+        version=manifest.version,
+        status=_STATUS[manifest.status],
+        base_model=manifest.base_model,
+        base_model_fingerprint=manifest.base_model_fingerprint,
+        context_id=manifest.context_id,
+        self_edit_sha256=manifest.self_edit_sha256,
+        files=dict(manifest.files),
+        seed=manifest.seed,
+        hyperparameters=_struct(dict(manifest.hyperparameters)),
+        metrics=_struct(dict(manifest.metrics)),
+        created_at=_timestamp(manifest.created_at),
+        history=[
+            common_pb2.StatusChange(status=_STATUS[change.status], at=_timestamp(change.at), reason=change.reason)
+            for change in manifest.history
+        ],
+        path=path,
+    )
+
+
+def overrides_from_proto(overrides: common_pb2.UpdateOverrides) -> dict[str, Any]:
+    fields = {
+        "learning_rate": "learning_rate",
+        "epochs": "epochs",
+        "lora_rank": "rank",
+        "lora_alpha": "alpha",
+        "batch_size": "batch_size",
+    }
+    return {ours: getattr(overrides, theirs) for theirs, ours in fields.items() if overrides.HasField(theirs)}
+
+
+def choice_from_proto(selector: student_pb2.AdapterSelector) -> AdapterChoice:
+    target = selector.WhichOneof("target")
+    if target == "base_model":
+        return AdapterChoice(base_model=True)
+    if target == "adapter_id":
+        return AdapterChoice(adapter_id=selector.adapter_id)
+    return AdapterChoice(promoted_of=selector.promoted_of if target == "promoted_of" else "")
+
+
+class StudentServicer(student_pb2_grpc.StudentServiceServicer):
+    def __init__(self, student: Student, settings: Settings, metrics: RpcMetrics) -> None:
+        self._student = student
+        self._settings = settings
+        self._candidates = metrics.counter("candidates_trained_total", "Candidate adapters trained and saved.")
+        self._training_failures = metrics.counter(
+            "training_failures_total", "Training runs that ended without a candidate.", ("reason",)
+        )
+        self._training_seconds = metrics.histogram(
+            "training_seconds", "Wall time of one LoRA SFT run.", (5, 15, 30, 60, 120, 300, 600, 1800)
+        )
+        self._promotions = metrics.counter("promotions_total", "Versions promoted to serving.", ("adapter",))
+        self._rollbacks = metrics.counter("rollbacks_total", "Rollbacks of the served version.", ("adapter",))
+        self._tokens = metrics.counter(
+            "generated_tokens_total", "Completion tokens generated.", ("adapter",)
+        )
+
+    def _proto(self, manifest: Manifest) -> common_pb2.AdapterManifest:
+        return manifest_to_proto(manifest, str(self._student.registry.path_of(manifest)))
+
+    @map_errors
+    def ApplySelfEdit(self, request: student_pb2.ApplySelfEditRequest, context: grpc.ServicerContext) -> Iterator[student_pb2.ApplySelfEditResponse]:
+        limits = self._settings.limits
+        if not request.context.passage.strip():
+            raise ValueError("context.passage is empty: the student trains on the passage and the self-edit")
+        if len(request.context.passage) > limits.max_passage_chars:
+            raise ValueError(f"context.passage exceeds {limits.max_passage_chars} characters")
+        if len(request.self_edit) > limits.max_self_edit_chars:
+            raise ValueError(
+                f"self_edit has {len(request.self_edit)} characters, above the limit of "
+                f"{limits.max_self_edit_chars}; shorten it or raise limits.max_self_edit_chars"
+            )
+        overrides = overrides_from_proto(request.overrides)
+        include_passage = (
+            request.overrides.include_passage if request.overrides.HasField("include_passage") else True
+        )
+        events: queue.Queue[Any] = queue.Queue()
+        finished = object()
+        outcome: dict[str, Any] = {}
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            events.put(common_pb2.TrainingProgress(step=step, total_steps=total, loss=loss))
+
+        def train() -> None:
+            try:
+                outcome["result"] = self._student.train_candidate(
+                    adapter_name=request.adapter_name or self._settings.adapter_name,
+                    title=request.context.title,
+                    passage=request.context.passage,
+                    self_edit=request.self_edit,
+                    context_id=context_digest(request.context.title, request.context.passage),
+                    overrides=overrides,
+                    include_passage=include_passage,
+                    seed=request.seed if request.HasField("seed") else None,
+                    on_step=on_step,
+                    should_stop=deadline_checker(context),
+                )
+            except Exception as exc:  # noqa: BLE001 - re-raised in the RPC thread below
+                outcome["error"] = exc
+            finally:
+                events.put(finished)
+
+        worker = threading.Thread(target=train, name="student-train", daemon=True)
+        worker.start()
+        while (event := events.get()) is not finished:
+            yield student_pb2.ApplySelfEditResponse(progress=event)
+        worker.join()
+        if "error" in outcome:
+            self._training_failures.labels(type(outcome["error"]).__name__).inc()
+            raise outcome["error"]
+        result = outcome["result"]
+        self._candidates.inc()
+        self._training_seconds.observe(result.seconds)
+        yield student_pb2.ApplySelfEditResponse(candidate=self._proto(result.manifest))
+
+    @map_errors
+    def Generate(self, request: student_pb2.GenerateRequest, context: grpc.ServicerContext) -> student_pb2.GenerateResponse:
+        if request.max_new_tokens > 4096:
+            raise ValueError("max_new_tokens above 4096; ask for fewer")
+        params = SamplingParams(
+            max_new_tokens=request.max_new_tokens or 64,
+            temperature=request.temperature,
+            top_p=request.top_p or 1.0,
+            seed=request.seed if request.HasField("seed") else None,
+        )
+        generations, served = self._student.generate(
+            list(request.prompts), choice_from_proto(request.adapter), params, chat=not request.raw_prompt
+        )
+        self._tokens.labels(served or "base").inc(sum(g.completion_tokens for g in generations))
+        return student_pb2.GenerateResponse(
+            completions=[
+                student_pb2.Completion(
+                    text=g.text, prompt_tokens=g.prompt_tokens, completion_tokens=g.completion_tokens
+                )
+                for g in generations
+            ],
+            served_adapter_id=served,
+        )
+
+    @map_errors
+    def ListAdapters(self, request: student_pb2.ListAdaptersRequest, context: grpc.ServicerContext) -> student_pb2.ListAdaptersResponse:
+        status = _STATUS_NAME.get(request.status) if request.status else None
+        manifests = self._student.registry.list(adapter_name=request.adapter_name or None, status=status)
+        return student_pb2.ListAdaptersResponse(adapters=[self._proto(m) for m in manifests])
+
+    @map_errors
+    def GetAdapter(self, request: student_pb2.GetAdapterRequest, context: grpc.ServicerContext) -> student_pb2.GetAdapterResponse:
+        return student_pb2.GetAdapterResponse(adapter=self._proto(self._student.registry.get(request.adapter_id)))
+
+    @map_errors
+    def Promote(self, request: student_pb2.PromoteRequest, context: grpc.ServicerContext) -> student_pb2.PromoteResponse:
+        manifest = self._student.promote(request.adapter_id, request.reason or "promoted by request")
+        self._promotions.labels(manifest.adapter_name).inc()
+        return student_pb2.PromoteResponse(adapter=self._proto(manifest))
+
+    @map_errors
+    def Reject(self, request: student_pb2.RejectRequest, context: grpc.ServicerContext) -> student_pb2.RejectResponse:
+        manifest = self._student.reject(request.adapter_id, request.reason or "rejected by request")
+        return student_pb2.RejectResponse(adapter=self._proto(manifest))
+
+    @map_errors
+    def Rollback(self, request: student_pb2.RollbackRequest, context: grpc.ServicerContext) -> student_pb2.RollbackResponse:
+        name = request.adapter_name or self._settings.adapter_name
+        rolled_back, now_serving = self._student.rollback(
+            name, request.reason or "rolled back by request", allow_base_model=request.allow_base_model
+        )
+        self._rollbacks.labels(name).inc()
+        response = student_pb2.RollbackResponse(rolled_back=self._proto(rolled_back))
+        if now_serving is not None:
+            response.now_serving.CopyFrom(self._proto(now_serving))
+        return response
+
+
+def serve_student(settings: Settings, *, port: int | None = None, metrics_port: int | None = None) -> RunningService:
+    """Load the model, open the registry and start serving; ``port=0`` picks a free port."""
+    student = Student(settings)
+    metrics = RpcMetrics("student")
+    servicer = StudentServicer(student, settings, metrics)
+    services = settings.services
+
+    def register(server: grpc.Server) -> list[str]:
+        student_pb2_grpc.add_StudentServiceServicer_to_server(servicer, server)
+        return [student_pb2.DESCRIPTOR.services_by_name["StudentService"].full_name]
+
+    return start_service(
+        "student",
+        register,
+        host=services.host,
+        port=services.student_port if port is None else port,
+        metrics=metrics,
+        metrics_port=services.student_metrics_port if metrics_port is None else metrics_port,
+        max_workers=services.max_workers,
+        max_concurrent_rpcs=services.max_concurrent_rpcs,
+    )

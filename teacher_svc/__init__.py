@@ -1,0 +1,1 @@
+"""gRPC entry point of the teacher: the public Adapt RPC, over ``seal.teacher``."""
