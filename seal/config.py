@@ -24,6 +24,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from seal.gates import GateSettings
+from seal.guardrails import GuardrailSettings
+
 
 def _default_home() -> Path:
     return Path(os.environ.get("SEAL_HOME", Path.cwd() / ".seal"))
@@ -69,10 +72,6 @@ class AuditorSettings(BaseModel):
     batch_size: int = Field(8, ge=1)
 
 
-class GateSettings(BaseModel):
-    min_gain: float = Field(0.0, description="promote only if reward is strictly above this")
-
-
 class LimitSettings(BaseModel):
     max_passage_chars: int = Field(20_000, ge=1)
     max_questions: int = Field(64, ge=1)
@@ -114,6 +113,7 @@ class Settings(BaseSettings):
     teacher: TeacherSettings = Field(default_factory=TeacherSettings)
     auditor: AuditorSettings = Field(default_factory=AuditorSettings)
     gates: GateSettings = Field(default_factory=GateSettings)
+    guardrails: GuardrailSettings = Field(default_factory=GuardrailSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     services: ServiceSettings = Field(default_factory=ServiceSettings)
 

@@ -111,7 +111,32 @@ class Student:
                 "the self-edit has no usable lines (each training line needs at least 8 characters "
                 "of text besides list markers); send a self-edit with one statement per line"
             )
-        sequences = build_training_sequences(title, passage, lines, include_passage=include_passage)
+        return self.train_sequences(
+            adapter_name=adapter_name,
+            sequences=build_training_sequences(title, passage, lines, include_passage=include_passage),
+            context_id=context_id,
+            self_edit_sha256=self_edit_digest(self_edit),
+            overrides=overrides,
+            seed=seed,
+            extra_hyperparameters={"include_passage": include_passage},
+            on_step=on_step,
+            should_stop=should_stop,
+        )
+
+    def train_sequences(
+        self,
+        *,
+        adapter_name: str,
+        sequences: Sequence[str],
+        context_id: str,
+        self_edit_sha256: str,
+        overrides: dict[str, Any] | None = None,
+        seed: int | None = None,
+        extra_hyperparameters: dict[str, Any] | None = None,
+        on_step: Callable[[int, int, float], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> CandidateResult:
+        """One LoRA SFT run on ready training sequences, saved as a new candidate version."""
         config = self.lora_config(overrides or {}, self.settings.seed if seed is None else seed)
         with self._train_lock:
             started = time.perf_counter()
@@ -120,7 +145,7 @@ class Student:
             )
             hyperparameters = {
                 **asdict(config),
-                "include_passage": include_passage,
+                **(extra_hyperparameters or {}),
                 "training_sequences": len(sequences),
             }
             manifest = self.registry.create_version(
@@ -129,7 +154,7 @@ class Student:
                 base_model=self.base_model_name,
                 base_model_fingerprint=self.fingerprint,
                 context_id=context_id,
-                self_edit_sha256=self_edit_digest(self_edit),
+                self_edit_sha256=self_edit_sha256,
                 seed=config.seed,
                 hyperparameters=hyperparameters,
                 metrics={"final_loss": result.losses[-1], "train_seconds": result.seconds},

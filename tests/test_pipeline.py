@@ -181,8 +181,8 @@ def test_student_errors_are_actionable_and_leave_nothing_behind(stack: LocalStac
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no usable lines" in error.value.details()
 
         with pytest.raises(grpc.RpcError) as error:
-            apply("Velmora was founded in 1742 by Ilse Marrow.", learning_rate=1.0, epochs=3)
-        # lr 1.0 on a random model diverges: refused, and no half-written version appears.
+            apply("Velmora was founded in 1742 by Ilse Marrow.", learning_rate=1e30, epochs=3)
+        # lr 1e30 diverges to NaN: refused, and no half-written version appears.
         assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION, error.value.details()
         assert "learning rate" in error.value.details().lower()
     after = sorted(p.name for p in registry_dir.rglob("*"))

@@ -1,0 +1,170 @@
+"""Serving the student through Triton vs in-process: start time, latency, throughput, swap cost.
+
+Builds the tiny random Llama of the tests (or uses the embedded SmolLM2-135M with --model
+embedded), two LoRA adapters with non-zero weights, starts a real tritonserver on loopback, and
+measures: server start; adapter promote (load + switch) and rollback (switch only); sequential
+generate latency through Triton vs the same PEFT model in this process; throughput with several
+concurrent clients (dynamic batching); the worst request latency while a swap happens under load.
+
+    .venv/bin/python bench/serving.py --requests 40 --out bench/results/serving
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from seal.models import build_tiny_model, prepare_embedded_model, prepare_embedded_tokenizer  # noqa: E402
+from student_svc.triton.server import TritonSupervisor  # noqa: E402
+
+PROMPT = "The lighthouse of Velmora is"
+
+
+def make_adapter(base: Path, out: Path, seed: int) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                        init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(out)
+    return out
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"p50_ms": 1000 * statistics.median(ordered), "p95_ms": 1000 * pick(0.95), "n": len(ordered)}
+
+
+def in_process_latency(base: Path, adapter: Path, n: int, max_new: int, threads: int) -> dict[str, float]:
+    """The same PEFT model answered by the student's own engine in this process."""
+    from peft import PeftModel
+
+    from seal.models import SamplingParams, TransformersEngine, load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(base, torch_threads=threads)
+    engine = TransformersEngine(PeftModel.from_pretrained(model, adapter).eval(), tokenizer)
+    params = SamplingParams(max_new_tokens=max_new)
+    samples = []
+    for i in range(n + 2):
+        started = time.perf_counter()
+        engine.generate([PROMPT], params)
+        if i >= 2:  # the first calls warm up allocator and kernels
+            samples.append(time.perf_counter() - started)
+    return percentiles(samples)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["tiny", "embedded"], default="tiny")
+    parser.add_argument("--requests", type=int, default=40, help="sequential requests per latency run")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, server instance and in-process")
+    parser.add_argument("--clients", type=int, default=4, help="concurrent clients for throughput")
+    parser.add_argument("--cache", default=str(ROOT / ".seal/cache"), help="where the embedded model is prepared")
+    parser.add_argument("--out", default="", help="directory for a JSON result (printed anyway)")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="seal-bench-serving-"))
+    if args.model == "tiny":
+        base = build_tiny_model(work / "base", prepare_embedded_tokenizer(work / "cache"), seed=0)
+    else:
+        base = prepare_embedded_model(Path(args.cache))
+    adapters = {v: make_adapter(base, work / v, seed) for v, seed in (("v1", 1), ("v2", 2))}
+    result: dict[str, object] = {"model": args.model, "base": str(base), "threads": args.threads,
+                                 "max_new_tokens": args.max_new_tokens, "host": platform.node()}
+
+    supervisor = TritonSupervisor(work / "triton", base, model_parameters={"torch_threads": str(args.threads)})
+    started = time.perf_counter()
+    supervisor.start(timeout_s=300)
+    result["server_start_s"] = time.perf_counter() - started
+    try:
+        with supervisor.client() as client:
+            timed = time.perf_counter()
+            client.promote("v1", adapters["v1"])
+            result["first_promote_s"] = time.perf_counter() - timed
+            timed = time.perf_counter()
+            client.promote("v2", adapters["v2"])
+            result["promote_new_adapter_s"] = time.perf_counter() - timed
+            timed = time.perf_counter()
+            client.rollback()
+            result["rollback_s"] = time.perf_counter() - timed
+
+            def run(n: int) -> list[float]:
+                samples = []
+                for _ in range(n):
+                    began = time.perf_counter()
+                    client.generate(PROMPT, max_new_tokens=args.max_new_tokens)
+                    samples.append(time.perf_counter() - began)
+                return samples
+
+            run(2)
+            result["triton_latency"] = percentiles(run(args.requests))
+
+            # Throughput and the latency a swap costs the requests around it.
+            latencies: list[tuple[float, float]] = []
+            lock = threading.Lock()
+            stop = threading.Event()
+
+            def worker() -> None:
+                with supervisor.client() as own:
+                    while not stop.is_set():
+                        began = time.perf_counter()
+                        own.generate(PROMPT, max_new_tokens=args.max_new_tokens)
+                        with lock:
+                            latencies.append((began, time.perf_counter() - began))
+
+            threads = [threading.Thread(target=worker) for _ in range(args.clients)]
+            window_start = time.perf_counter()
+            for t in threads:
+                t.start()
+            time.sleep(5)
+            swap_began = time.perf_counter()
+            client.promote("v2", adapters["v2"])
+            swap_ended = time.perf_counter()
+            time.sleep(5)
+            stop.set()
+            for t in threads:
+                t.join()
+            window = time.perf_counter() - window_start
+            around = [d for began, d in latencies if began + d >= swap_began and began <= swap_ended]
+            steady = [d for began, d in latencies if began + d < swap_began]
+            result["concurrent"] = {
+                "clients": args.clients,
+                "requests_per_s": len(latencies) / window,
+                "steady": percentiles(steady),
+                "swap_under_load_s": swap_ended - swap_began,
+                "worst_latency_around_swap_ms": 1000 * max(around) if around else None,
+            }
+    finally:
+        timed = time.perf_counter()
+        supervisor.stop()
+        result["server_stop_s"] = time.perf_counter() - timed
+        result["leftover_processes"] = supervisor.leftover_processes()
+
+    result["in_process_latency"] = in_process_latency(base, adapters["v1"], args.requests, args.max_new_tokens,
+                                                      args.threads)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"serving-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

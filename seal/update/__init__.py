@@ -1,0 +1,1 @@
+"""Inner-loop weight updates that turn a self-edit into an adapter."""

@@ -1,0 +1,313 @@
+"""LoRA supervised fine-tuning: SEAL's inner-loop update (§3.1), one adapter per self-edit.
+
+The base model is never modified: each run trains LoRA matrices on a private deep copy, so the
+caller can keep generating with the base while candidates train.
+
+Defaults were measured on 2 CPU cores with SmolLM2-135M-Instruct (bench/probe_lora_defaults.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+@dataclass
+class LoraSFTConfig:
+    learning_rate: float = 1e-3
+    epochs: int = 10
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    # "all-linear", or module names separated by commas ("q_proj,v_proj").
+    target_modules: str | Sequence[str] = "all-linear"
+    batch_size: int = 8
+    max_seq_len: int = 256
+    grad_clip: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def require(condition: bool, message: str) -> None:
+            if not condition:
+                raise ValueError(f"invalid LoRA config: {message}")
+
+        def is_int(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        require(
+            isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate) and self.learning_rate > 0,
+            f"learning_rate must be a positive finite number (try 1e-3), got {self.learning_rate!r}",
+        )
+        require(is_int(self.epochs) and self.epochs >= 1, f"epochs must be an integer >= 1, got {self.epochs!r}")
+        require(is_int(self.rank) and self.rank >= 1, f"rank must be an integer >= 1 (try 16), got {self.rank!r}")
+        require(
+            isinstance(self.alpha, (int, float)) and self.alpha > 0,
+            f"alpha must be > 0 (commonly 2 x rank), got {self.alpha!r}",
+        )
+        require(
+            isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
+            f"dropout must be in [0, 1), got {self.dropout!r}",
+        )
+        require(self.target_module_list() != [], "target_modules is empty; use 'all-linear' or e.g. 'q_proj,v_proj'")
+        require(
+            is_int(self.batch_size) and self.batch_size >= 1, f"batch_size must be an integer >= 1, got {self.batch_size!r}"
+        )
+        require(
+            is_int(self.max_seq_len) and self.max_seq_len >= 2,
+            f"max_seq_len must be an integer >= 2 (a token and its successor), got {self.max_seq_len!r}",
+        )
+        require(
+            isinstance(self.grad_clip, (int, float)) and math.isfinite(self.grad_clip) and self.grad_clip > 0,
+            f"grad_clip must be a positive finite max gradient norm (try 1.0), got {self.grad_clip!r}",
+        )
+        require(is_int(self.seed) and self.seed >= 0, f"seed must be a non-negative integer, got {self.seed!r}")
+
+    def target_module_list(self) -> str | list[str]:
+        """What PEFT's ``target_modules`` expects: the 'all-linear' shorthand or a list of names."""
+        if isinstance(self.target_modules, str):
+            if self.target_modules.strip() == "all-linear":
+                return "all-linear"
+            return [name.strip() for name in self.target_modules.split(",") if name.strip()]
+        return [str(name).strip() for name in self.target_modules if str(name).strip()]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradients became NaN/inf; no update from that step was applied."""
+
+    code = "failed_precondition"  # the request's hyperparameters must change before a retry
+
+
+class TrainingCancelled(RuntimeError):
+    """``should_stop`` asked to stop (deadline passed or the client went away)."""
+
+    code = "deadline_exceeded"
+
+
+@dataclass
+class TrainResult:
+    model: Any  # peft.PeftModel, in eval mode
+    losses: list[float] = field(default_factory=list)  # one per optimizer step
+    steps: int = 0
+    seconds: float = 0.0
+    tokens: int = 0  # non-padding tokens seen, summed over all steps
+
+
+class LoraSFTTrainer:
+    """Causal-LM fine-tuning of LoRA matrices on plain texts (each followed by EOS)."""
+
+    def __init__(self, base_model: Any, tokenizer: Any, config: LoraSFTConfig) -> None:
+        self.base_model = base_model
+        self.tokenizer = tokenizer
+        self.config = config
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Plain text, not chat-formatted: SEAL trains on self-edit lines as raw continuation text."""
+        if isinstance(texts, str):
+            raise TypeError("texts must be a sequence of strings, not one string")
+        kept = [text for text in texts if text and text.strip()]
+        if not kept:
+            raise ValueError("no training texts: pass at least one non-empty string")
+        eos_id = self.tokenizer.eos_token_id
+        if eos_id is None:
+            raise ValueError("the tokenizer has no EOS token; SFT appends EOS to teach where a text ends")
+        sequences = []
+        truncated = 0
+        for ids in self.tokenizer(kept, add_special_tokens=True)["input_ids"]:
+            ids = [*ids, eos_id]
+            if len(ids) > self.config.max_seq_len:
+                truncated += 1
+                ids = ids[: self.config.max_seq_len]
+            sequences.append(ids)
+        if truncated:
+            log.warning(
+                "%d of %d training texts were cut to max_seq_len=%d tokens; raise max_seq_len to keep them whole",
+                truncated,
+                len(sequences),
+                self.config.max_seq_len,
+            )
+        return sequences
+
+    def _wrap_copy(self) -> Any:
+        import torch
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if isinstance(self.base_model, PeftModel):
+            raise TypeError("pass the plain base model, not a PeftModel: each run trains a fresh adapter")
+        model = copy.deepcopy(self.base_model)
+        if getattr(model, "device", torch.device("cpu")).type == "cpu" and model.dtype != torch.float32:
+            # bf16/fp16 matmuls are emulated on most CPUs: a bf16 LoRA step measured >15x slower.
+            model = model.float()
+        targets = self.config.target_module_list()
+        if targets == "all-linear":
+            # Spelled out as leaf names: PEFT would record every full module path instead (210 for
+            # SmolLM2), which bloats adapter_config.json and ties it to one layer count.
+            targets = linear_module_names(model)
+        lora = LoraConfig(
+            r=self.config.rank,
+            lora_alpha=self.config.alpha,
+            lora_dropout=self.config.dropout,
+            target_modules=targets,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        return get_peft_model(model, lora)
+
+    def train(
+        self,
+        texts: Sequence[str],
+        *,
+        on_step: Callable[[int, int, float], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> TrainResult:
+        """Train a fresh adapter. ``on_step(step, total_steps, loss)`` follows every optimizer
+        step; ``should_stop()`` is polled before each one and ends the run with TrainingCancelled."""
+        import torch
+
+        sequences = self.tokenize(texts)
+        config = self.config
+        steps_per_epoch = math.ceil(len(sequences) / config.batch_size)
+        total_steps = config.epochs * steps_per_epoch
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        started = time.perf_counter()
+        losses: list[float] = []
+        tokens = 0
+
+        # Forked RNG: LoRA init, dropout and shuffling are seeded without disturbing the caller's
+        # global RNG (the teacher's seeded sampling relies on it).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            model = self._wrap_copy()
+            model.train()
+            device = model.device
+            trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+            optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
+            shuffler = torch.Generator().manual_seed(config.seed)
+            step = 0
+            for _epoch in range(config.epochs):
+                order = torch.randperm(len(sequences), generator=shuffler).tolist()
+                for start in range(0, len(order), config.batch_size):
+                    if should_stop is not None and should_stop():
+                        raise TrainingCancelled(
+                            f"training cancelled before step {step + 1} of {total_steps}; no adapter was saved"
+                        )
+                    step += 1
+                    batch = [sequences[i] for i in order[start : start + config.batch_size]]
+                    input_ids, attention_mask, labels = _right_padded(batch, pad_id)
+                    output = model(
+                        input_ids=input_ids.to(device),
+                        attention_mask=attention_mask.to(device),
+                        labels=labels.to(device),
+                        use_cache=False,
+                    )
+                    loss = output.loss
+                    if not torch.isfinite(loss):
+                        raise TrainingDiverged(_diverged_message(step, total_steps, "loss", loss.item(), config))
+                    loss.backward()
+                    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+                    if not torch.isfinite(grad_norm):
+                        raise TrainingDiverged(
+                            _diverged_message(step, total_steps, "gradient norm", grad_norm.item(), config)
+                        )
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    loss_value = loss.item()
+                    losses.append(loss_value)
+                    tokens += int(attention_mask.sum())
+                    if on_step is not None:
+                        on_step(step, total_steps, loss_value)
+        model.eval()
+        return TrainResult(model=model, losses=losses, steps=step, seconds=time.perf_counter() - started, tokens=tokens)
+
+
+def linear_module_names(model: Any) -> list[str]:
+    """Leaf names of every linear layer except the output head: what PEFT's 'all-linear' means."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head and name
+        }
+    )
+
+
+def _right_padded(batch: list[list[int]], pad_id: int) -> tuple[Any, Any, Any]:
+    # Right padding keeps real tokens at positions 0..n-1, the positions a causal LM's forward
+    # assumes when no position_ids are passed; -100 keeps padding (even when pad == EOS) out of the loss.
+    import torch
+
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    for row, ids in enumerate(batch):
+        values = torch.tensor(ids, dtype=torch.long)
+        input_ids[row, : len(ids)] = values
+        attention_mask[row, : len(ids)] = 1
+        labels[row, : len(ids)] = values
+    return input_ids, attention_mask, labels
+
+
+def _diverged_message(step: int, total: int, what: str, value: float, config: LoraSFTConfig) -> str:
+    return (
+        f"training diverged at step {step} of {total}: the {what} is {value}; the step was not applied. "
+        f"Lower the learning rate (now {config.learning_rate:g}, try {config.learning_rate / 10:g}) "
+        "or the grad_clip norm."
+    )
+
+
+def save_adapter(model: Any, out_dir: Path) -> list[Path]:
+    """Write the active adapter as a plain PEFT directory (adapter_config.json and
+    adapter_model.safetensors, nothing else) that PeftModel.from_pretrained and vLLM load."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    adapter_name = model.active_adapter
+    if not isinstance(adapter_name, str):
+        raise ValueError(f"expected exactly one active adapter, got {adapter_name!r}")
+    card_existed = (out_dir / "README.md").exists()
+    model.save_pretrained(str(out_dir), selected_adapters=[adapter_name], safe_serialization=True)
+    if adapter_name != "default":
+        # PEFT files any adapter not named "default" under a subfolder of its name.
+        nested = out_dir / adapter_name
+        for name in ADAPTER_FILES:
+            os.replace(nested / name, out_dir / name)
+        if nested.is_dir():
+            for leftover in nested.iterdir():
+                leftover.unlink()
+            nested.rmdir()
+    # PEFT also writes a model card; it is not part of the adapter and would make an adapter's
+    # bytes depend on PEFT's card template.
+    if not card_existed:
+        (out_dir / "README.md").unlink(missing_ok=True)
+    # PEFT keeps target_modules as a set and saves it in hash order, which changes from one
+    # process to the next; sorted, the same training run writes byte-identical files.
+    config_path = out_dir / "adapter_config.json"
+    adapter_config = json.loads(config_path.read_text(encoding="utf-8"))
+    if isinstance(adapter_config.get("target_modules"), list):
+        adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
+        config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True), encoding="utf-8")
+    written = [out_dir / name for name in ADAPTER_FILES]
+    for path in written:
+        if not path.is_file():
+            raise RuntimeError(f"PEFT did not write {path}")
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+    return written

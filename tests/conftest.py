@@ -1,0 +1,39 @@
+"""Shared model fixtures.
+
+Real files, no stand-ins: a tiny random Llama built with SmolLM2's real tokenizer for fast tests,
+and the embedded SmolLM2 itself (converted once into a cache) for tests marked slow."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _test_cache_dir() -> Path:
+    # Outside tmp_path on purpose: the converted model survives between runs (once ~30 s, then free).
+    return Path(os.environ.get("SEAL_TEST_CACHE", REPO_ROOT / ".seal" / "test-cache"))
+
+
+@pytest.fixture(scope="session")
+def embedded_tokenizer_dir() -> Path:
+    from seal.models import prepare_embedded_tokenizer
+
+    return prepare_embedded_tokenizer(_test_cache_dir())
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(embedded_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from seal.models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), embedded_tokenizer_dir, seed=0)
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir() -> Path:
+    from seal.models import prepare_embedded_model
+
+    return prepare_embedded_model(_test_cache_dir())

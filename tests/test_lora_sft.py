@@ -1,0 +1,236 @@
+"""LoRA SFT on the tiny random Llama: learning, isolation from the base, saving, failure modes."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from seal.models import SamplingParams, TransformersEngine, load_model_and_tokenizer
+from seal.update.lora_sft import (
+    LoraSFTConfig,
+    LoraSFTTrainer,
+    TrainingCancelled,
+    TrainingDiverged,
+    save_adapter,
+)
+
+FACT = "The lighthouse keeper of Velmora collects blue teapots."
+TEXTS = [
+    FACT,
+    "Velmora is a fishing town on the Quill estuary.",
+    "The Quill estuary freezes every February.",
+]
+FAST = {"rank": 8, "alpha": 16, "batch_size": 2}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    # See tests/test_models.py: one thread is ~10x faster for tiny matrices on a shared machine.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir: Path):
+    return load_model_and_tokenizer(tiny_model_dir)
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def test_training_lowers_loss_and_leaves_the_base_untouched(tiny) -> None:
+    model, tokenizer = tiny
+    before = snapshot(model)
+    engine = TransformersEngine(model, tokenizer)
+    greedy = SamplingParams(max_new_tokens=8)
+    base_answer = engine.generate(["The lighthouse keeper"], greedy, chat=False)
+
+    steps: list[tuple[int, int, float]] = []
+    config = LoraSFTConfig(learning_rate=1e-2, epochs=6, **FAST)
+    result = LoraSFTTrainer(model, tokenizer, config).train(TEXTS, on_step=lambda *step: steps.append(step))
+
+    assert isinstance(result.model, PeftModel) and not result.model.training
+    assert result.steps == 6 * math.ceil(len(TEXTS) / 2) == len(result.losses) == len(steps)
+    assert [s[:2] for s in steps] == [(i, result.steps) for i in range(1, result.steps + 1)]
+    assert result.losses[-1] < 0.6 * result.losses[0]
+    expected_tokens = 6 * sum(len(tokenizer(t)["input_ids"]) + 1 for t in TEXTS)
+    assert result.tokens == expected_tokens
+    assert result.seconds > 0
+
+    after = snapshot(model)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(before[name], after[name]) for name in before), "the base model's weights changed"
+    assert not any("lora" in name for name, _ in model.named_modules())
+    assert engine.generate(["The lighthouse keeper"], greedy, chat=False) == base_answer
+
+
+def test_trained_adapter_recalls_the_text_and_stops_at_eos(tiny) -> None:
+    model, tokenizer = tiny
+    config = LoraSFTConfig(learning_rate=1e-2, epochs=20, rank=8, alpha=16, batch_size=1)
+    result = LoraSFTTrainer(model, tokenizer, config).train([FACT])
+    generation = TransformersEngine(result.model, tokenizer).generate(
+        ["The lighthouse keeper"], SamplingParams(max_new_tokens=20), chat=False
+    )[0]
+    assert generation.text == " of Velmora collects blue teapots."
+    assert generation.completion_tokens < 20, "the adapter should have learned to end with EOS"
+
+
+def test_adapter_saves_as_plain_peft_dir_and_reloads_with_same_logits(tiny, tiny_model_dir: Path, tmp_path: Path) -> None:
+    model, tokenizer = tiny
+    result = LoraSFTTrainer(model, tokenizer, LoraSFTConfig(learning_rate=1e-2, epochs=2, **FAST)).train(TEXTS)
+    written = save_adapter(result.model, tmp_path / "adapter")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert written == [tmp_path / "adapter" / "adapter_config.json", tmp_path / "adapter" / "adapter_model.safetensors"]
+    adapter_config = json.loads(written[0].read_text())
+    assert adapter_config["r"] == 8 and adapter_config["lora_alpha"] == 16 and adapter_config["peft_type"] == "LORA"
+    assert adapter_config["target_modules"] == [
+        "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"
+    ]
+    tensors = load_file(written[1])
+    assert tensors and all(t.dtype == torch.float32 for t in tensors.values())
+
+    fresh_base, _ = load_model_and_tokenizer(tiny_model_dir)
+    reloaded = PeftModel.from_pretrained(fresh_base, str(tmp_path / "adapter")).eval()
+    inputs = tokenizer(["Velmora is a fishing town"], return_tensors="pt")
+    with torch.no_grad():
+        expected = result.model(**inputs).logits
+        actual = reloaded(**inputs).logits
+        base_logits = model(**inputs).logits
+    torch.testing.assert_close(actual, expected)
+    assert not torch.allclose(base_logits, expected), "the adapter should change the model's outputs"
+
+
+def test_training_is_deterministic_under_a_seed(tiny) -> None:
+    model, tokenizer = tiny
+
+    def run(seed: int, dropout: float = 0.1):
+        config = LoraSFTConfig(learning_rate=1e-2, epochs=2, dropout=dropout, seed=seed, **FAST)
+        return LoraSFTTrainer(model, tokenizer, config).train(TEXTS)
+
+    first, second, other = run(3), run(3), run(4)
+    assert first.losses == second.losses
+    first_weights = {k: v for k, v in first.model.state_dict().items() if "lora" in k}
+    second_weights = {k: v for k, v in second.model.state_dict().items() if "lora" in k}
+    assert first_weights and all(torch.equal(first_weights[k], second_weights[k]) for k in first_weights)
+    assert first.losses != other.losses
+
+
+def test_training_leaves_the_global_rng_alone(tiny) -> None:
+    model, tokenizer = tiny
+    torch.manual_seed(11)
+    expected = torch.rand(4)
+    torch.manual_seed(11)
+    LoraSFTTrainer(model, tokenizer, LoraSFTConfig(epochs=1, **FAST)).train(TEXTS)
+    assert torch.equal(torch.rand(4), expected)
+
+
+def test_huge_learning_rate_raises_diverged_before_applying_the_step(tiny) -> None:
+    model, tokenizer = tiny
+    # 1e10 is not enough: RMSNorm rescales the blown-up activations and the loss stays finite.
+    config = LoraSFTConfig(learning_rate=1e30, epochs=5, **FAST)
+    losses: list[float] = []
+    with pytest.raises(TrainingDiverged, match=r"step \d+ of 10.*[Ll]ower the learning rate") as caught:
+        LoraSFTTrainer(model, tokenizer, config).train(TEXTS, on_step=lambda s, t, loss: losses.append(loss))
+    assert all(math.isfinite(loss) for loss in losses), "no non-finite step may be reported as done"
+    assert f"step {len(losses) + 1} of" in str(caught.value)
+
+
+def test_poisoned_weight_diverges_at_the_first_step(tiny) -> None:
+    model, tokenizer = tiny
+    poisoned = copy.deepcopy(model)
+    with torch.no_grad():
+        poisoned.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(TrainingDiverged, match="step 1 of"):
+        LoraSFTTrainer(poisoned, tokenizer, LoraSFTConfig(epochs=1, **FAST)).train(TEXTS)
+
+
+def test_should_stop_cancels_between_steps(tiny) -> None:
+    model, tokenizer = tiny
+    polls: list[int] = []
+    steps: list[int] = []
+
+    def should_stop() -> bool:
+        polls.append(1)
+        return len(polls) > 2
+
+    with pytest.raises(TrainingCancelled, match="before step 3 of"):
+        LoraSFTTrainer(model, tokenizer, LoraSFTConfig(epochs=3, **FAST)).train(
+            TEXTS, on_step=lambda s, t, loss: steps.append(s), should_stop=should_stop
+        )
+    assert steps == [1, 2]
+
+
+@pytest.mark.parametrize("texts", [[], ["", "   "]])
+def test_empty_texts_are_refused(tiny, texts: list[str]) -> None:
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="no training texts"):
+        LoraSFTTrainer(model, tokenizer, LoraSFTConfig()).train(texts)
+
+
+def test_long_texts_are_cut_to_max_seq_len(tiny) -> None:
+    model, tokenizer = tiny
+    trainer = LoraSFTTrainer(model, tokenizer, LoraSFTConfig(max_seq_len=16))
+    sequences = trainer.tokenize(["word " * 100, FACT])
+    assert len(sequences[0]) == 16
+    assert sequences[1][-1] == tokenizer.eos_token_id
+
+
+def test_named_target_modules_limit_where_lora_goes(tiny) -> None:
+    model, tokenizer = tiny
+    config = LoraSFTConfig(epochs=1, target_modules="q_proj, v_proj", **FAST)
+    result = LoraSFTTrainer(model, tokenizer, config).train(TEXTS)
+    adapted = {name.split(".")[-1] for name, module in result.model.named_modules() if hasattr(module, "lora_A")}
+    assert adapted == {"q_proj", "v_proj"}
+
+
+def test_half_precision_base_trains_in_float32_and_stays_half(tiny) -> None:
+    model, tokenizer = tiny
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    result = LoraSFTTrainer(half, tokenizer, LoraSFTConfig(epochs=1, **FAST)).train(TEXTS)
+    assert half.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in result.model.parameters() if p.requires_grad)
+
+
+def test_a_peft_model_is_refused_as_base(tiny) -> None:
+    model, tokenizer = tiny
+    trained = LoraSFTTrainer(model, tokenizer, LoraSFTConfig(epochs=1, **FAST)).train(TEXTS[:1]).model
+    with pytest.raises(TypeError, match="plain base model"):
+        LoraSFTTrainer(trained, tokenizer, LoraSFTConfig(epochs=1, **FAST)).train(TEXTS)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("learning_rate", 0.0),
+        ("learning_rate", float("nan")),
+        ("epochs", 0),
+        ("epochs", 1.5),
+        ("rank", 0),
+        ("alpha", -1),
+        ("dropout", 1.0),
+        ("target_modules", " , "),
+        ("batch_size", 0),
+        ("max_seq_len", 1),
+        ("grad_clip", 0.0),
+        ("seed", -1),
+    ],
+)
+def test_config_validation_names_the_field(field: str, value) -> None:
+    with pytest.raises(ValueError, match=field):
+        LoraSFTConfig(**{field: value})
+
+
+def test_config_target_modules_forms() -> None:
+    assert LoraSFTConfig().target_module_list() == "all-linear"
+    assert LoraSFTConfig(target_modules="q_proj, v_proj").target_module_list() == ["q_proj", "v_proj"]
+    assert LoraSFTConfig(target_modules=("k_proj",)).target_module_list() == ["k_proj"]
