@@ -24,11 +24,12 @@ from rich.progress import Progress
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from seal.auditor import Auditor, accuracy_of  # noqa: E402
+from seal.auditor import Auditor  # noqa: E402
 from seal.config import Settings  # noqa: E402
-from seal.domains.knowledge import LexicalGrader, build_training_sequences, load_squad  # noqa: E402
-from seal.models import SamplingParams, TransformersEngine, load_model_and_tokenizer  # noqa: E402
-from seal.student import AdapterChoice, Student  # noqa: E402
+from seal.domains.knowledge import LexicalGrader, load_squad  # noqa: E402
+from seal.evaluation import EvalConfig, evaluate_policy  # noqa: E402
+from seal.models import TransformersEngine, load_model_and_tokenizer  # noqa: E402
+from seal.student import Student  # noqa: E402
 from seal.teacher import SelfEditProposer  # noqa: E402
 
 console = Console()
@@ -55,95 +56,30 @@ def main() -> int:
         top_p=settings.teacher.top_p,
     )
     auditor = Auditor(LexicalGrader(mode=settings.auditor.grader), settings.gates)
-    answer_params = SamplingParams(max_new_tokens=settings.auditor.answer_max_new_tokens)
-
-    def answer(prompts: list[str], adapter_id: str) -> list[str]:
-        choice = AdapterChoice(adapter_id=adapter_id) if adapter_id else AdapterChoice(base_model=True)
-        generations, _ = student.generate(prompts, choice, answer_params)
-        return [g.text for g in generations]
-
     load_seconds = time.perf_counter() - started
-    rows = []
+    config = EvalConfig(
+        k=args.k,
+        seed=args.seed,
+        prompt_style=settings.teacher.prompt_style,
+        answer_max_new_tokens=settings.auditor.answer_max_new_tokens,
+        adapter_prefix="bench",
+    )
     with Progress(console=console) as progress:
         task = progress.add_task("passages", total=len(contexts))
-        for index, context in enumerate(contexts):
-            row: dict[str, object] = {"index": index, "title": context.title, "questions": len(context.questions)}
-            phase = {"generation": 0.0, "training": 0.0, "scoring": 0.0}
 
-            t0 = time.perf_counter()
-            baseline = auditor.baseline(answer, context.questions)
-            phase["scoring"] += time.perf_counter() - t0
-            row["baseline"] = accuracy_of(baseline)
-
-            t0 = time.perf_counter()
-            passage_only = student.train_sequences(
-                adapter_name="bench-passage",
-                sequences=build_training_sequences(context.title, context.passage, []),
-                context_id=context.context_id,
-                self_edit_sha256="",
-                seed=args.seed,
-            )
-            phase["training"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            row["passage_only"] = accuracy_of(auditor.closed_book(answer, context.questions, passage_only.manifest.adapter_id))
-            phase["scoring"] += time.perf_counter() - t0
-
-            t0 = time.perf_counter()
-            edits = proposer.propose(context.title, context.passage, args.k, settings.teacher.prompt_style, args.seed + index)
-            phase["generation"] += time.perf_counter() - t0
-            candidates = []
-            for edit in edits:
-                t0 = time.perf_counter()
-                try:
-                    trained = student.train_candidate(
-                        adapter_name="bench-self-edit",
-                        title=context.title,
-                        passage=context.passage,
-                        self_edit=edit.text,
-                        context_id=context.context_id,
-                        seed=args.seed + edit.index,
-                    )
-                except ValueError as exc:  # an unusable self-edit scores like the base model
-                    candidates.append({"index": edit.index, "accuracy": row["baseline"], "failure": str(exc)})
-                    continue
-                finally:
-                    phase["training"] += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                outcomes = auditor.closed_book(answer, context.questions, trained.manifest.adapter_id)
-                phase["scoring"] += time.perf_counter() - t0
-                candidates.append({
-                    "index": edit.index,
-                    "accuracy": accuracy_of(outcomes),
-                    "training_sequences": trained.training_sequences,
-                    "self_edit": edit.text,
-                })
-            row["self_edit_candidates"] = candidates
-            row["self_edit_best_of_k"] = max(c["accuracy"] for c in candidates)
-            row["self_edit_mean"] = sum(c["accuracy"] for c in candidates) / len(candidates)
-            row["seconds"] = phase
-            rows.append(row)
+        def on_passage(row: dict) -> None:
             progress.advance(task)
+            phase = row["seconds"]
             console.print(
-                f"{index}: {context.title}: base {row['baseline']:.2f} passage {row['passage_only']:.2f} "
+                f"{row['index']}: {row['title']}: base {row['baseline']:.2f} passage {row['passage_only']:.2f} "
                 f"best-of-{args.k} {row['self_edit_best_of_k']:.2f} ({', '.join(f'{k} {v:.0f}s' for k, v in phase.items())})"
             )
 
-    total_questions = sum(int(r["questions"]) for r in rows)
-
-    def weighted(key: str) -> float:
-        return sum(float(r[key]) * int(r["questions"]) for r in rows) / total_questions
-
-    summary = {
-        "passages": len(rows),
-        "questions": total_questions,
-        "k": args.k,
-        "baseline": weighted("baseline"),
-        "passage_only": weighted("passage_only"),
-        "self_edit_best_of_k": weighted("self_edit_best_of_k"),
-        "self_edit_mean": weighted("self_edit_mean"),
-        "seconds": {p: sum(r["seconds"][p] for r in rows) for p in ("generation", "training", "scoring")},  # type: ignore[index]
-        "model_load_seconds": load_seconds,
-    }
+        evaluation = evaluate_policy(
+            contexts, student=student, proposer=proposer, auditor=auditor, config=config, on_passage=on_passage
+        )
+    rows = evaluation["passages"]
+    summary = {**evaluation["summary"], "model_load_seconds": load_seconds}
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},

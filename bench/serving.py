@@ -49,22 +49,14 @@ def percentiles(samples: list[float]) -> dict[str, float]:
     return {"p50_ms": 1000 * statistics.median(ordered), "p95_ms": 1000 * pick(0.95), "n": len(ordered)}
 
 
-def in_process_latency(base: Path, adapter: Path, n: int, max_new: int, threads: int) -> dict[str, float]:
+def in_process_engine(base: Path, adapter: Path, threads: int):
     """The same PEFT model answered by the student's own engine in this process."""
     from peft import PeftModel
 
-    from seal.models import SamplingParams, TransformersEngine, load_model_and_tokenizer
+    from seal.models import TransformersEngine, load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(base, torch_threads=threads)
-    engine = TransformersEngine(PeftModel.from_pretrained(model, adapter).eval(), tokenizer)
-    params = SamplingParams(max_new_tokens=max_new)
-    samples = []
-    for i in range(n + 2):
-        started = time.perf_counter()
-        engine.generate([PROMPT], params)
-        if i >= 2:  # the first calls warm up allocator and kernels
-            samples.append(time.perf_counter() - started)
-    return percentiles(samples)
+    return TransformersEngine(PeftModel.from_pretrained(model, adapter).eval(), tokenizer)
 
 
 def main() -> int:
@@ -74,7 +66,8 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="torch threads, server instance and in-process")
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients for throughput")
-    parser.add_argument("--cache", default=str(ROOT / ".seal/cache"), help="where the embedded model is prepared")
+    parser.add_argument("--window", type=float, default=5.0, help="seconds of load before and after the swap")
+    parser.add_argument("--cache", default=str(ROOT / ".seal/models"), help="where the embedded model is prepared")
     parser.add_argument("--out", default="", help="directory for a JSON result (printed anyway)")
     args = parser.parse_args()
 
@@ -111,8 +104,34 @@ def main() -> int:
                     samples.append(time.perf_counter() - began)
                 return samples
 
+            def server_stats() -> dict[str, tuple[int, int]]:
+                stats = client._client.get_inference_statistics(client.model_name, as_json=True)
+                inference = stats["model_stats"][0]["inference_stats"]
+                return {k: (int(v.get("count", 0)), int(v.get("ns", 0))) for k, v in inference.items()}
+
+            from seal.models import SamplingParams
+
+            engine = in_process_engine(base, adapters["v1"], args.threads)
+            params = SamplingParams(max_new_tokens=args.max_new_tokens)
+            local: list[float] = []
             run(2)
-            result["triton_latency"] = percentiles(run(args.requests))
+            engine.generate([PROMPT], params)
+            before = server_stats()
+            remote: list[float] = []
+            # Interleaved, so that both see the same load from whatever else shares the machine.
+            for _ in range(args.requests):
+                remote += run(1)
+                began = time.perf_counter()
+                engine.generate([PROMPT], params)
+                local.append(time.perf_counter() - began)
+            after = server_stats()
+            result["triton_latency"] = percentiles(remote)
+            result["in_process_latency"] = percentiles(local)
+            # Where a request's time goes inside Triton (the rest is gRPC, client and scheduling).
+            result["triton_server_side_ms"] = {
+                k: (after[k][1] - before[k][1]) / 1e6 / max(1, after[k][0] - before[k][0])
+                for k in ("queue", "compute_input", "compute_infer", "compute_output") if k in after
+            }
 
             # Throughput and the latency a swap costs the requests around it.
             latencies: list[tuple[float, float]] = []
@@ -131,11 +150,11 @@ def main() -> int:
             window_start = time.perf_counter()
             for t in threads:
                 t.start()
-            time.sleep(5)
+            time.sleep(args.window)
             swap_began = time.perf_counter()
             client.promote("v2", adapters["v2"])
             swap_ended = time.perf_counter()
-            time.sleep(5)
+            time.sleep(args.window)
             stop.set()
             for t in threads:
                 t.join()
@@ -155,8 +174,6 @@ def main() -> int:
         result["server_stop_s"] = time.perf_counter() - timed
         result["leftover_processes"] = supervisor.leftover_processes()
 
-    result["in_process_latency"] = in_process_latency(base, adapters["v1"], args.requests, args.max_new_tokens,
-                                                      args.threads)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

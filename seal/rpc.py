@@ -204,6 +204,9 @@ class RunningService:
     _metrics_http: Any = None
     _stopped: threading.Event = field(default_factory=threading.Event)
     on_stop: list[Callable[[], None]] = field(default_factory=list)
+    # Peer name → callback taking that peer's address, for peers that start after this service
+    # on a port chosen at start (seal.stack); a production process reads addresses from settings.
+    connect: dict[str, Callable[[str], None]] = field(default_factory=dict)
 
     @property
     def address(self) -> str:

@@ -41,6 +41,8 @@ def local_stack(settings: Settings) -> Iterator[LocalStack]:
         )
         auditor = serve_auditor(settings, port=0, metrics_port=metrics_port)
         started.append(auditor)
+        if "auditor" in student.connect:
+            student.connect["auditor"](auditor.address)
         settings = settings.model_copy(
             update={"services": settings.services.model_copy(update={"auditor_address": auditor.address})}
         )

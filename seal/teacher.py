@@ -4,6 +4,7 @@ streams back in a durable buffer for ReST^EM (transport-free; ``teacher_svc`` wr
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,12 +62,27 @@ class RewardBuffer:
         self._events: dict[str, dict[str, Any]] = {}
         self._last_sequence = 0
         if path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    continue  # torn line from a crash mid-write
-                self._remember(event)
+            self._load()
+
+    def _load(self) -> None:
+        data = self._path.read_bytes()
+        # Only newline-terminated lines were written whole; anything after the last newline is
+        # a line torn by a kill mid-write.
+        complete = data[: data.rfind(b"\n") + 1]
+        for line in complete.splitlines():
+            try:
+                event = json.loads(line)
+                event_id, sequence = event["event_id"], int(event["sequence"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a damaged line: skipped, left on disk for a person to inspect
+            self._events[event_id] = event
+            self._last_sequence = max(self._last_sequence, sequence)
+        if len(complete) != len(data):
+            # Appending after the fragment would glue the next event onto it and lose both on
+            # the following load. The torn event is not counted in last_sequence, so the stream
+            # sends it again.
+            with self._path.open("r+b") as handle:
+                handle.truncate(len(complete))
 
     def _remember(self, event: dict[str, Any]) -> None:
         self._events[event["event_id"]] = event
@@ -85,6 +101,9 @@ class RewardBuffer:
             with self._path.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(event, ensure_ascii=False, sort_keys=True) + "\n")
                 handle.flush()
+                # One event per scored candidate (minutes apart): fsync costs nothing here and
+                # keeps a reward the teacher acknowledged across a power loss, not just a kill.
+                os.fsync(handle.fileno())
             self._remember(event)
             return True
 

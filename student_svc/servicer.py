@@ -11,13 +11,14 @@ from typing import Any
 import grpc
 from google.protobuf import struct_pb2, timestamp_pb2
 
+from seal.audit_outbox import AuditOutbox
 from seal.config import Settings
 from seal.domains.knowledge import context_digest
 from seal.models import SamplingParams
-from seal.registry import Manifest
+from seal.registry import Manifest, parse_adapter_id
 from seal.rpc import RpcMetrics, RunningService, deadline_checker, map_errors, start_service
 from seal.student import AdapterChoice, Student
-from seal.v1 import common_pb2, student_pb2, student_pb2_grpc
+from seal.v1 import auditor_pb2, auditor_pb2_grpc, common_pb2, student_pb2, student_pb2_grpc
 
 _STATUS = {
     "candidate": common_pb2.ADAPTER_STATUS_CANDIDATE,
@@ -84,10 +85,40 @@ def choice_from_proto(selector: student_pb2.AdapterSelector) -> AdapterChoice:
     return AdapterChoice(promoted_of=selector.promoted_of if target == "promoted_of" else "")
 
 
+class AuditorEventSender:
+    """Delivers outbox events to the auditor's RecordEvent; the address can change (tests start
+    the auditor after the student, on a port chosen at start)."""
+
+    def __init__(self, address: str) -> None:
+        self._channel = grpc.insecure_channel(address)
+        self._stub = auditor_pb2_grpc.AuditorServiceStub(self._channel)
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        at = timestamp_pb2.Timestamp()
+        at.FromDatetime(datetime.fromisoformat(event["at"]))
+        self._stub.RecordEvent(
+            auditor_pb2.RecordEventRequest(
+                event_id=event["event_id"],
+                kind=event["kind"],
+                adapter_id=event["adapter_id"],
+                cause=event["cause"],
+                details=_struct(event["details"]),
+                at=at,
+                source=event["source"],
+            ),
+            timeout=10,
+        )
+
+    def close(self) -> None:
+        self._channel.close()
+
+
 class StudentServicer(student_pb2_grpc.StudentServiceServicer):
-    def __init__(self, student: Student, settings: Settings, metrics: RpcMetrics) -> None:
+    def __init__(self, student: Student, settings: Settings, metrics: RpcMetrics, audit: AuditOutbox | None = None) -> None:
         self._student = student
         self._settings = settings
+        # Every status change is reported to the auditor's audit trail, whoever asked for it.
+        self._audit = audit
         self._candidates = metrics.counter("candidates_trained_total", "Candidate adapters trained and saved.")
         self._training_failures = metrics.counter(
             "training_failures_total", "Training runs that ended without a candidate.", ("reason",)
@@ -103,6 +134,14 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
 
     def _proto(self, manifest: Manifest) -> common_pb2.AdapterManifest:
         return manifest_to_proto(manifest, str(self._student.registry.path_of(manifest)))
+
+    def _report(self, kind: str, adapter_id: str, cause: str, context: grpc.ServicerContext, **details: Any) -> None:
+        if self._audit is None:
+            return
+        self._audit.record(kind, adapter_id, cause, requested_by=context.peer(), **details)
+        # Normally delivered within milliseconds, so the record exists when the caller hears back;
+        # if the auditor is down the change still stands and the event waits in the outbox.
+        self._audit.flush(timeout=2.0)
 
     @map_errors
     def ApplySelfEdit(self, request: student_pb2.ApplySelfEditRequest, context: grpc.ServicerContext) -> Iterator[student_pb2.ApplySelfEditResponse]:
@@ -195,13 +234,17 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
 
     @map_errors
     def Promote(self, request: student_pb2.PromoteRequest, context: grpc.ServicerContext) -> student_pb2.PromoteResponse:
+        previous = self._student.registry.promoted(parse_adapter_id(request.adapter_id)[0])
         manifest = self._student.promote(request.adapter_id, request.reason or "promoted by request")
         self._promotions.labels(manifest.adapter_name).inc()
+        self._report("promote", manifest.adapter_id, request.reason or "promoted by request", context,
+                     previous_adapter_id=previous.adapter_id if previous else "")
         return student_pb2.PromoteResponse(adapter=self._proto(manifest))
 
     @map_errors
     def Reject(self, request: student_pb2.RejectRequest, context: grpc.ServicerContext) -> student_pb2.RejectResponse:
         manifest = self._student.reject(request.adapter_id, request.reason or "rejected by request")
+        self._report("reject", manifest.adapter_id, request.reason or "rejected by request", context)
         return student_pb2.RejectResponse(adapter=self._proto(manifest))
 
     @map_errors
@@ -211,6 +254,8 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
             name, request.reason or "rolled back by request", allow_base_model=request.allow_base_model
         )
         self._rollbacks.labels(name).inc()
+        self._report("rollback", rolled_back.adapter_id, request.reason or "rolled back by request", context,
+                     now_serving_adapter_id=now_serving.adapter_id if now_serving is not None else "")
         response = student_pb2.RollbackResponse(rolled_back=self._proto(rolled_back))
         if now_serving is not None:
             response.now_serving.CopyFrom(self._proto(now_serving))
@@ -221,14 +266,16 @@ def serve_student(settings: Settings, *, port: int | None = None, metrics_port: 
     """Load the model, open the registry and start serving; ``port=0`` picks a free port."""
     student = Student(settings)
     metrics = RpcMetrics("student")
-    servicer = StudentServicer(student, settings, metrics)
     services = settings.services
+    senders: list[AuditorEventSender] = [AuditorEventSender(services.address_of("auditor"))]
+    outbox = AuditOutbox(settings.home / "student" / "audit_outbox.jsonl", senders[0], source="student")
+    servicer = StudentServicer(student, settings, metrics, audit=outbox)
 
     def register(server: grpc.Server) -> list[str]:
         student_pb2_grpc.add_StudentServiceServicer_to_server(servicer, server)
         return [student_pb2.DESCRIPTOR.services_by_name["StudentService"].full_name]
 
-    return start_service(
+    running = start_service(
         "student",
         register,
         host=services.host,
@@ -238,3 +285,12 @@ def serve_student(settings: Settings, *, port: int | None = None, metrics_port: 
         max_workers=services.max_workers,
         max_concurrent_rpcs=services.max_concurrent_rpcs,
     )
+
+    def connect_auditor(address: str) -> None:
+        senders.append(AuditorEventSender(address))
+        outbox.set_sender(senders[-1])
+
+    running.connect["auditor"] = connect_auditor
+    running.on_stop.append(outbox.close)
+    running.on_stop.append(lambda: [sender.close() for sender in senders])
+    return running

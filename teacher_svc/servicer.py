@@ -16,9 +16,23 @@ import grpc
 from seal.config import Settings
 from seal.domains.knowledge import context_digest
 from seal.gates import choose_best
-from seal.models import TransformersEngine, load_model_and_tokenizer, resolve_model_path
-from seal.rpc import RpcMetrics, RunningService, map_errors, remaining_timeout, start_service
-from seal.teacher import RewardBuffer, SelfEditProposer, validate_context, validate_k, validate_prompt_style
+from seal.rl.policy import TeacherPolicy, open_teacher_policy
+from seal.rl.restem import RoundReport
+from seal.rpc import (
+    RpcMetrics,
+    RunningService,
+    deadline_checker,
+    map_errors,
+    remaining_timeout,
+    start_service,
+)
+from seal.teacher import (
+    RewardBuffer,
+    SelfEditProposer,
+    validate_context,
+    validate_k,
+    validate_prompt_style,
+)
 from seal.v1 import (
     auditor_pb2,
     auditor_pb2_grpc,
@@ -28,6 +42,7 @@ from seal.v1 import (
     teacher_pb2,
     teacher_pb2_grpc,
 )
+from teacher_svc.restem import round_inputs, stream_round
 
 log = logging.getLogger(__name__)
 _ADAPTER_NAME_RULE = "lower-case letters, digits, '-' or '_', at most 63 characters"
@@ -35,6 +50,10 @@ _ADAPTER_NAME_RULE = "lower-case letters, digits, '-' or '_', at most 63 charact
 
 class TeacherBusy(RuntimeError):
     code = "resource_exhausted"
+
+
+class NoPolicyStore(RuntimeError):
+    code = "failed_precondition"
 
 
 @dataclass
@@ -66,9 +85,14 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         student_channel: grpc.Channel,
         auditor_channel: grpc.Channel,
         metrics: RpcMetrics,
+        *,
+        policy: TeacherPolicy | None = None,
+        buffer: RewardBuffer | None = None,
     ) -> None:
         self._settings = settings
         self._proposer = proposer
+        self._policy = policy
+        self._buffer = buffer
         self._student = student_pb2_grpc.StudentServiceStub(student_channel)
         self._auditor = auditor_pb2_grpc.AuditorServiceStub(auditor_channel)
         self._adapt_slots = threading.BoundedSemaphore(1)
@@ -78,6 +102,8 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         self._generation_seconds = metrics.histogram(
             "generation_seconds", "Wall time to sample the k self-edits.", (1, 5, 15, 30, 60, 120, 300, 600)
         )
+        self._rounds = metrics.counter("restem_rounds_total", "ReST^EM rounds finished.", ("keep_rule",))
+        self._kept = metrics.counter("restem_kept_self_edits_total", "Self-edits kept for the policy's SFT.", ("keep_rule",))
 
     # --- validation ------------------------------------------------------------------------
 
@@ -131,6 +157,37 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         finally:
             self._adapt_slots.release()
 
+    @map_errors
+    def Train(self, request: teacher_pb2.TrainRequest, context: grpc.ServicerContext) -> Iterator[teacher_pb2.TrainResponse]:
+        if self._policy is None:
+            raise NoPolicyStore("this teacher was started without a policy store, so it cannot train its policy")
+        contexts, config = round_inputs(request, self._settings)
+        # The one work slot Adapt also takes: a round samples with the policy it is about to
+        # replace and trains on the same student, so the two must not interleave.
+        if not self._adapt_slots.acquire(timeout=min(5.0, remaining_timeout(context, 5.0))):
+            raise TeacherBusy("the teacher is running an adaptation or a training round; retry when it finishes")
+
+        def on_report(report: RoundReport) -> None:
+            self._rounds.labels(report.keep_rule).inc()
+            self._kept.labels(report.keep_rule).inc(report.kept)
+
+        ceiling = self._settings.services.rpc_timeout_s
+        yield from stream_round(
+            settings=self._settings,
+            contexts=contexts,
+            config=config,
+            restart=request.restart,
+            proposer=self._proposer,
+            policy=self._policy,
+            buffer=self._buffer,
+            student=self._student,
+            auditor=self._auditor,
+            timeout=lambda: remaining_timeout(context, ceiling),
+            should_stop=deadline_checker(context),
+            release=self._adapt_slots.release,
+            on_report=on_report,
+        )
+
     def _adapt(self, request: teacher_pb2.AdaptRequest, context: grpc.ServicerContext, k: int, style: str, adapter_name: str) -> Iterator[teacher_pb2.AdaptResponse]:
         request_id = uuid.uuid4().hex[:12]
         clock, started_total = _PhaseClock(), time.perf_counter()
@@ -169,7 +226,10 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
             candidate = _Candidate(teacher_pb2.CandidateSummary(index=edit.index, self_edit=edit.text))
             candidates.append(candidate)
             check = self._auditor.CheckSelfEdit(
-                auditor_pb2.CheckSelfEditRequest(context=request.context, self_edit=edit.text), timeout=timeout()
+                auditor_pb2.CheckSelfEditRequest(
+                    context=request.context, self_edit=edit.text, prompt=edit.prompt, seed=seed + edit.index, request_id=request_id
+                ),
+                timeout=timeout(),
             )
             candidate.summary.gates.extend(check.results)
             if not check.passed:
@@ -215,6 +275,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
                     prompt=edit.prompt,
                     seed=seed + edit.index,
                     guardrails=check.results,
+                    request_id=request_id,
                 ),
                 timeout=timeout(),
             )
@@ -367,14 +428,20 @@ def _event_dict(event: auditor_pb2.RewardEvent) -> dict[str, object]:
     }
 
 
+def build_teacher_policy(settings: Settings) -> TeacherPolicy:
+    """The teacher's engine with its promoted policy adapter loaded (the base model if none)."""
+    policy = open_teacher_policy(settings)
+    served = policy.load_serving()
+    log.info("teacher policy: %s", served.adapter_id if served else "base model")
+    return policy
+
+
 def serve_teacher(settings: Settings, *, port: int | None = None, metrics_port: int | None = None) -> RunningService:
     services = settings.services
-    model, tokenizer = load_model_and_tokenizer(
-        resolve_model_path(settings.model), dtype=settings.model.dtype, torch_threads=settings.model.torch_threads
-    )
+    policy = build_teacher_policy(settings)
     teacher = settings.teacher
     proposer = SelfEditProposer(
-        TransformersEngine(model, tokenizer),
+        policy.engine,
         max_new_tokens=teacher.max_new_tokens,
         temperature=teacher.temperature,
         top_p=teacher.top_p,
@@ -382,8 +449,9 @@ def serve_teacher(settings: Settings, *, port: int | None = None, metrics_port: 
     student_channel = grpc.insecure_channel(services.address_of("student"))
     auditor_channel = grpc.insecure_channel(services.address_of("auditor"))
     metrics = RpcMetrics("teacher")
-    servicer = TeacherServicer(settings, proposer, student_channel, auditor_channel, metrics)
-    subscriber = RewardSubscriber(auditor_channel, RewardBuffer(settings.home / "teacher" / "restem_buffer.jsonl"))
+    buffer = RewardBuffer(settings.home / "teacher" / "restem_buffer.jsonl")
+    servicer = TeacherServicer(settings, proposer, student_channel, auditor_channel, metrics, policy=policy, buffer=buffer)
+    subscriber = RewardSubscriber(auditor_channel, buffer)
 
     def register(server: grpc.Server) -> list[str]:
         teacher_pb2_grpc.add_TeacherServiceServicer_to_server(servicer, server)

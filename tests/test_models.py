@@ -73,9 +73,14 @@ def test_gguf_header_describes_smollm2() -> None:
 
 def test_gguf_reader_rejects_other_files(tmp_path: Path) -> None:
     bogus = tmp_path / "model.gguf"
-    bogus.write_bytes(b"PK\x03\x04not a gguf at all")
+    bogus.write_bytes(b"PK\x03\x04 this is a zip file, not a gguf at all")
     with pytest.raises(ValueError, match="not a GGUF file"):
         read_gguf_metadata(bogus)
+    truncated = tmp_path / "truncated.gguf"
+    with open(embedded_gguf_path(), "rb") as source:
+        truncated.write_bytes(source.read(4096))
+    with pytest.raises(ValueError, match="truncated"):
+        read_gguf_metadata(truncated)
 
 
 def test_embedded_tokenizer_round_trips_and_keeps_chat_template(embedded_tokenizer_dir: Path) -> None:

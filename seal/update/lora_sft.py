@@ -22,6 +22,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# Token ids (every token is a target), or (input_ids, labels) with -100 where no loss is taken.
+TokenizedExample = list[int] | tuple[list[int], list[int]]
 
 
 @dataclass
@@ -173,9 +175,25 @@ class LoraSFTTrainer:
     ) -> TrainResult:
         """Train a fresh adapter. ``on_step(step, total_steps, loss)`` follows every optimizer
         step; ``should_stop()`` is polled before each one and ends the run with TrainingCancelled."""
+        return self.train_tokenized(self.tokenize(texts), on_step=on_step, should_stop=should_stop)
+
+    def train_tokenized(
+        self,
+        sequences: Sequence[TokenizedExample],
+        *,
+        on_step: Callable[[int, int, float], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> TrainResult:
+        """Like :meth:`train` on already tokenised sequences. A sequence given as ``(input_ids,
+        labels)`` is trained only where its label is not -100: that is how a chat example keeps
+        its prompt out of the loss (``seal.update.policy_sft``)."""
         import torch
 
-        sequences = self.tokenize(texts)
+        if not sequences:
+            raise ValueError("no training sequences: pass at least one")
+        for index, item in enumerate(sequences):
+            if isinstance(item, tuple) and len(item[0]) != len(item[1]):
+                raise ValueError(f"sequence {index}: input_ids and labels differ in length")
         config = self.config
         steps_per_epoch = math.ceil(len(sequences) / config.batch_size)
         total_steps = config.epochs * steps_per_epoch
@@ -246,20 +264,20 @@ def linear_module_names(model: Any) -> list[str]:
     )
 
 
-def _right_padded(batch: list[list[int]], pad_id: int) -> tuple[Any, Any, Any]:
+def _right_padded(batch: Sequence[TokenizedExample], pad_id: int) -> tuple[Any, Any, Any]:
     # Right padding keeps real tokens at positions 0..n-1, the positions a causal LM's forward
     # assumes when no position_ids are passed; -100 keeps padding (even when pad == EOS) out of the loss.
     import torch
 
-    width = max(len(ids) for ids in batch)
+    pairs = [item if isinstance(item, tuple) else (item, item) for item in batch]
+    width = max(len(ids) for ids, _ in pairs)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
     labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    for row, ids in enumerate(batch):
-        values = torch.tensor(ids, dtype=torch.long)
-        input_ids[row, : len(ids)] = values
+    for row, (ids, targets) in enumerate(pairs):
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, : len(ids)] = 1
-        labels[row, : len(ids)] = values
+        labels[row, : len(ids)] = torch.tensor(targets, dtype=torch.long)
     return input_ids, attention_mask, labels
 
 

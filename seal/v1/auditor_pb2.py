@@ -22,31 +22,40 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from seal.v1 import common_pb2 as seal_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15seal/v1/auditor.proto\x12\x07seal.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14seal/v1/common.proto\"L\n\x14\x43heckSelfEditRequest\x12!\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x10.seal.v1.Context\x12\x11\n\tself_edit\x18\x02 \x01(\t\"M\n\x15\x43heckSelfEditResponse\x12\x0e\n\x06passed\x18\x01 \x01(\x08\x12$\n\x07results\x18\x02 \x03(\x0b\x32\x13.seal.v1.GateResult\"\xc5\x01\n\x0cScoreRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12!\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x10.seal.v1.Context\x12$\n\tquestions\x18\x03 \x03(\x0b\x32\x11.seal.v1.Question\x12\x11\n\tself_edit\x18\x04 \x01(\t\x12\x0e\n\x06prompt\x18\x05 \x01(\t\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\'\n\nguardrails\x18\x07 \x03(\x0b\x32\x13.seal.v1.GateResult\"\x90\x02\n\rScoreResponse\x12\x19\n\x11\x62\x61seline_accuracy\x18\x01 \x01(\x01\x12\x18\n\x10\x61\x64\x61pted_accuracy\x18\x02 \x01(\x01\x12\x0e\n\x06reward\x18\x03 \x01(\x01\x12\x33\n\x11\x62\x61seline_outcomes\x18\x04 \x03(\x0b\x32\x18.seal.v1.QuestionOutcome\x12\x32\n\x10\x61\x64\x61pted_outcomes\x18\x05 \x03(\x0b\x32\x18.seal.v1.QuestionOutcome\x12\"\n\x05gates\x18\x06 \x03(\x0b\x32\x13.seal.v1.GateResult\x12\x14\n\x0cpassed_gates\x18\x07 \x01(\x08\x12\x17\n\x0freward_sequence\x18\x08 \x01(\x04\"1\n\x17SubscribeRewardsRequest\x12\x16\n\x0e\x61\x66ter_sequence\x18\x01 \x01(\x04\"\xa3\x02\n\x0bRewardEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x12\n\ncontext_id\x18\x03 \x01(\t\x12\x12\n\nadapter_id\x18\x04 \x01(\t\x12\x0e\n\x06prompt\x18\x05 \x01(\t\x12\x11\n\tself_edit\x18\x06 \x01(\t\x12\x0e\n\x06reward\x18\x07 \x01(\x01\x12\x19\n\x11\x62\x61seline_accuracy\x18\x08 \x01(\x01\x12\x18\n\x10\x61\x64\x61pted_accuracy\x18\t \x01(\x01\x12*\n\x08outcomes\x18\n \x03(\x0b\x32\x18.seal.v1.QuestionOutcome\x12\x0c\n\x04seed\x18\x0b \x01(\x04\x12&\n\x02\x61t\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"?\n\x18SubscribeRewardsResponse\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x14.seal.v1.RewardEvent2\xf3\x01\n\x0e\x41uditorService\x12N\n\rCheckSelfEdit\x12\x1d.seal.v1.CheckSelfEditRequest\x1a\x1e.seal.v1.CheckSelfEditResponse\x12\x36\n\x05Score\x12\x15.seal.v1.ScoreRequest\x1a\x16.seal.v1.ScoreResponse\x12Y\n\x10SubscribeRewards\x12 .seal.v1.SubscribeRewardsRequest\x1a!.seal.v1.SubscribeRewardsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15seal/v1/auditor.proto\x12\x07seal.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14seal/v1/common.proto\"~\n\x14\x43heckSelfEditRequest\x12!\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x10.seal.v1.Context\x12\x11\n\tself_edit\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"e\n\x15\x43heckSelfEditResponse\x12\x0e\n\x06passed\x18\x01 \x01(\x08\x12$\n\x07results\x18\x02 \x03(\x0b\x32\x13.seal.v1.GateResult\x12\x16\n\x0e\x61udit_sequence\x18\x03 \x01(\x04\"\xd9\x01\n\x0cScoreRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12!\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x10.seal.v1.Context\x12$\n\tquestions\x18\x03 \x03(\x0b\x32\x11.seal.v1.Question\x12\x11\n\tself_edit\x18\x04 \x01(\t\x12\x0e\n\x06prompt\x18\x05 \x01(\t\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\'\n\nguardrails\x18\x07 \x03(\x0b\x32\x13.seal.v1.GateResult\x12\x12\n\nrequest_id\x18\x08 \x01(\t\"\xfe\x03\n\rScoreResponse\x12\x19\n\x11\x62\x61seline_accuracy\x18\x01 \x01(\x01\x12\x18\n\x10\x61\x64\x61pted_accuracy\x18\x02 \x01(\x01\x12\x0e\n\x06reward\x18\x03 \x01(\x01\x12\x33\n\x11\x62\x61seline_outcomes\x18\x04 \x03(\x0b\x32\x18.seal.v1.QuestionOutcome\x12\x32\n\x10\x61\x64\x61pted_outcomes\x18\x05 \x03(\x0b\x32\x18.seal.v1.QuestionOutcome\x12\"\n\x05gates\x18\x06 \x03(\x0b\x32\x13.seal.v1.GateResult\x12\x14\n\x0cpassed_gates\x18\x07 \x01(\x08\x12\x17\n\x0freward_sequence\x18\x08 \x01(\x04\x12\x1f\n\x12retention_accuracy\x18\t \x01(\x01H\x00\x88\x01\x01\x12(\n\x1b\x62\x61seline_retention_accuracy\x18\n \x01(\x01H\x01\x88\x01\x01\x12\x1c\n\x14retention_probe_size\x18\x0b \x01(\r\x12\x34\n\x12retention_outcomes\x18\x0c \x03(\x0b\x32\x18.seal.v1.QuestionOutcome\x12\x16\n\x0e\x61udit_sequence\x18\r \x01(\x04\x42\x15\n\x13_retention_accuracyB\x1e\n\x1c_baseline_retention_accuracy\"1\n\x17SubscribeRewardsRequest\x12\x16\n\x0e\x61\x66ter_sequence\x18\x01 \x01(\x04\"\xa3\x02\n\x0bRewardEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x12\n\ncontext_id\x18\x03 \x01(\t\x12\x12\n\nadapter_id\x18\x04 \x01(\t\x12\x0e\n\x06prompt\x18\x05 \x01(\t\x12\x11\n\tself_edit\x18\x06 \x01(\t\x12\x0e\n\x06reward\x18\x07 \x01(\x01\x12\x19\n\x11\x62\x61seline_accuracy\x18\x08 \x01(\x01\x12\x18\n\x10\x61\x64\x61pted_accuracy\x18\t \x01(\x01\x12*\n\x08outcomes\x18\n \x03(\x0b\x32\x18.seal.v1.QuestionOutcome\x12\x0c\n\x04seed\x18\x0b \x01(\x04\x12&\n\x02\x61t\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"?\n\x18SubscribeRewardsResponse\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x14.seal.v1.RewardEvent\"\xb9\x01\n\x12RecordEventRequest\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x12\n\nadapter_id\x18\x03 \x01(\t\x12\r\n\x05\x63\x61use\x18\x04 \x01(\t\x12(\n\x07\x64\x65tails\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12&\n\x02\x61t\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06source\x18\x07 \x01(\t\":\n\x13RecordEventResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"7\n\x0eRecheckRequest\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x01 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\"\xf0\x02\n\x0fRecheckResponse\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x1f\n\x12retention_accuracy\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12(\n\x1b\x62\x61seline_retention_accuracy\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05\x66loor\x18\x04 \x01(\x01\x12\x1c\n\x14retention_probe_size\x18\x05 \x01(\r\x12\x17\n\x0frollback_needed\x18\x06 \x01(\x08\x12\x13\n\x0brolled_back\x18\x07 \x01(\x08\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x1e\n\x16now_serving_adapter_id\x18\t \x01(\t\x12$\n\x07signals\x18\n \x03(\x0b\x32\x13.seal.v1.GateResult\x12\x16\n\x0e\x61udit_sequence\x18\x0b \x01(\x04\x42\x15\n\x13_retention_accuracyB\x1e\n\x1c_baseline_retention_accuracy2\xfb\x02\n\x0e\x41uditorService\x12N\n\rCheckSelfEdit\x12\x1d.seal.v1.CheckSelfEditRequest\x1a\x1e.seal.v1.CheckSelfEditResponse\x12\x36\n\x05Score\x12\x15.seal.v1.ScoreRequest\x1a\x16.seal.v1.ScoreResponse\x12Y\n\x10SubscribeRewards\x12 .seal.v1.SubscribeRewardsRequest\x1a!.seal.v1.SubscribeRewardsResponse0\x01\x12H\n\x0bRecordEvent\x12\x1b.seal.v1.RecordEventRequest\x1a\x1c.seal.v1.RecordEventResponse\x12<\n\x07Recheck\x12\x17.seal.v1.RecheckRequest\x1a\x18.seal.v1.RecheckResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'seal.v1.auditor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHECKSELFEDITREQUEST']._serialized_start=89
-  _globals['_CHECKSELFEDITREQUEST']._serialized_end=165
-  _globals['_CHECKSELFEDITRESPONSE']._serialized_start=167
-  _globals['_CHECKSELFEDITRESPONSE']._serialized_end=244
-  _globals['_SCOREREQUEST']._serialized_start=247
-  _globals['_SCOREREQUEST']._serialized_end=444
-  _globals['_SCORERESPONSE']._serialized_start=447
-  _globals['_SCORERESPONSE']._serialized_end=719
-  _globals['_SUBSCRIBEREWARDSREQUEST']._serialized_start=721
-  _globals['_SUBSCRIBEREWARDSREQUEST']._serialized_end=770
-  _globals['_REWARDEVENT']._serialized_start=773
-  _globals['_REWARDEVENT']._serialized_end=1064
-  _globals['_SUBSCRIBEREWARDSRESPONSE']._serialized_start=1066
-  _globals['_SUBSCRIBEREWARDSRESPONSE']._serialized_end=1129
-  _globals['_AUDITORSERVICE']._serialized_start=1132
-  _globals['_AUDITORSERVICE']._serialized_end=1375
+  _globals['_CHECKSELFEDITREQUEST']._serialized_start=119
+  _globals['_CHECKSELFEDITREQUEST']._serialized_end=245
+  _globals['_CHECKSELFEDITRESPONSE']._serialized_start=247
+  _globals['_CHECKSELFEDITRESPONSE']._serialized_end=348
+  _globals['_SCOREREQUEST']._serialized_start=351
+  _globals['_SCOREREQUEST']._serialized_end=568
+  _globals['_SCORERESPONSE']._serialized_start=571
+  _globals['_SCORERESPONSE']._serialized_end=1081
+  _globals['_SUBSCRIBEREWARDSREQUEST']._serialized_start=1083
+  _globals['_SUBSCRIBEREWARDSREQUEST']._serialized_end=1132
+  _globals['_REWARDEVENT']._serialized_start=1135
+  _globals['_REWARDEVENT']._serialized_end=1426
+  _globals['_SUBSCRIBEREWARDSRESPONSE']._serialized_start=1428
+  _globals['_SUBSCRIBEREWARDSRESPONSE']._serialized_end=1491
+  _globals['_RECORDEVENTREQUEST']._serialized_start=1494
+  _globals['_RECORDEVENTREQUEST']._serialized_end=1679
+  _globals['_RECORDEVENTRESPONSE']._serialized_start=1681
+  _globals['_RECORDEVENTRESPONSE']._serialized_end=1739
+  _globals['_RECHECKREQUEST']._serialized_start=1741
+  _globals['_RECHECKREQUEST']._serialized_end=1796
+  _globals['_RECHECKRESPONSE']._serialized_start=1799
+  _globals['_RECHECKRESPONSE']._serialized_end=2167
+  _globals['_AUDITORSERVICE']._serialized_start=2170
+  _globals['_AUDITORSERVICE']._serialized_end=2549
 # @@protoc_insertion_point(module_scope)

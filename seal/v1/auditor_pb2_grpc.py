@@ -51,6 +51,16 @@ class AuditorServiceStub:
                 request_serializer=seal_dot_v1_dot_auditor__pb2.SubscribeRewardsRequest.SerializeToString,
                 response_deserializer=seal_dot_v1_dot_auditor__pb2.SubscribeRewardsResponse.FromString,
                 _registered_method=True)
+        self.RecordEvent = channel.unary_unary(
+                '/seal.v1.AuditorService/RecordEvent',
+                request_serializer=seal_dot_v1_dot_auditor__pb2.RecordEventRequest.SerializeToString,
+                response_deserializer=seal_dot_v1_dot_auditor__pb2.RecordEventResponse.FromString,
+                _registered_method=True)
+        self.Recheck = channel.unary_unary(
+                '/seal.v1.AuditorService/Recheck',
+                request_serializer=seal_dot_v1_dot_auditor__pb2.RecheckRequest.SerializeToString,
+                response_deserializer=seal_dot_v1_dot_auditor__pb2.RecheckResponse.FromString,
+                _registered_method=True)
 
 
 class AuditorServiceServicer:
@@ -79,6 +89,22 @@ class AuditorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordEvent(self, request, context):
+        """Append a promote/reject/rollback to the audit trail. The student calls it for every status
+        change it makes, whoever asked for it; repeating an event_id records nothing new.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Recheck(self, request, context):
+        """Ask the promoted version the retention probe again and roll it back when it falls below the
+        floor (or a live canary signal fails). What a CronJob calls; dry_run only measures.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuditorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +122,16 @@ def add_AuditorServiceServicer_to_server(servicer, server):
                     servicer.SubscribeRewards,
                     request_deserializer=seal_dot_v1_dot_auditor__pb2.SubscribeRewardsRequest.FromString,
                     response_serializer=seal_dot_v1_dot_auditor__pb2.SubscribeRewardsResponse.SerializeToString,
+            ),
+            'RecordEvent': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordEvent,
+                    request_deserializer=seal_dot_v1_dot_auditor__pb2.RecordEventRequest.FromString,
+                    response_serializer=seal_dot_v1_dot_auditor__pb2.RecordEventResponse.SerializeToString,
+            ),
+            'Recheck': grpc.unary_unary_rpc_method_handler(
+                    servicer.Recheck,
+                    request_deserializer=seal_dot_v1_dot_auditor__pb2.RecheckRequest.FromString,
+                    response_serializer=seal_dot_v1_dot_auditor__pb2.RecheckResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -181,6 +217,60 @@ class AuditorService:
             '/seal.v1.AuditorService/SubscribeRewards',
             seal_dot_v1_dot_auditor__pb2.SubscribeRewardsRequest.SerializeToString,
             seal_dot_v1_dot_auditor__pb2.SubscribeRewardsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordEvent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/seal.v1.AuditorService/RecordEvent',
+            seal_dot_v1_dot_auditor__pb2.RecordEventRequest.SerializeToString,
+            seal_dot_v1_dot_auditor__pb2.RecordEventResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Recheck(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/seal.v1.AuditorService/Recheck',
+            seal_dot_v1_dot_auditor__pb2.RecheckRequest.SerializeToString,
+            seal_dot_v1_dot_auditor__pb2.RecheckResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,11 @@ class TeacherServiceStub:
                 request_serializer=seal_dot_v1_dot_teacher__pb2.ProposeSelfEditsRequest.SerializeToString,
                 response_deserializer=seal_dot_v1_dot_teacher__pb2.ProposeSelfEditsResponse.FromString,
                 _registered_method=True)
+        self.Train = channel.unary_stream(
+                '/seal.v1.TeacherService/Train',
+                request_serializer=seal_dot_v1_dot_teacher__pb2.TrainRequest.SerializeToString,
+                response_deserializer=seal_dot_v1_dot_teacher__pb2.TrainResponse.FromString,
+                _registered_method=True)
 
 
 class TeacherServiceServicer:
@@ -68,6 +73,16 @@ class TeacherServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Train(self, request, context):
+        """One ReST^EM round: sample k self-edits per training context, score each through the
+        student and the auditor (as Adapt does, but nothing is promoted), keep the best per context,
+        fine-tune the teacher's policy adapter on them, store it as a new version and hot-load it.
+        An interrupted round resumes when the same request is sent again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TeacherServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -80,6 +95,11 @@ def add_TeacherServiceServicer_to_server(servicer, server):
                     servicer.ProposeSelfEdits,
                     request_deserializer=seal_dot_v1_dot_teacher__pb2.ProposeSelfEditsRequest.FromString,
                     response_serializer=seal_dot_v1_dot_teacher__pb2.ProposeSelfEditsResponse.SerializeToString,
+            ),
+            'Train': grpc.unary_stream_rpc_method_handler(
+                    servicer.Train,
+                    request_deserializer=seal_dot_v1_dot_teacher__pb2.TrainRequest.FromString,
+                    response_serializer=seal_dot_v1_dot_teacher__pb2.TrainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -139,6 +159,33 @@ class TeacherService:
             '/seal.v1.TeacherService/ProposeSelfEdits',
             seal_dot_v1_dot_teacher__pb2.ProposeSelfEditsRequest.SerializeToString,
             seal_dot_v1_dot_teacher__pb2.ProposeSelfEditsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Train(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/seal.v1.TeacherService/Train',
+            seal_dot_v1_dot_teacher__pb2.TrainRequest.SerializeToString,
+            seal_dot_v1_dot_teacher__pb2.TrainResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -125,12 +125,13 @@ class TritonStudentClient:
             return TritonRequestRejected(f"{what}: {message}", code)
         return TritonClientError(f"{what}: {message}", code)
 
-    def _infer(self, inputs: list[Any], what: str, timeout_s: float):
+    def _infer(self, inputs: list[Any], what: str, timeout_s: float, priority: int = 0):
         from tritonclient.grpc import InferRequestedOutput
 
         outputs = [InferRequestedOutput(n) for n in _OUTPUTS]
         try:
-            return self._client.infer(self.model_name, inputs, outputs=outputs, client_timeout=timeout_s)
+            return self._client.infer(self.model_name, inputs, outputs=outputs, client_timeout=timeout_s,
+                                      priority=priority)
         except Exception as exc:
             raise self._translate(exc, what) from exc
 
@@ -216,7 +217,8 @@ class TritonStudentClient:
 
     def _control(self, command: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         inputs = [_bytes_input("control", [json.dumps(command)])]
-        result = self._infer(inputs, f"control {command.get('op')}", timeout_s)
+        # Priority 1 (the config's highest): ahead of every queued prompt, see render_config.
+        result = self._infer(inputs, f"control {command.get('op')}", timeout_s, priority=1)
         return json.loads(result.as_numpy("text").reshape(-1)[0].decode("utf-8"))
 
     def status(self) -> dict[str, Any]:
@@ -238,10 +240,21 @@ class TritonStudentClient:
     def current_state(self) -> ServingState:
         return read_state(self.state_path)
 
-    def publish(self, state: ServingState) -> dict[str, Any]:
-        """Make ``state`` the served routing: load and validate new adapters in the serving
-        instance first (a failure raises ``AdapterSwapError`` with nothing changed), then replace
-        the state file atomically and wait until the instance serves it. Returns its status."""
+    def publish(self, state: ServingState, *, confirm: bool = True) -> dict[str, Any] | None:
+        """Make ``state`` the served routing (for states built by hand; the transitions below are
+        the usual way). See ``_publish_locked``."""
+        with state_lock(self.state_path):
+            return self._publish_locked(state, confirm)
+
+    def _publish_locked(self, state: ServingState, confirm: bool) -> dict[str, Any] | None:
+        """Load and validate new adapters in the serving instance first (a failure raises
+        ``AdapterSwapError`` and nothing changes), then replace the state file atomically.
+
+        From the write on, every ``execute`` that starts uses the new routing (each one checks the
+        file first). ``confirm`` then waits until the instance has applied it, and surfaces an
+        apply error (reverting the file); under saturation this costs one more running batch,
+        since a control request cannot overtake the batch being executed. Returns the status of
+        the instance that confirmed, or None."""
         current = read_state(self.state_path)
         if state.generation <= current.generation:
             raise AdapterSwapError(f"state generation {state.generation} is not newer than the "
@@ -254,38 +267,41 @@ class TritonStudentClient:
                 raise AdapterSwapError(f"swap to generation {state.generation} refused, still serving "
                                        f"generation {current.generation}: {exc}", exc.code) from exc
         write_state(self.state_path, state)
+        if not confirm:
+            return None
         try:
             return self._control({"op": "sync", "expect_generation": state.generation}, self.swap_timeout_s)
         except TritonClientError as exc:
             # The instance kept its previous routing; put the file back so that it and every
             # other instance agree with what is served.
-            write_state(self.state_path, ServingState(**{**_fields(current), "generation": state.generation + 1,
-                                                         "reason": f"revert: {exc}"}))
+            write_state(self.state_path, replace(current, generation=state.generation + 1, reason=f"revert: {exc}"))
             raise AdapterSwapError(f"generation {state.generation} failed to apply and was reverted: {exc}",
                                    exc.code) from exc
 
-    def _transition(self, make) -> ServingState:
+    def _transition(self, make, confirm: bool) -> ServingState:
         with state_lock(self.state_path):
             state = make(read_state(self.state_path))
-            self.publish(state)
+            self._publish_locked(state, confirm)
             return state
 
-    def promote(self, version: str, adapter_dir: str | os.PathLike[str], reason: str = "") -> ServingState:
+    def promote(self, version: str, adapter_dir: str | os.PathLike[str], reason: str = "", *,
+                confirm: bool = True) -> ServingState:
         """Serve ``version`` by default; the version it replaces stays loaded for ``rollback``."""
-        return self._transition(lambda s: s.promote(version, adapter_dir, reason))
+        return self._transition(lambda s: s.promote(version, adapter_dir, reason), confirm)
 
     def set_canary(self, version: str, adapter_dir: str | os.PathLike[str], fraction: float,
-                   reason: str = "") -> ServingState:
-        return self._transition(lambda s: s.with_canary(version, adapter_dir, fraction, reason))
+                   reason: str = "", *, confirm: bool = True) -> ServingState:
+        return self._transition(lambda s: s.with_canary(version, adapter_dir, fraction, reason), confirm)
 
-    def clear_canary(self, reason: str = "") -> ServingState:
-        return self._transition(lambda s: s.without_canary(reason))
+    def clear_canary(self, reason: str = "", *, confirm: bool = True) -> ServingState:
+        return self._transition(lambda s: s.without_canary(reason), confirm)
 
-    def rollback(self, reason: str = "") -> ServingState:
-        return self._transition(lambda s: s.rollback(reason))
+    def rollback(self, reason: str = "", *, confirm: bool = True) -> ServingState:
+        """Serve ``previous`` again: a routing change only, no adapter is loaded."""
+        return self._transition(lambda s: s.rollback(reason), confirm)
 
-    def serve_base(self, reason: str = "") -> ServingState:
-        return self._transition(lambda s: s.serve_base(reason))
+    def serve_base(self, reason: str = "", *, confirm: bool = True) -> ServingState:
+        return self._transition(lambda s: s.serve_base(reason), confirm)
 
 
 class TritonGenerationEngine:
@@ -316,10 +332,6 @@ class TritonGenerationEngine:
             if on_progress is not None:
                 on_progress(len(results), len(prompts))
         return results
-
-
-def _fields(state: ServingState) -> dict[str, Any]:
-    return {name: getattr(state, name) for name in state.__dataclass_fields__}
 
 
 __all__ = [

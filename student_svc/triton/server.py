@@ -163,6 +163,11 @@ def process_group_members(pgid: int) -> list[int]:
     return sorted(members)
 
 
+def _is_noise(line: str) -> bool:
+    # Logged as errors by every CPU-only start, and harmless there.
+    return "CudaDriverHelper has not been initialized" in line
+
+
 class TritonSupervisor:
     """Owns a model repository and one ``tritonserver`` child serving the student model.
 
@@ -177,7 +182,7 @@ class TritonSupervisor:
         *,
         model_name: str = DEFAULT_MODEL_NAME,
         serving_state: str | os.PathLike[str] | None = None,
-        install: TritonInstall | None = None,
+        install: TritonInstall | str | os.PathLike[str] | None = None,
         python_executable: str | None = None,
         address: str = "127.0.0.1",
         grpc_port: int | None = None,
@@ -186,6 +191,7 @@ class TritonSupervisor:
         instance_count: int = 1,
         max_batch_size: int = 16,
         kind: str = "KIND_CPU",
+        queue_delay_us: int = 2000,
         adapter_root: str | os.PathLike[str] | None = None,
         model_parameters: Mapping[str, str] | None = None,
         extra_args: Sequence[str] = (),
@@ -196,7 +202,9 @@ class TritonSupervisor:
         self.base_model = Path(base_model).resolve()
         self.model_name = model_name
         self.state_path = Path(serving_state).resolve() if serving_state else self.workdir / "serving_state.json"
-        self._install = install
+        # A path is the tritonserver binary (either layout); None discovers one at first use.
+        self._install = install if install is None or isinstance(install, TritonInstall) else \
+            TritonInstall.from_binary(install)
         self.python_executable = python_executable or sys.executable
         self.address = address
         self.grpc_port = grpc_port
@@ -205,6 +213,9 @@ class TritonSupervisor:
         self.instance_count = instance_count
         self.max_batch_size = max_batch_size
         self.kind = kind
+        # How long the dynamic batcher holds a request for company: the whole Triton overhead
+        # for a lone request on CPU (~2 ms), buys batching under concurrent load.
+        self.queue_delay_us = queue_delay_us
         self.model_parameters = dict(model_parameters or {})
         if adapter_root is not None:
             # Adapters outside it are refused by the model (see model.py): the registry's root.
@@ -249,6 +260,7 @@ class TritonSupervisor:
             max_batch_size=self.max_batch_size,
             instance_count=self.instance_count,
             kind=self.kind,
+            queue_delay_us=self.queue_delay_us,
             parameters=self.model_parameters,
         )
         return write_model(self.repository, config, self.model_name)
@@ -406,15 +418,26 @@ class TritonSupervisor:
         pgid = self._proc.pid if self._proc is not None else getattr(self, "_last_pgid", None)
         return process_group_members(pgid) if pgid else []
 
-    def log_tail(self, lines: int = 40) -> str:
+    def log_tail(self, lines: int = 30) -> str:
+        """The log's last lines, preceded by its last error lines: Triton prints a model's Python
+        exception message first and the stack after it, so a plain tail can miss the message."""
         try:
             with open(self.log_path, "rb") as fh:
                 fh.seek(0, os.SEEK_END)
-                fh.seek(max(0, fh.tell() - 64 * 1024))
+                fh.seek(max(0, fh.tell() - 256 * 1024))
                 text = fh.read().decode("utf-8", "replace")
         except FileNotFoundError:
             return "(no log written)"
-        return "\n".join(text.splitlines()[-lines:])
+        all_lines = text.splitlines()
+        if "\n=== " in text:  # only this launch's part of an appended log
+            all_lines = text[text.rindex("\n=== ") + 1:].splitlines()
+        errors = [ln for ln in all_lines
+                  if (ln[:1] == "E" and ln[1:5].isdigit() or ln.startswith("error:")) and not _is_noise(ln)]
+        summary = [ln if len(ln) <= 800 else ln[:800] + " ..." for ln in errors[-4:]]
+        tail = all_lines[-lines:]
+        if summary:
+            return "errors:\n" + "\n".join(summary) + "\n--- last lines:\n" + "\n".join(tail)
+        return "\n".join(tail)
 
     def client(self, timeout_s: float = 60.0):
         from student_svc.triton.client import TritonStudentClient

@@ -64,7 +64,10 @@ def render_config(
         f"max_batch_size: {int(max_batch_size)}",
         # Python-backend requests are not concatenated; the batcher hands ``execute`` several
         # queued requests at once, which the model groups by adapter into one generate() each.
-        f"dynamic_batching {{ max_queue_delay_microseconds: {int(queue_delay_us)} }}",
+        # Two priority levels: control requests (adapter swaps) are sent at level 1 and overtake
+        # queued prompts, so a swap under load waits for the running batch only.
+        f"dynamic_batching {{ max_queue_delay_microseconds: {int(queue_delay_us)} "
+        "priority_levels: 2 default_priority_level: 2 }",
         "input [",
         ",\n".join(
             f'  {{ name: "{n}" data_type: {t} dims: [ 1 ] optional: true }}' for n, t in INPUTS

@@ -263,9 +263,16 @@ class TritonPythonModel:
                 raise RuntimeError(self.last_error) from exc
 
     def _apply(self, state: dict[str, Any]) -> None:
-        names = {}
-        for version, path in state["adapters"].items():
-            names[version] = self._load_adapter(version, path)
+        names: dict[str, str] = {}
+        kept = {n for _, n in self.loaded.values()} | {n for _, n in self.staged.values()}
+        try:
+            for version, path in state["adapters"].items():
+                names[version] = self._load_adapter(version, path)
+        except Exception:
+            # All or nothing: adapters loaded for this state alone must not linger unreferenced.
+            for name in set(names.values()) - kept:
+                self._discard(name)
+            raise
         loaded = {v: (state["adapters"][v], n) for v, n in names.items()}
         # The switch itself: one assignment, between two batches.
         previous_names = {n for _, n in self.loaded.values()} | {n for _, n in self.staged.values()}

@@ -1,0 +1,182 @@
+"""Continual self-edits: adapt a sequence of SQuAD passages one after another into the same
+weights (each step's LoRA merged in), measuring after every step the closed-book accuracy on
+every passage seen so far — once without and once with a replay buffer.
+
+Self-edits are written once per passage by the base model acting as teacher (k=1, the
+"implications" prompt) and reused by both runs, so the two differ only in replay.
+
+    .venv/bin/python bench/continual.py --n 4 --out bench/results/continual
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from seal.config import Settings  # noqa: E402
+from seal.continual import (  # noqa: E402
+    ContinualConfig,
+    ContinualStep,
+    closed_book_accuracy,
+    run_continual,
+    save_heatmaps,
+    write_json,
+)
+from seal.domains.knowledge import load_squad, parse_self_edit  # noqa: E402
+from seal.models import TransformersEngine, load_model_and_tokenizer, resolve_model_path  # noqa: E402
+from seal.teacher import SelfEditProposer  # noqa: E402
+from seal.update.lora_sft import LoraSFTConfig  # noqa: E402
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--squad-file", default=str(ROOT.parent / "shared/data/squad/seal_eval_200.json"))
+    parser.add_argument("--n", type=int, default=4, help="passages, in file order from --start")
+    parser.add_argument("--start", type=int, default=0)
+    parser.add_argument("--replay-size", type=int, default=8, help="earlier sequences mixed into each update")
+    parser.add_argument("--epochs", type=int, default=None, help="LoRA epochs (default: settings)")
+    parser.add_argument("--learning-rate", type=float, default=None)
+    parser.add_argument("--max-lines", type=int, default=12, help="self-edit lines kept per passage")
+    parser.add_argument("--teacher-tokens", type=int, default=192)
+    parser.add_argument("--answer-tokens", type=int, default=24)
+    parser.add_argument("--seed", type=int, default=0)
+    # On a shared, oversubscribed CPU one intra-op thread was ~6x faster than two (spinning
+    # OpenMP workers wait on each other when descheduled); 0 = torch decides.
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--out", default=str(ROOT / "bench/results/continual"))
+    args = parser.parse_args()
+
+    started_all = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = Settings(seed=args.seed)
+    lora = settings.lora
+    lora_config = LoraSFTConfig(
+        learning_rate=args.learning_rate or lora.learning_rate,
+        epochs=args.epochs or lora.epochs,
+        rank=lora.rank,
+        alpha=lora.alpha,
+        dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        batch_size=lora.batch_size,
+        max_seq_len=lora.max_seq_len,
+        grad_clip=lora.grad_clip,
+        seed=args.seed,
+    )
+    model_path = resolve_model_path(settings.model)
+    model, tokenizer = load_model_and_tokenizer(model_path)
+    contexts = load_squad(args.squad_file)[args.start : args.start + args.n]
+    log(f"model {model_path.name}, {len(contexts)} passages, torch threads {torch.get_num_threads()}")
+
+    started = time.perf_counter()
+    proposer = SelfEditProposer(
+        TransformersEngine(model, tokenizer),
+        max_new_tokens=args.teacher_tokens,
+        temperature=settings.teacher.temperature,
+        top_p=settings.teacher.top_p,
+    )
+    steps, self_edits = [], []
+    for index, context in enumerate(contexts):
+        edit = proposer.propose(context.title, context.passage, 1, "implications", args.seed + index)[0]
+        lines = tuple(parse_self_edit(edit.text, max_lines=args.max_lines))
+        steps.append(ContinualStep(context, lines))
+        self_edits.append({"title": context.title, "text": edit.text, "lines": list(lines)})
+        log(f"self-edit {index + 1}/{len(contexts)} ({context.title}): {len(lines)} lines")
+    generation_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
+    baseline = closed_book_accuracy(model, tokenizer, contexts, max_new_tokens=args.answer_tokens, batch_size=8)
+    baseline_seconds = time.perf_counter() - started
+    log(f"baseline {[round(a, 2) for a in baseline[0]]} ({baseline_seconds:.0f}s)")
+
+    report: dict = {
+        "command": " ".join([".venv/bin/python", *sys.argv]),
+        "machine": {"torch_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
+        "model": model_path.name,
+        "passages": [{"index": args.start + i, "title": c.title, "questions": len(c.questions)} for i, c in enumerate(contexts)],
+        "self_edits": self_edits,
+        "seconds": {"self_edit_generation": generation_seconds, "baseline": baseline_seconds},
+        "runs": {},
+    }
+    out = Path(args.out)
+    runs = {"no replay": 0, f"replay {args.replay_size}": args.replay_size}
+    for name, replay_size in runs.items():
+        started = time.perf_counter()
+        config = ContinualConfig(lora=lora_config, replay_size=replay_size, replay_seed=args.seed, answer_max_new_tokens=args.answer_tokens)
+
+        def save_partial(partial, name=name) -> None:  # noqa: ANN001
+            report["runs"][name] = partial.to_dict()
+            write_json(report, out.with_suffix(".json"))
+            last = partial.steps[-1]
+            log(f"{name}: after step {last.step}: {[None if v is None else round(v, 2) for v in partial.matrix[-1]]} "
+                f"(train {last.train_seconds:.0f}s, eval {last.eval_seconds:.0f}s, loss {last.final_loss:.3f})")
+
+        result = run_continual(model, tokenizer, steps, config, baseline=baseline, on_step=save_partial)
+        report["runs"][name] = result.to_dict()
+        report["seconds"][name] = time.perf_counter() - started
+    report["seconds"]["total"] = time.perf_counter() - started_all
+    write_json(report, out.with_suffix(".json"))
+    save_heatmaps({name: run["matrix"] for name, run in report["runs"].items()}, [c.title for c in contexts], out.with_suffix(".png"))
+    out.with_suffix(".md").write_text(markdown(report), encoding="utf-8")
+    print(markdown(report))
+    return 0
+
+
+def _cell(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+def markdown(report: dict) -> str:
+    titles = [p["title"] for p in report["passages"]]
+    n = len(titles)
+    first = next(iter(report["runs"].values()))
+    lora = first["config"]["lora"]
+    lines = [
+        f"# Continual self-edits: {n} passages of seal_eval_200 into one model, with and without replay",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Model: {report['model']}; teacher: the same base model, k=1 self-edit per passage (implications prompt), "
+        f"reused by both runs; LoRA lr {lora['learning_rate']}, {lora['epochs']} epochs, rank {lora['rank']}, "
+        "merged into the weights after every step; closed-book answers graded lexically (\"any\"); "
+        f"torch threads {report['machine']['torch_threads']}.",
+        "",
+        "Passages: " + "; ".join(f"P{i + 1} = #{p['index']} {p['title']} ({p['questions']} q)" for i, p in enumerate(report["passages"])),
+        "",
+    ]
+    for name, run in report["runs"].items():
+        lines += [f"## {name}", "", "| after | " + " | ".join(f"P{j + 1}" for j in range(n)) + " |", "|---" * (n + 1) + "|"]
+        for i, row in enumerate(run["matrix"]):
+            label = "base" if i == 0 else f"step {i}"
+            lines.append(f"| {label} | " + " | ".join(_cell(v) for v in row) + " |")
+        s = run["summary"]
+        lines += [
+            "",
+            f"just learned (diagonal) {_cell(s['just_learned'])}, final on all passages {_cell(s['final_seen'])}, "
+            f"forgetting {_cell(s['forgetting'])}, net gain over base at the end {_cell(s['net_gain_final'])}; "
+            f"{report['seconds'].get(name, 0):.0f} s",
+            "",
+        ]
+    secs = report["seconds"]
+    lines += [
+        f"Self-edit generation {secs['self_edit_generation']:.0f} s, baseline {secs['baseline']:.0f} s, "
+        f"total {secs.get('total', 0):.0f} s. Rows: after step i; columns: passage j; cells above the diagonal "
+        "(passages not yet learned) are not asked. Forgetting = mean over P1..P(n-1) of (accuracy right after "
+        "learning it − accuracy after the last step). Heatmap: `continual.png`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,622 @@
+"""ReST^EM for SEAL (§3.1): one round = E-step + M-step.
+
+E-step: for each training context C with its questions τ, sample k self-edits from the current
+teacher policy and score each one by the same path as Adapt: a LoRA candidate trained on the
+self-edit, τ asked closed book, reward = acc(candidate) − acc(base). Several inner-loop seeds per
+self-edit are averaged, as the paper does with 3.
+Filter: keep one self-edit per context by a keep rule (``keep``).
+M-step: supervised fine-tuning of the teacher's policy adapter on (prompt → kept self-edit).
+
+Everything here is transport-free. The round driver gets its effects as functions (sample,
+score, recall a reward already streamed to the durable buffer, train and hot-load the policy),
+and persists every finished piece of work in a round directory, so a round interrupted at any
+point resumes without sampling or scoring anything twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from seal.domains.knowledge import Question, context_digest
+
+log = logging.getLogger(__name__)
+
+KeepRule = Literal["best_of_k", "best_positive"]
+KEEP_RULES: tuple[KeepRule, ...] = ("best_of_k", "best_positive")
+# Rewards are differences of fractions of small integers: equal gains can differ by float noise.
+TIE_TOLERANCE = 1e-9
+
+
+# --- the filter ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EditResult:
+    """One sampled self-edit and what scoring it gave; ``rewards`` holds one value per seed."""
+
+    index: int
+    text: str
+    completion_tokens: int
+    rewards: tuple[float, ...] = ()
+    failure: str = ""
+
+    @property
+    def scored(self) -> bool:
+        return bool(self.rewards) and not self.failure
+
+    @property
+    def mean_reward(self) -> float | None:
+        return sum(self.rewards) / len(self.rewards) if self.scored else None
+
+
+def keep(edits: Iterable[EditResult], rule: KeepRule) -> EditResult | None:
+    """The self-edit a context contributes to the policy's SFT data, or None.
+
+    ``best_of_k`` is the paper's rule: the highest mean reward among the scored samples, kept even
+    when it is zero or negative (the policy still moves towards its best attempt); ties go to the
+    first sample. ``best_positive`` keeps only a strictly positive mean gain, and among equal gains
+    the shortest self-edit (fewer completion tokens), then the first sample: with a small τ many
+    edits tie, and the shorter one carries the gain at less cost. Failed samples are never kept."""
+    if rule not in KEEP_RULES:
+        raise ValueError(f"keep rule {rule!r} is unknown; use one of {', '.join(KEEP_RULES)}")
+    eligible = [e for e in edits if e.scored]
+    if rule == "best_positive":
+        eligible = [e for e in eligible if e.mean_reward > TIE_TOLERANCE]  # type: ignore[operator]
+    if not eligible:
+        return None
+    top = max(e.mean_reward for e in eligible)  # type: ignore[type-var]
+    tied = [e for e in eligible if e.mean_reward >= top - TIE_TOLERANCE]  # type: ignore[operator]
+    if rule == "best_positive":
+        return min(tied, key=lambda e: (e.completion_tokens, e.index))
+    return min(tied, key=lambda e: e.index)
+
+
+# --- seeds --------------------------------------------------------------------------------------
+
+
+def derive_seed(base: int, *parts: object) -> int:
+    """A seed that depends on what is seeded, not on the order work happens in: a resumed round
+    re-derives exactly the seeds the interrupted one used."""
+    payload = json.dumps([base, *parts], separators=(",", ":")).encode()
+    return int.from_bytes(hashlib.sha256(payload).digest()[:4], "big") & 0x7FFFFFFF
+
+
+# --- inputs and effects -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainingContext:
+    title: str
+    passage: str
+    questions: tuple[Question, ...]
+
+    @property
+    def context_id(self) -> str:
+        return context_digest(self.title, self.passage)
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    k: int
+    seeds_per_edit: int
+    keep_rule: KeepRule
+    prompt_style: str
+    seed: int
+    # Inner-loop overrides for the student, as in Adapt; part of the round's identity.
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1 self-edits per context, got {self.k}")
+        if self.seeds_per_edit < 1:
+            raise ValueError(f"seeds_per_edit must be >= 1, got {self.seeds_per_edit}")
+        if self.keep_rule not in KEEP_RULES:
+            raise ValueError(f"keep_rule {self.keep_rule!r} is unknown; use one of {', '.join(KEEP_RULES)}")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One self-edit as the policy wrote it."""
+
+    index: int
+    prompt: str
+    text: str
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Scored:
+    """What scoring one (self-edit, seed) gave: a reward, or why there is none."""
+
+    reward: float | None
+    adapter_id: str = ""
+    accuracy: float | None = None
+    baseline_accuracy: float | None = None
+    failure: str = ""
+
+
+@dataclass(frozen=True)
+class PolicyUpdate:
+    adapter_id: str
+    version: int
+    losses: list[float]
+    hot_loaded: bool
+    seconds: float
+
+
+# (context, k, seed) → k samples from the current policy
+SampleFn = Callable[[TrainingContext, int, int], list[Sample]]
+# (context, sample, inner-loop seed) → score; must not promote anything
+ScoreFn = Callable[[TrainingContext, Sample, int], Scored]
+# (context_id, self_edit, inner-loop seed, not_before) → a reward already in the durable buffer
+RecallFn = Callable[[str, str, int, datetime], Scored | None]
+# (examples, round_id, on_step) → the new policy version, already hot-loaded
+TrainPolicyFn = Callable[[list[tuple[str, str]], str, Callable[[int, int, float], None]], PolicyUpdate]
+
+
+# --- events (what a caller streams) -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RoundStarted:
+    round: int
+    round_id: str
+    contexts: int
+    contexts_done: int
+    samples_done: int
+    resumed: bool
+    config: RoundConfig
+    policy_adapter_id: str
+
+
+@dataclass(frozen=True)
+class ContextSampled:
+    context_index: int
+    context_id: str
+    samples: list[Sample]
+    seconds: float
+    reused: bool
+
+
+@dataclass(frozen=True)
+class SampleScored:
+    context_index: int
+    context_id: str
+    edit_index: int
+    seed_index: int
+    seed: int
+    scored: Scored
+    source: Literal["scored", "state", "buffer"]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ContextDone:
+    context_index: int
+    context_id: str
+    edits: list[EditResult]
+    kept: EditResult | None
+
+
+@dataclass(frozen=True)
+class PolicyProgress:
+    step: int
+    total_steps: int
+    loss: float
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    round: int
+    round_id: str
+    keep_rule: KeepRule
+    contexts: int
+    k: int
+    seeds_per_edit: int
+    samples_scored: int  # (edit, seed) pairs with a reward
+    samples_failed: int  # (edit, seed) pairs without one (guardrails, unusable text)
+    samples_resumed: int  # taken from the round state or the reward buffer instead of rescored
+    edits_scored: int
+    mean_reward: float | None  # over scored self-edits, each the mean of its seeds
+    max_reward: float | None
+    kept: int
+    mean_kept_reward: float | None
+    positive_kept: int
+    policy_adapter_id: str
+    policy_version: int
+    policy_sft_first_loss: float | None
+    policy_sft_final_loss: float | None
+    policy_sft_steps: int
+    hot_loaded: bool
+    phase_seconds: dict[str, float]
+    wall_seconds: float  # this invocation only (a resumed round counts from the resume)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+RoundEvent = RoundStarted | ContextSampled | SampleScored | ContextDone | PolicyProgress | RoundReport
+
+
+class RoundStopped(RuntimeError):
+    """The caller asked to stop; everything finished so far is kept and the round resumes later."""
+
+    code = "cancelled"
+
+
+class RoundConflict(RuntimeError):
+    """An unfinished round exists with different inputs."""
+
+    code = "failed_precondition"
+
+
+# --- durable round state ------------------------------------------------------------------------
+
+
+class _JsonLines:
+    """Append-only JSON lines, fsynced per record. A torn last line (a kill mid-write) is cut off
+    on open, so the next append starts on a clean line instead of gluing onto the fragment."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.records: list[dict[str, Any]] = []
+        if not path.exists():
+            return
+        data = path.read_bytes()
+        good = 0
+        for line in data.splitlines(keepends=True):
+            if not line.endswith(b"\n"):
+                break
+            try:
+                self.records.append(json.loads(line))
+            except ValueError:
+                break
+            good += len(line)
+        if good != len(data):
+            log.warning("%s: dropping %d bytes of a torn record", path, len(data) - good)
+            with path.open("r+b") as handle:
+                handle.truncate(good)
+
+    def append(self, record: dict[str, Any]) -> None:
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.records.append(record)
+
+
+def _write_json_atomically(path: Path, value: dict[str, Any]) -> None:
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with temporary.open("w", encoding="utf-8") as handle:
+        json.dump(value, handle, indent=2, sort_keys=True, default=str)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def round_fingerprint(contexts: Sequence[TrainingContext], config: RoundConfig) -> str:
+    """What makes two requests the same round: the contexts (with τ) and the settings. Resuming
+    under others would mix two experiments in one SFT set. The sampling policy is checked
+    separately (``RoundStore.open``), because the round itself replaces it at its very end."""
+    payload = {
+        "contexts": [[c.context_id, [[q.question, q.answer] for q in c.questions]] for c in contexts],
+        "config": asdict(config),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class RoundState:
+    """One round's directory: ``round.json`` (identity, status, report), ``samples.jsonl`` (the
+    self-edits sampled per context) and ``scores.jsonl`` (one line per scored edit and seed)."""
+
+    def __init__(self, directory: Path, number: int, meta: dict[str, Any]) -> None:
+        self.directory = directory
+        self.number = number
+        self.meta = meta
+        self._samples = _JsonLines(directory / "samples.jsonl")
+        self._scores = _JsonLines(directory / "scores.jsonl")
+
+    @property
+    def round_id(self) -> str:
+        return str(self.meta["round_id"])
+
+    @property
+    def started_at(self) -> datetime:
+        return datetime.fromisoformat(self.meta["started_at"])
+
+    @property
+    def status(self) -> str:
+        return str(self.meta["status"])
+
+    def samples(self, context_id: str) -> list[Sample] | None:
+        for record in reversed(self._samples.records):
+            if record["context_id"] == context_id:
+                return [Sample(**s) for s in record["samples"]]
+        return None
+
+    def record_samples(self, context_id: str, samples: list[Sample]) -> None:
+        self._samples.append({"context_id": context_id, "samples": [asdict(s) for s in samples]})
+
+    def scores(self, context_id: str) -> dict[tuple[int, int], Scored]:
+        found = {}
+        for record in self._scores.records:
+            if record["context_id"] == context_id:
+                found[(record["edit_index"], record["seed_index"])] = Scored(**record["scored"])
+        return found
+
+    def record_score(self, context_id: str, edit_index: int, seed_index: int, seed: int, scored: Scored, source: str) -> None:
+        self._scores.append(
+            {
+                "context_id": context_id,
+                "edit_index": edit_index,
+                "seed_index": seed_index,
+                "seed": seed,
+                "scored": asdict(scored),
+                "source": source,
+            }
+        )
+
+    def update(self, **values: Any) -> None:
+        self.meta.update(values)
+        _write_json_atomically(self.directory / "round.json", self.meta)
+
+
+class RoundStore:
+    """Rounds under ``root``, numbered from 1. At most one is unfinished at a time."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def _numbers(self) -> list[int]:
+        numbers = []
+        for entry in self.root.iterdir():
+            if entry.is_dir() and entry.name.startswith("round-") and (entry / "round.json").is_file():
+                try:
+                    numbers.append(int(entry.name.removeprefix("round-")))
+                except ValueError:
+                    continue
+        return sorted(numbers)
+
+    def load(self, number: int) -> RoundState:
+        directory = self.root / f"round-{number:06d}"
+        meta = json.loads((directory / "round.json").read_text(encoding="utf-8"))
+        return RoundState(directory, number, meta)
+
+    def rounds(self) -> list[RoundState]:
+        return [self.load(n) for n in self._numbers()]
+
+    def unfinished(self) -> RoundState | None:
+        numbers = self._numbers()
+        if numbers:
+            latest = self.load(numbers[-1])
+            if latest.status in ("running", "training_policy"):
+                return latest
+        return None
+
+    def start(self, fingerprint: str, config: RoundConfig, contexts: Sequence[TrainingContext], policy_adapter_id: str) -> RoundState:
+        numbers = self._numbers()
+        number = (numbers[-1] + 1) if numbers else 1
+        directory = self.root / f"round-{number:06d}"
+        directory.mkdir(parents=True, exist_ok=False)
+        meta = {
+            "round": number,
+            "round_id": f"r{number:06d}-{fingerprint}",
+            "fingerprint": fingerprint,
+            "status": "running",
+            "started_at": datetime.now(UTC).isoformat(),
+            "config": asdict(config),
+            "context_ids": [c.context_id for c in contexts],
+            "policy_at_start": policy_adapter_id,
+        }
+        state = RoundState(directory, number, meta)
+        state.update()
+        return state
+
+    def open(
+        self,
+        contexts: Sequence[TrainingContext],
+        config: RoundConfig,
+        policy_adapter_id: str,
+        *,
+        restart: bool = False,
+    ) -> tuple[RoundState, bool]:
+        """The round to work on and whether it is a resumed one."""
+        fingerprint = round_fingerprint(contexts, config)
+        pending = self.unfinished()
+        if pending is not None and not restart:
+            if pending.meta["fingerprint"] != fingerprint:
+                raise RoundConflict(
+                    f"round {pending.number} ({pending.directory}) is unfinished and was started with other "
+                    "contexts or settings; repeat that request to resume it, or restart to abandon it"
+                )
+            # Once the policy SFT has begun, the new policy may already be serving: that is the
+            # round finishing, not another policy sampling into it.
+            if pending.status == "running" and pending.meta["policy_at_start"] != policy_adapter_id:
+                raise RoundConflict(
+                    f"round {pending.number} sampled with policy {pending.meta['policy_at_start'] or 'base'} but "
+                    f"{policy_adapter_id or 'the base policy'} serves now; load that policy again to resume, "
+                    "or restart to abandon the round"
+                )
+            return pending, True
+        if pending is not None:
+            pending.update(status="abandoned", abandoned_at=datetime.now(UTC).isoformat())
+        return self.start(fingerprint, config, contexts, policy_adapter_id), False
+
+
+# --- the round ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Clock:
+    seconds: dict[str, float] = field(
+        default_factory=lambda: {"generation": 0.0, "scoring": 0.0, "policy_sft": 0.0}
+    )
+
+    def add(self, phase: str, started: float) -> float:
+        elapsed = time.perf_counter() - started
+        self.seconds[phase] += elapsed
+        return elapsed
+
+
+def edit_results(samples: Sequence[Sample], scores: dict[tuple[int, int], Scored], seeds_per_edit: int) -> list[EditResult]:
+    results = []
+    for sample in samples:
+        per_seed = [scores.get((sample.index, s)) for s in range(seeds_per_edit)]
+        failures = [s.failure for s in per_seed if s is not None and s.failure]
+        rewards = tuple(s.reward for s in per_seed if s is not None and not s.failure and s.reward is not None)
+        results.append(
+            EditResult(
+                index=sample.index,
+                text=sample.text,
+                completion_tokens=sample.completion_tokens,
+                rewards=rewards if len(rewards) == seeds_per_edit else (),
+                failure=failures[0] if failures else ("" if len(rewards) == seeds_per_edit else "not scored"),
+            )
+        )
+    return results
+
+
+def run_round(
+    contexts: Sequence[TrainingContext],
+    config: RoundConfig,
+    store: RoundStore,
+    *,
+    sample: SampleFn,
+    score: ScoreFn,
+    train_policy: TrainPolicyFn,
+    policy_adapter_id: str,
+    emit: Callable[[RoundEvent], None],
+    recall: RecallFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    restart: bool = False,
+) -> RoundReport:
+    """Run (or resume) one ReST^EM round and return its report (also stored in round.json)."""
+    if not contexts:
+        raise ValueError("no training contexts: a round needs at least one context with its questions")
+    for index, context in enumerate(contexts):
+        if not context.passage.strip() or not context.questions:
+            raise ValueError(f"training context {index} ({context.title!r}) needs a passage and at least one question")
+    if len({c.context_id for c in contexts}) != len(contexts):
+        raise ValueError("the same passage appears twice among the training contexts; send each once")
+
+    started = time.perf_counter()
+    clock = _Clock()
+    state, resumed = store.open(contexts, config, policy_adapter_id, restart=restart)
+    stop = should_stop or (lambda: False)
+
+    def check_stop() -> None:
+        if stop():
+            raise RoundStopped(f"round {state.number} stopped on request; repeat the request to resume it")
+
+    done_before = 0
+    samples_before = 0
+    for context in contexts:
+        samples = state.samples(context.context_id)
+        if samples is not None:
+            scored = state.scores(context.context_id)
+            samples_before += len(scored)
+            if len(scored) >= len(samples) * config.seeds_per_edit:
+                done_before += 1
+    emit(RoundStarted(state.number, state.round_id, len(contexts), done_before, samples_before, resumed, config, policy_adapter_id))
+
+    per_context: list[tuple[Sample, EditResult]] = []
+    all_edits: list[EditResult] = []
+    samples_scored = samples_failed = samples_resumed = 0
+    for context_index, context in enumerate(contexts):
+        cid = context.context_id
+        samples = state.samples(cid)
+        if samples is None:
+            check_stop()
+            t0 = time.perf_counter()
+            samples = sample(context, config.k, derive_seed(config.seed, state.round_id, cid, "sample"))
+            if len(samples) != config.k:
+                raise RuntimeError(f"the teacher returned {len(samples)} self-edits for {cid}, expected {config.k}")
+            state.record_samples(cid, samples)
+            emit(ContextSampled(context_index, cid, samples, clock.add("generation", t0), reused=False))
+        else:
+            emit(ContextSampled(context_index, cid, samples, 0.0, reused=True))
+
+        scores = state.scores(cid)
+        for item in samples:
+            for seed_index in range(config.seeds_per_edit):
+                seed = derive_seed(config.seed, state.round_id, cid, item.index, seed_index)
+                if (item.index, seed_index) in scores:
+                    result, source, seconds = scores[(item.index, seed_index)], "state", 0.0
+                else:
+                    recalled = recall(cid, item.text, seed, state.started_at) if recall is not None else None
+                    if recalled is not None:
+                        result, source, seconds = recalled, "buffer", 0.0
+                    else:
+                        check_stop()
+                        t0 = time.perf_counter()
+                        result, source = score(context, item, seed), "scored"
+                        seconds = clock.add("scoring", t0)
+                    state.record_score(cid, item.index, seed_index, seed, result, source)
+                    scores[(item.index, seed_index)] = result
+                if source != "scored":
+                    samples_resumed += 1
+                if result.failure or result.reward is None:
+                    samples_failed += 1
+                else:
+                    samples_scored += 1
+                emit(SampleScored(context_index, cid, item.index, seed_index, seed, result, source, seconds))  # type: ignore[arg-type]
+
+        edits = edit_results(samples, scores, config.seeds_per_edit)
+        chosen = keep(edits, config.keep_rule)
+        all_edits.extend(edits)
+        if chosen is not None:
+            prompt = next(s.prompt for s in samples if s.index == chosen.index)
+            per_context.append((Sample(chosen.index, prompt, chosen.text, chosen.completion_tokens), chosen))
+        emit(ContextDone(context_index, cid, edits, chosen))
+
+    check_stop()
+    examples = [(s.prompt, s.text) for s, _ in per_context]
+    update: PolicyUpdate | None = None
+    if examples:
+        state.update(status="training_policy")
+        t0 = time.perf_counter()
+        update = train_policy(examples, state.round_id, lambda step, total, loss: emit(PolicyProgress(step, total, loss)))
+        clock.add("policy_sft", t0)
+
+    rewards = [e.mean_reward for e in all_edits if e.scored]
+    kept_rewards = [edit.mean_reward for _, edit in per_context]
+    losses = update.losses if update else []
+    report = RoundReport(
+        round=state.number,
+        round_id=state.round_id,
+        keep_rule=config.keep_rule,
+        contexts=len(contexts),
+        k=config.k,
+        seeds_per_edit=config.seeds_per_edit,
+        samples_scored=samples_scored,
+        samples_failed=samples_failed,
+        samples_resumed=samples_resumed,
+        edits_scored=len(rewards),
+        mean_reward=sum(rewards) / len(rewards) if rewards else None,  # type: ignore[arg-type]
+        max_reward=max(rewards) if rewards else None,  # type: ignore[type-var]
+        kept=len(per_context),
+        mean_kept_reward=sum(kept_rewards) / len(kept_rewards) if kept_rewards else None,  # type: ignore[arg-type]
+        positive_kept=sum(1 for r in kept_rewards if r is not None and r > TIE_TOLERANCE),
+        policy_adapter_id=update.adapter_id if update else "",
+        policy_version=update.version if update else 0,
+        policy_sft_first_loss=losses[0] if losses else None,
+        policy_sft_final_loss=losses[-1] if losses else None,
+        policy_sft_steps=len(losses),
+        hot_loaded=bool(update and update.hot_loaded),
+        phase_seconds={**clock.seconds, "total": time.perf_counter() - started},
+        wall_seconds=time.perf_counter() - started,
+    )
+    state.update(status="done", finished_at=datetime.now(UTC).isoformat(), report=report.to_dict())
+    emit(report)
+    return report
