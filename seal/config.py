@@ -134,6 +134,27 @@ class ServiceSettings(BaseModel):
         return explicit or f"{self.host}:{getattr(self, f'{service}_port')}"
 
 
+class StudentServingSettings(BaseModel):
+    """How the student answers Generate: in its own process (PEFT), or through a Triton Inference
+    Server it launches and supervises. Production runs NVIDIA's Triton image on a GPU node with
+    ``kind=KIND_GPU`` (see README); ``KIND_CPU`` is for CPU nodes and tests."""
+
+    # auto = triton when a tritonserver binary and tritonclient are found, else in_process (warned).
+    backend: Literal["auto", "triton", "in_process"] = "auto"
+    tritonserver: str = Field("", description="tritonserver binary; empty = $SEAL_TRITONSERVER, .venv-triton, PATH, /opt/tritonserver")
+    kind: Literal["KIND_CPU", "KIND_GPU", "KIND_MODEL"] = "KIND_CPU"
+    instance_count: int = Field(1, ge=1)
+    max_batch_size: int = Field(16, ge=1)
+    grpc_port: int = Field(0, ge=0, le=65535, description="0 = a free port")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Triton's own /metrics; 0 = a free port")
+    extra_args: list[str] = Field(default_factory=list, description="appended to the tritonserver command line")
+    # Share of requests that name no version which go to the candidate under evaluation.
+    canary_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    startup_timeout_s: float = Field(300.0, gt=0)
+    request_timeout_s: float = Field(600.0, gt=0)
+    swap_timeout_s: float = Field(300.0, gt=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="SEAL_", env_nested_delimiter="__", extra="ignore", validate_default=True
@@ -152,6 +173,7 @@ class Settings(BaseSettings):
     guardrails: GuardrailSettings = Field(default_factory=GuardrailSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     services: ServiceSettings = Field(default_factory=ServiceSettings)
+    student_serving: StudentServingSettings = Field(default_factory=StudentServingSettings)
 
     @property
     def registry_dir(self) -> Path:

@@ -23,7 +23,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,38 +98,35 @@ def _mean(values: Sequence[float]) -> float | None:
 
 
 def continual_summary(matrix: Sequence[Sequence[float | None]]) -> dict[str, float | None]:
-    """Headline numbers of a (n+1) × n accuracy matrix.
+    """Headline numbers of an accuracy matrix with rows "before any step", "after step 1", …
+    (a run in progress has fewer than n + 1 rows; "last" then means the last step done).
 
     - ``just_learned``: mean accuracy on a passage right after its own step (the diagonal);
-    - ``final_seen``: mean accuracy on every passage after the last step;
+    - ``final_seen``: mean accuracy on every passage learned so far, after the last step;
     - ``forgetting``: mean, over passages learned before the last step, of (accuracy right after
-      learning it − accuracy at the end): positive = forgotten;
-    - ``net_gain_final``: mean (final − before any step), what the whole sequence kept over base.
+      learning it − accuracy after the last step): positive = forgotten;
+    - ``net_gain_final``: mean (after the last step − before any step) over passages learned.
     """
     n = len(matrix[0]) if matrix else 0
-    if len(matrix) != n + 1:
-        raise ValueError(f"expected {n + 1} rows for {n} passages, got {len(matrix)}")
+    steps = len(matrix) - 1
+    if not 1 <= steps <= n:
+        raise ValueError(f"expected 2 to {n + 1} rows for {n} passages, got {len(matrix)}")
 
-    def cell(i: int, j: int) -> float | None:
-        return matrix[i][j]
+    def present(values: Iterable[float | None]) -> list[float]:
+        return [v for v in values if v is not None]
 
-    base = [v for v in (cell(0, j) for j in range(n)) if v is not None]
-    diagonal = [v for v in (cell(j + 1, j) for j in range(n)) if v is not None]
-    final = [v for v in (cell(n, j) for j in range(n)) if v is not None]
+    last = matrix[steps]
     forgetting = [
-        cell(j + 1, j) - cell(n, j)  # type: ignore[operator]
-        for j in range(n - 1)
-        if cell(j + 1, j) is not None and cell(n, j) is not None
+        matrix[j + 1][j] - last[j]  # type: ignore[operator]
+        for j in range(steps - 1)
+        if matrix[j + 1][j] is not None and last[j] is not None
     ]
-    gains = [
-        cell(n, j) - cell(0, j)  # type: ignore[operator]
-        for j in range(n)
-        if cell(n, j) is not None and cell(0, j) is not None
-    ]
+    gains = [last[j] - matrix[0][j] for j in range(steps) if last[j] is not None and matrix[0][j] is not None]  # type: ignore[operator]
     return {
-        "base": _mean(base),
-        "just_learned": _mean(diagonal),
-        "final_seen": _mean(final),
+        "steps": float(steps),
+        "base": _mean(present(matrix[0][j] for j in range(steps))),
+        "just_learned": _mean(present(matrix[j + 1][j] for j in range(steps))),
+        "final_seen": _mean(present(last[j] for j in range(steps))),
         "forgetting": _mean(forgetting),
         "net_gain_final": _mean(gains),
     }

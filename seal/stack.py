@@ -24,9 +24,16 @@ class LocalStack:
 
 
 @contextmanager
-def local_stack(settings: Settings) -> Iterator[LocalStack]:
+def local_stack(settings: Settings, *, student_backend: str | None = "in_process") -> Iterator[LocalStack]:
     """Start student, auditor and teacher on free gRPC and /metrics ports, each told the others'
-    real addresses."""
+    real addresses.
+
+    ``student_backend`` overrides ``settings.student_serving.backend``; in_process by default, so
+    that pipeline tests do not pay a tritonserver start each (tests/test_student_triton.py runs
+    the stack with "triton"). None keeps what the settings say."""
+    if student_backend is not None:
+        settings = settings.model_copy(update={"student_serving": settings.student_serving.model_copy(
+            update={"backend": student_backend})})
     from auditor_svc.servicer import serve_auditor
     from student_svc.servicer import serve_student
     from teacher_svc.servicer import serve_teacher

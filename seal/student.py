@@ -54,7 +54,10 @@ def self_edit_digest(self_edit: str) -> str:
 
 
 class Student:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, serving_backend: str | None = "in_process") -> None:
+        """``serving_backend`` None follows ``settings.student_serving.backend`` (the service does);
+        library users (benches, evaluation scripts) get in-process generation unless they ask, so
+        that no tritonserver is started behind their back."""
         self.settings = settings
         self.model_path = resolve_model_path(settings.model)
         self.base_model_name = self.model_path.name
@@ -65,12 +68,49 @@ class Student:
             self.model_path, dtype=settings.model.dtype, torch_threads=settings.model.torch_threads
         )
         self._serve_model: Any = None
-        self._serve_base, _ = load_model_and_tokenizer(self.model_path, dtype=settings.model.dtype)
         self._loaded_adapters: OrderedDict[str, None] = OrderedDict()
         self._serve_lock = threading.Lock()
         # One training run at a time: on a CPU node two runs only slow each other down.
         self._train_lock = threading.Lock()
         self.registry = AdapterRegistry(settings.registry_dir)
+        from student_svc.triton.serving import resolve_backend
+
+        if serving_backend is not None:
+            settings = settings.model_copy(update={"student_serving": settings.student_serving.model_copy(
+                update={"backend": serving_backend})})
+        self.backend = resolve_backend(settings)
+        self.triton: Any = None
+        self._serve_base: Any = None
+        if self.backend == "triton":
+            from student_svc.triton.serving import TritonServing
+
+            self.triton = TritonServing(settings, self.model_path, self.registry)
+            self.triton.start(self._startup_version())
+        else:
+            self._serve_base, _ = load_model_and_tokenizer(self.model_path, dtype=settings.model.dtype)
+
+    def _startup_version(self) -> Manifest | None:
+        promoted = self.registry.promoted(self.settings.adapter_name)
+        if promoted is None:
+            return None
+        try:
+            self.registry.verify(promoted)
+        except Exception as exc:  # noqa: BLE001 - refusing to start would also block the rollback
+            log.error("promoted %s fails verification, Triton serves the base model until it is "
+                      "rolled back or another version is promoted: %s", promoted.adapter_id, exc)
+            return None
+        return promoted
+
+    def close(self) -> None:
+        if self.triton is not None:
+            self.triton.close()
+
+    def served_versions(self) -> dict[str, str]:
+        """role -> version currently served for requests that name none ('base' = no adapter)."""
+        if self.triton is not None:
+            return self.triton.served()
+        promoted = self.registry.promoted(self.settings.adapter_name)
+        return {"promoted": promoted.adapter_id if promoted else "base"}
 
     # --- training --------------------------------------------------------------------------
 
@@ -176,6 +216,8 @@ class Student:
     ) -> tuple[list[Generation], str]:
         if not prompts:
             raise ValueError("no prompts: send at least one prompt to generate from")
+        if self.triton is not None:
+            return self._generate_triton(prompts, choice, params, chat)
         manifest = self.resolve(choice)
         with self._serve_lock:
             if manifest is None:
@@ -186,6 +228,25 @@ class Student:
             engine = TransformersEngine(model, self.tokenizer)
             generations = engine.generate(prompts, params, chat=chat, batch_size=self.settings.auditor.batch_size)
             return generations, manifest.adapter_id
+
+    def _generate_triton(
+        self, prompts: Sequence[str], choice: AdapterChoice, params: SamplingParams, chat: bool
+    ) -> tuple[list[Generation], str]:
+        lineage = choice.promoted_of or self.settings.adapter_name
+        if choice.base_model:
+            answers = self.triton.generate(prompts, "base", params, chat)
+        elif choice.adapter_id or lineage != self.settings.adapter_name:
+            # Triton's routing covers the served lineage only; anything else is named by version.
+            manifest = self.resolve(choice)
+            answers = (self.triton.generate(prompts, "base", params, chat) if manifest is None
+                       else self.triton.generate_with(manifest, prompts, params, chat))
+        else:
+            answers = self.triton.generate(prompts, None, params, chat)
+        generations = [Generation(a.text, a.prompt_tokens, a.completion_tokens) for a in answers]
+        # With a canary split, prompts of one call can be served by different versions; the
+        # response names the first one's (per-prompt versions are in Triton's answer).
+        served = answers[0].adapter_version
+        return generations, "" if served == "base" else served
 
     def _base_only_model(self) -> Any:
         return self._serve_model if self._serve_model is not None else self._serve_base
@@ -227,13 +288,24 @@ class Student:
     # --- governance --------------------------------------------------------------------------
 
     def promote(self, adapter_id: str, reason: str) -> Manifest:
-        return self.registry.promote(adapter_id, reason)
+        # The registry verifies the weights against their recorded sha256 and raises before
+        # anything is recorded; Triton is switched only once the registry has accepted it. If the
+        # switch then fails, the record stands and the next start-up serves it.
+        manifest = self.registry.promote(adapter_id, reason)
+        if self.triton is not None:
+            self.triton.promote(manifest)
+        return manifest
 
     def reject(self, adapter_id: str, reason: str) -> Manifest:
-        return self.registry.mark_rejected(adapter_id, reason)
+        manifest = self.registry.mark_rejected(adapter_id, reason)
+        if self.triton is not None:
+            self.triton.forget(adapter_id)
+        return manifest
 
     def rollback(self, adapter_name: str, reason: str, *, allow_base_model: bool) -> tuple[Manifest, Manifest | None]:
         current = self.registry.promoted(adapter_name)
         restored = self.registry.rollback(adapter_name, reason, to_base_ok=allow_base_model)
+        if self.triton is not None and adapter_name == self.settings.adapter_name:
+            self.triton.rollback(restored)
         rolled_back = self.registry.get(current.adapter_id) if current else None
         return rolled_back, restored

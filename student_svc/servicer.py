@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
 import grpc
 from google.protobuf import struct_pb2, timestamp_pb2
+from prometheus_client import Gauge
 
 from seal.audit_outbox import AuditOutbox
 from seal.config import Settings
@@ -131,6 +133,35 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
         self._tokens = metrics.counter(
             "generated_tokens_total", "Completion tokens generated.", ("adapter",)
         )
+        self._generate_requests = metrics.counter(
+            "generate_requests_total", "Generate calls, by the version that served them.", ("adapter",)
+        )
+        self._generate_seconds = metrics.histogram(
+            "generate_seconds", "Wall time of a Generate call, by the version that served it.",
+            (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300), ("adapter",)
+        )
+        self._swap_seconds = metrics.histogram(
+            "adapter_swap_seconds", "Wall time of a change of the served version (registry and server).",
+            (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120), ("operation",)
+        )
+        self._served_info = Gauge(
+            "seal_student_served_adapter_info", "1 for each version served to requests that name none.",
+            ["adapter", "role"], registry=metrics.registry,
+        )
+        backend = Gauge(
+            "seal_student_serving_backend_info", "How Generate is answered; Triton's own metrics URL.",
+            ["backend", "triton_metrics_url"], registry=metrics.registry,
+        )
+        triton = getattr(student, "triton", None)
+        backend.labels(student.backend, triton.metrics_url if triton is not None else "").set(1)
+        self._served_lock = threading.Lock()
+        self._refresh_served()
+
+    def _refresh_served(self) -> None:
+        with self._served_lock:
+            self._served_info.clear()
+            for role, version in self._student.served_versions().items():
+                self._served_info.labels(version, role).set(1)
 
     def _proto(self, manifest: Manifest) -> common_pb2.AdapterManifest:
         return manifest_to_proto(manifest, str(self._student.registry.path_of(manifest)))
@@ -208,10 +239,16 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
             top_p=request.top_p or 1.0,
             seed=request.seed if request.HasField("seed") else None,
         )
+        started = time.perf_counter()
         generations, served = self._student.generate(
             list(request.prompts), choice_from_proto(request.adapter), params, chat=not request.raw_prompt
         )
+        self._generate_seconds.labels(served or "base").observe(time.perf_counter() - started)
+        self._generate_requests.labels(served or "base").inc()
         self._tokens.labels(served or "base").inc(sum(g.completion_tokens for g in generations))
+        context.set_trailing_metadata((("x-seal-serving-backend", self._student.backend),))
+        if self._student.backend == "triton" and request.adapter.WhichOneof("target") == "adapter_id":
+            self._refresh_served()  # evaluating a candidate makes it the canary
         return student_pb2.GenerateResponse(
             completions=[
                 student_pb2.Completion(
@@ -235,7 +272,12 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
     @map_errors
     def Promote(self, request: student_pb2.PromoteRequest, context: grpc.ServicerContext) -> student_pb2.PromoteResponse:
         previous = self._student.registry.promoted(parse_adapter_id(request.adapter_id)[0])
-        manifest = self._student.promote(request.adapter_id, request.reason or "promoted by request")
+        started = time.perf_counter()
+        try:
+            manifest = self._student.promote(request.adapter_id, request.reason or "promoted by request")
+        finally:
+            self._refresh_served()
+        self._swap_seconds.labels("promote").observe(time.perf_counter() - started)
         self._promotions.labels(manifest.adapter_name).inc()
         self._report("promote", manifest.adapter_id, request.reason or "promoted by request", context,
                      previous_adapter_id=previous.adapter_id if previous else "")
@@ -243,16 +285,24 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
 
     @map_errors
     def Reject(self, request: student_pb2.RejectRequest, context: grpc.ServicerContext) -> student_pb2.RejectResponse:
-        manifest = self._student.reject(request.adapter_id, request.reason or "rejected by request")
+        try:
+            manifest = self._student.reject(request.adapter_id, request.reason or "rejected by request")
+        finally:
+            self._refresh_served()
         self._report("reject", manifest.adapter_id, request.reason or "rejected by request", context)
         return student_pb2.RejectResponse(adapter=self._proto(manifest))
 
     @map_errors
     def Rollback(self, request: student_pb2.RollbackRequest, context: grpc.ServicerContext) -> student_pb2.RollbackResponse:
         name = request.adapter_name or self._settings.adapter_name
-        rolled_back, now_serving = self._student.rollback(
-            name, request.reason or "rolled back by request", allow_base_model=request.allow_base_model
-        )
+        started = time.perf_counter()
+        try:
+            rolled_back, now_serving = self._student.rollback(
+                name, request.reason or "rolled back by request", allow_base_model=request.allow_base_model
+            )
+        finally:
+            self._refresh_served()
+        self._swap_seconds.labels("rollback").observe(time.perf_counter() - started)
         self._rollbacks.labels(name).inc()
         self._report("rollback", rolled_back.adapter_id, request.reason or "rolled back by request", context,
                      now_serving_adapter_id=now_serving.adapter_id if now_serving is not None else "")
@@ -264,7 +314,15 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
 
 def serve_student(settings: Settings, *, port: int | None = None, metrics_port: int | None = None) -> RunningService:
     """Load the model, open the registry and start serving; ``port=0`` picks a free port."""
-    student = Student(settings)
+    student = Student(settings, serving_backend=None)
+    try:
+        return _serve(student, settings, port, metrics_port)
+    except BaseException:
+        student.close()  # a supervised tritonserver must not outlive a failed start
+        raise
+
+
+def _serve(student: Student, settings: Settings, port: int | None, metrics_port: int | None) -> RunningService:
     metrics = RpcMetrics("student")
     services = settings.services
     senders: list[AuditorEventSender] = [AuditorEventSender(services.address_of("auditor"))]
@@ -293,4 +351,6 @@ def serve_student(settings: Settings, *, port: int | None = None, metrics_port: 
     running.connect["auditor"] = connect_auditor
     running.on_stop.append(outbox.close)
     running.on_stop.append(lambda: [sender.close() for sender in senders])
+    # After the gRPC server has drained: no Generate can be waiting on Triton any more.
+    running.on_stop.append(student.close)
     return running

@@ -75,7 +75,7 @@ def test_continual_matrix_is_well_formed_and_heatmap_written(tiny, tmp_path: Pat
     assert all(s.new_sequences == 3 for s in result.steps)
 
     summary = result.summary()
-    assert set(summary) == {"base", "just_learned", "final_seen", "forgetting", "net_gain_final"}
+    assert set(summary) == {"steps", "base", "just_learned", "final_seen", "forgetting", "net_gain_final"}
     data = json.loads(json.dumps(result.to_dict()))
     assert data["matrix"] == result.matrix
 
@@ -112,8 +112,11 @@ def test_summary_numbers() -> None:
     assert s["final_seen"] == pytest.approx((0.25 + 0.5 + 1.0) / 3)
     assert s["forgetting"] == pytest.approx(((1.0 - 0.25) + (1.0 - 0.5)) / 2)
     assert s["net_gain_final"] == pytest.approx((0.25 + 0.5 + 1.0) / 3)
+    # A run in progress: "last" is the last step done.
+    partial = continual_summary(matrix[:3])
+    assert partial["steps"] == 2 and partial["final_seen"] == pytest.approx(0.75) and partial["forgetting"] == 0.5
     with pytest.raises(ValueError, match="rows"):
-        continual_summary(matrix[:-1])
+        continual_summary(matrix[:1])
 
 
 def test_replay_buffer_is_seeded_and_bounded() -> None:

@@ -233,7 +233,7 @@ def governed(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     settings = governed_settings(tmp_path_factory.mktemp("governed"), tiny_model_dir)
     started = []
     try:
-        student = serve_student(settings, port=0, metrics_port=None)
+        student = serve_student(settings, port=0, metrics_port=0)
         started.append(student)
         # The tiny random model knows nothing, so its probe is its own greedy answers to the
         # built-in questions, asked through the same Generate path the auditor uses.

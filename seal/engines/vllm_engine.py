@@ -96,6 +96,19 @@ class VllmEngine:
     def policy(self) -> PolicyRef | None:
         return self._policy
 
+    @property
+    def lora_request(self) -> Any:
+        """The ``LoRARequest`` every generation carries now; None = the base model."""
+        return self._lora
+
+    def resident_lora_ids(self) -> set[int]:
+        return set(self._llm.llm_engine.list_loras())
+
+    def close(self) -> None:
+        """Stop vLLM's engine-core process now rather than at interpreter exit, when logging
+        is already torn down."""
+        self._llm.llm_engine.engine_core.shutdown()
+
     def load_policy(self, policy: PolicyRef) -> None:
         from vllm.lora.request import LoRARequest
 
