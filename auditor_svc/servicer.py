@@ -268,7 +268,8 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServiceServicer):
             manifest = self._student.GetAdapter(
                 student_pb2.GetAdapterRequest(adapter_id=request.adapter_id), timeout=remaining_timeout(context, ceiling)
             ).adapter
-            probe = self.probe_for(manifest.base_model_fingerprint, probe_answer)
+            if not request.skip_retention:
+                probe = self.probe_for(manifest.base_model_fingerprint, probe_answer)
         report = self._auditor.score(
             answer, request.adapter_id, questions, guardrails, probe=probe, probe_answer=probe_answer
         )

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from seal.auditor import Auditor  # noqa: E402
 from seal.config import Settings  # noqa: E402
 from seal.domains.knowledge import LexicalGrader, load_squad  # noqa: E402
-from seal.evaluation import EvalConfig, evaluate_policy  # noqa: E402
+from seal.evaluation import EvalConfig, evaluate_policy, summarize  # noqa: E402
 from seal.models import TransformersEngine, load_model_and_tokenizer  # noqa: E402
 from seal.student import Student  # noqa: E402
 from seal.teacher import SelfEditProposer  # noqa: E402
@@ -64,11 +64,32 @@ def main() -> int:
         answer_max_new_tokens=settings.auditor.answer_max_new_tokens,
         adapter_prefix="bench",
     )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write_report(rows: list[dict], *, complete: bool) -> dict:
+        """Written after every passage, so a run cut short still leaves its measured part."""
+        report = {
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "complete": complete,
+            "machine": {"torch_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
+            "model": student.base_model_name,
+            "settings": {"lora": settings.lora.model_dump(), "teacher": settings.teacher.model_dump(), "auditor": settings.auditor.model_dump()},
+            "summary": {**summarize(rows, args.k), "model_load_seconds": load_seconds},
+            "passages": rows,
+        }
+        out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
+        out.with_suffix(".md").write_text(markdown(report))
+        return report
+
+    finished_rows: list[dict] = []
     with Progress(console=console) as progress:
         task = progress.add_task("passages", total=len(contexts))
 
         def on_passage(row: dict) -> None:
             progress.advance(task)
+            finished_rows.append(row)
+            write_report(finished_rows, complete=False)
             phase = row["seconds"]
             console.print(
                 f"{row['index']}: {row['title']}: base {row['baseline']:.2f} passage {row['passage_only']:.2f} "
@@ -78,21 +99,7 @@ def main() -> int:
         evaluation = evaluate_policy(
             contexts, student=student, proposer=proposer, auditor=auditor, config=config, on_passage=on_passage
         )
-    rows = evaluation["passages"]
-    summary = {**evaluation["summary"], "model_load_seconds": load_seconds}
-    report = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
-        "model": student.base_model_name,
-        "settings": {"lora": settings.lora.model_dump(), "teacher": settings.teacher.model_dump(), "auditor": settings.auditor.model_dump()},
-        "summary": summary,
-        "passages": rows,
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
-    out.with_suffix(".md").write_text(markdown(report))
-    console.print(markdown(report))
+    console.print(markdown(write_report(evaluation["passages"], complete=True)))
     return 0
 
 
@@ -104,7 +111,8 @@ def markdown(report: dict) -> str:
         f"Command: `{report['command']}`  ",
         f"Model: {report['model']}; grader: lexical ({report['settings']['auditor']['grader']}); "
         f"LoRA lr {report['settings']['lora']['learning_rate']}, {report['settings']['lora']['epochs']} epochs, "
-        f"rank {report['settings']['lora']['rank']}; torch threads {report['machine']['cpus']}.",
+        f"rank {report['settings']['lora']['rank']}; torch threads {report['machine']['torch_threads']}."
+        + ("" if report["complete"] else " **Partial: the run was cut short; these passages are all it measured.**"),
         "",
         "| # | title | questions | baseline | passage only | self-edit best of k | self-edit mean | generation s | training s | scoring s |",
         "|---|---|---|---|---|---|---|---|---|---|",

@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import grpc
 import torch
 from google.protobuf.json_format import MessageToDict
 from rich.console import Console

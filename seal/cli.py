@@ -518,6 +518,7 @@ def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
     from seal.auditor import Auditor
     from seal.domains.knowledge import LexicalGrader
     from seal.evaluation import EvalConfig, evaluate_policy
+    from seal.registry import RegistryError
     from seal.rl.policy import open_teacher_policy
     from seal.student import Student
     from seal.teacher import SelfEditProposer
@@ -525,7 +526,11 @@ def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
     contexts = _slice_contexts(args.squad_file, args.start, args.n)
     with console.status("loading the student and the teacher policy"):
         policy = open_teacher_policy(settings)
-        manifest = policy.load_serving() if args.policy_version is None else policy.activate(args.policy_version)
+        try:
+            manifest = policy.load_serving() if args.policy_version is None else policy.activate(args.policy_version)
+        except RegistryError as exc:
+            console.print(f"[red]cannot load the teacher policy:[/] {exc}")
+            return 1
         # Every adapter an evaluation trains is a throwaway: keep them out of the real registry.
         scratch = Path(tempfile.mkdtemp(prefix="seal-eval-"))
         student = Student(settings.model_copy(update={"home": scratch}))

@@ -130,7 +130,14 @@ _GGUF_TOKEN_USER_DEFINED = 4
 def tokenizer_from_gguf(gguf_path: Path) -> Any:
     """A fast (Rust) Hugging Face tokenizer rebuilt from a GGUF's byte-level BPE vocabulary,
     with its special tokens and chat template."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+    )
     from transformers import PreTrainedTokenizerFast
 
     metadata = read_gguf_metadata(gguf_path)
@@ -438,7 +445,12 @@ def build_tiny_model(
     vLLM's CPU attention needs a head size of 32 or more (hidden_size / num_attention_heads);
     the default 16 is fine for transformers."""
     import torch
-    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        AutoTokenizer,
+        GenerationConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     out_dir = Path(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source))
@@ -658,5 +670,6 @@ def _seeded(seed: int | None, batch_number: int, device: Any) -> Iterator[None]:
     devices = [device] if getattr(device, "type", "cpu") == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         # A distinct stream per batch: otherwise two batches of the same prompt would sample alike.
-        torch.manual_seed(seed * 1_000_003 + batch_number)
+        # Folded into 63 bits because manual_seed rejects larger values (RPC seeds are uint64).
+        torch.manual_seed((seed * 1_000_003 + batch_number) % (1 << 63))
         yield

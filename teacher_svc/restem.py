@@ -44,12 +44,19 @@ KEEP_RULE_TO_PROTO = {
     "best_positive": teacher_pb2.KEEP_RULE_BEST_POSITIVE,
 }
 KEEP_RULE_FROM_PROTO = {value: key for key, value in KEEP_RULE_TO_PROTO.items()}
+# RoundConfig.overrides key → UpdateOverrides field; the overrides are part of a round's identity.
+_OVERRIDE_FIELDS = {
+    "learning_rate": "learning_rate",
+    "epochs": "epochs",
+    "rank": "lora_rank",
+    "alpha": "lora_alpha",
+    "batch_size": "batch_size",
+    "include_passage": "include_passage",
+}
 
 
 def round_inputs(request: teacher_pb2.TrainRequest, settings: Settings) -> tuple[list[restem.TrainingContext], restem.RoundConfig]:
     """Validate a TrainRequest into the core's types; every refusal says what to change."""
-    from student_svc.servicer import overrides_from_proto
-
     if not request.contexts:
         raise ValueError("no training contexts: send at least one context with its questions (τ)")
     limits = settings.limits
@@ -73,6 +80,12 @@ def round_inputs(request: teacher_pb2.TrainRequest, settings: Settings) -> tuple
                 tuple(Question(q.question, q.answer) for q in item.questions),
             )
         )
+    # The same bounds Adapt enforces: out of them, every sample would fail alike in the student.
+    overrides = request.overrides
+    if overrides.HasField("learning_rate") and not 0 < overrides.learning_rate <= 1:
+        raise ValueError("overrides.learning_rate must be in (0, 1]")
+    if overrides.HasField("epochs") and not 1 <= overrides.epochs <= 100:
+        raise ValueError("overrides.epochs must be between 1 and 100")
     configured = settings.restem
     k = validate_k(request.k or configured.k, max(settings.teacher.max_k, configured.k))
     if request.keep_rule and request.keep_rule not in KEEP_RULE_FROM_PROTO:
@@ -83,10 +96,8 @@ def round_inputs(request: teacher_pb2.TrainRequest, settings: Settings) -> tuple
         keep_rule=KEEP_RULE_FROM_PROTO.get(request.keep_rule, configured.keep_rule),
         prompt_style=validate_prompt_style(request.prompt_style or settings.teacher.prompt_style),
         seed=request.seed if request.HasField("seed") else settings.seed,
-        overrides={
-            **overrides_from_proto(request.overrides),
-            **({"include_passage": request.overrides.include_passage} if request.overrides.HasField("include_passage") else {}),
-        },
+        overrides={ours: getattr(request.overrides, theirs) for ours, theirs in _OVERRIDE_FIELDS.items()
+                   if request.overrides.HasField(theirs)},
     )
     if config.seeds_per_edit > 16:
         raise ValueError(f"seeds_per_edit={config.seeds_per_edit} is above 16; each seed is a full LoRA run")
@@ -114,10 +125,8 @@ class GrpcScorer:
         self._round_label = round_label
 
     def _update_overrides(self) -> common_pb2.UpdateOverrides:
-        names = {"learning_rate": "learning_rate", "epochs": "epochs", "rank": "lora_rank", "alpha": "lora_alpha",
-                 "batch_size": "batch_size", "include_passage": "include_passage"}
         message = common_pb2.UpdateOverrides()
-        for ours, theirs in names.items():
+        for ours, theirs in _OVERRIDE_FIELDS.items():
             if ours in self._overrides:
                 setattr(message, theirs, self._overrides[ours])
         return message

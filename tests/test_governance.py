@@ -14,8 +14,8 @@ import urllib.request
 from pathlib import Path
 
 import grpc
-from google.protobuf import empty_pb2
 import pytest
+from google.protobuf import empty_pb2
 
 from seal.audit import AuditLog, candidate_payload, cause_payload
 from seal.auditor import Auditor
@@ -157,7 +157,7 @@ def _cli(*argv: str) -> tuple[int, str]:
 
     from rich.console import Console
 
-    import seal.cli as cli
+    from seal import cli
 
     buffer = io.StringIO()
     original = cli.console
@@ -281,7 +281,7 @@ def _metrics(service) -> str:
 
 def _metric_value(body: str, name: str, **labels: str) -> float:
     label_text = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    match = re.search(rf"^{re.escape(name)}\{{{re.escape(label_text)}\}} (\S+)$", body, re.M)
+    match = re.search(rf"^{re.escape(name)}\{{{re.escape(label_text)}\}} (\S+)$", body, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
 
 
@@ -458,3 +458,20 @@ def test_outbox_keeps_events_until_the_auditor_is_back(tmp_path: Path) -> None:
     assert [e["event_id"] for e in delivered] == [event["event_id"]] and delivered[0]["cause"] == "incident 42"
     assert (tmp_path / "outbox.jsonl").read_text() == ""
     reopened.close()
+
+
+def test_skip_retention_scores_without_asking_the_probe(governed) -> None:
+    with grpc.insecure_channel(governed["student"].address) as s_channel, \
+            grpc.insecure_channel(governed["auditor"].address) as a_channel:
+        adapter_id = _train(student_pb2_grpc.StudentServiceStub(s_channel), "skip", GARBAGE, learning_rate=0.05, epochs=3)
+        auditor = auditor_pb2_grpc.AuditorServiceStub(a_channel)
+        score = lambda skip: auditor.Score(auditor_pb2.ScoreRequest(
+            adapter_id=adapter_id, context=common_pb2.Context(title="Velmora", passage=PASSAGE),
+            questions=[common_pb2.Question(question=q, answer=a) for q, a in QUESTIONS], self_edit=GARBAGE,
+            skip_retention=skip), timeout=300)
+        skipped, measured = score(True), score(False)
+    assert not skipped.HasField("retention_accuracy") and skipped.retention_probe_size == 0
+    assert next(g for g in skipped.gates if g.gate == "retention").reason == "retention not measured"
+    assert measured.HasField("retention_accuracy") and measured.retention_probe_size == len(governed["probe"])
+    assert measured.retention_accuracy < measured.baseline_retention_accuracy
+    assert len(measured.retention_outcomes) == len(governed["probe"])

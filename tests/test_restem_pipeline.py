@@ -18,7 +18,13 @@ import pytest
 from seal.config import Settings
 from seal.registry import AdapterRegistry
 from seal.stack import LocalStack, local_stack
-from seal.v1 import common_pb2, student_pb2, student_pb2_grpc, teacher_pb2, teacher_pb2_grpc
+from seal.v1 import (
+    common_pb2,
+    student_pb2,
+    student_pb2_grpc,
+    teacher_pb2,
+    teacher_pb2_grpc,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

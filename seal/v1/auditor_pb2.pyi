@@ -36,7 +36,7 @@ class CheckSelfEditResponse(_message.Message):
     def __init__(self, passed: _Optional[bool] = ..., results: _Optional[_Iterable[_Union[_common_pb2.GateResult, _Mapping]]] = ..., audit_sequence: _Optional[int] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("adapter_id", "context", "questions", "self_edit", "prompt", "seed", "guardrails", "request_id")
+    __slots__ = ("adapter_id", "context", "questions", "self_edit", "prompt", "seed", "guardrails", "request_id", "skip_retention")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     QUESTIONS_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,7 @@ class ScoreRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     GUARDRAILS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SKIP_RETENTION_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     context: _common_pb2.Context
     questions: _containers.RepeatedCompositeFieldContainer[_common_pb2.Question]
@@ -53,7 +54,8 @@ class ScoreRequest(_message.Message):
     seed: int
     guardrails: _containers.RepeatedCompositeFieldContainer[_common_pb2.GateResult]
     request_id: str
-    def __init__(self, adapter_id: _Optional[str] = ..., context: _Optional[_Union[_common_pb2.Context, _Mapping]] = ..., questions: _Optional[_Iterable[_Union[_common_pb2.Question, _Mapping]]] = ..., self_edit: _Optional[str] = ..., prompt: _Optional[str] = ..., seed: _Optional[int] = ..., guardrails: _Optional[_Iterable[_Union[_common_pb2.GateResult, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    skip_retention: bool
+    def __init__(self, adapter_id: _Optional[str] = ..., context: _Optional[_Union[_common_pb2.Context, _Mapping]] = ..., questions: _Optional[_Iterable[_Union[_common_pb2.Question, _Mapping]]] = ..., self_edit: _Optional[str] = ..., prompt: _Optional[str] = ..., seed: _Optional[int] = ..., guardrails: _Optional[_Iterable[_Union[_common_pb2.GateResult, _Mapping]]] = ..., request_id: _Optional[str] = ..., skip_retention: _Optional[bool] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("baseline_accuracy", "adapted_accuracy", "reward", "baseline_outcomes", "adapted_outcomes", "gates", "passed_gates", "reward_sequence", "retention_accuracy", "baseline_retention_accuracy", "retention_probe_size", "retention_outcomes", "audit_sequence")
