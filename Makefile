@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SQUAD_FILE ?= ../shared/data/squad/seal_eval_200.json
-PASSAGE_INDEX ?= 0
+PASSAGE_INDEX ?= 127
 DEMO_K ?= 2
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 

@@ -259,12 +259,15 @@ def generate_one(address: str, prompt: str, adapter_id: str, max_new_tokens: int
         )
 
 
-def generate_served(address: str, prompt: str, max_new_tokens: int) -> tuple[student_pb2.GenerateResponse, str]:
-    """A generation from the promoted version, and the backend that answered it (triton or
-    in_process, from the student's trailing metadata)."""
+def generate_served(
+    address: str, prompt: str, max_new_tokens: int, adapter_id: str = ""
+) -> tuple[student_pb2.GenerateResponse, str]:
+    """A generation from the promoted version (or the named one), and the backend that answered
+    it (triton or in_process, from the student's trailing metadata)."""
+    selector = student_pb2.AdapterSelector(adapter_id=adapter_id) if adapter_id else student_pb2.AdapterSelector()
     with grpc.insecure_channel(address) as channel:
         reply, call = student_pb2_grpc.StudentServiceStub(channel).Generate.with_call(
-            student_pb2.GenerateRequest(prompts=[prompt], max_new_tokens=max_new_tokens), timeout=600
+            student_pb2.GenerateRequest(prompts=[prompt], adapter=selector, max_new_tokens=max_new_tokens), timeout=600
         )
     backend = dict(call.trailing_metadata() or ()).get("x-seal-serving-backend", "unknown")
     return reply, backend
@@ -377,12 +380,20 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     with local_services(settings):
         result = run_adapt(settings.services.address_of("teacher"), adapt_request(context, args), args.timeout)
         print_result(result)
-        if result.promoted and result.adapted_outcomes:
-            question = result.adapted_outcomes[0].question
+        if result.adapted_outcomes and result.adapter_id:
             from seal.domains.knowledge import build_question_prompt
 
-            reply, backend = generate_served(settings.services.address_of("student"), build_question_prompt(question), 32)
-            console.print(f"served by {reply.served_adapter_id} ({backend}): Q: {question} → {reply.completions[0].text!r}")
+            question = result.adapted_outcomes[0].question
+            # Not promoted (a gate said no): ask the best candidate by name, so the demo still
+            # shows what it learned, and say that it is not what clients are served.
+            named = "" if result.promoted else result.adapter_id
+            reply, backend = generate_served(
+                settings.services.address_of("student"), build_question_prompt(question), 32, named
+            )
+            role = "promoted" if result.promoted else "candidate, not promoted"
+            console.print(
+                f"served by {reply.served_adapter_id} ({role}, {backend}): Q: {question} → {reply.completions[0].text!r}"
+            )
     return 0
 
 

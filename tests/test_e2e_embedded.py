@@ -46,10 +46,24 @@ def test_adapt_teaches_the_embedded_model_invented_facts(embedded_model_dir: Pat
         for outcome in result.adapted_outcomes:
             print(f"  {outcome.question} -> {outcome.prediction!r} ({'ok' if outcome.correct else 'wrong'})")
         assert result.adapted_accuracy > result.baseline_accuracy
-        assert result.promoted
+        best = next(c for c in result.candidates if c.adapter_id == result.adapter_id)
+        # The τ gain is real; whether it may be kept is the retention gate's call (default LoRA
+        # on a 135M model measurably forgets general knowledge), and the reason must be given.
+        tau_gate = next(g for g in best.gates if g.gate == "tau_gain")
+        assert tau_gate.passed
+        if result.promoted:
+            assert all(g.passed for g in best.gates)
+        else:
+            failed = [g for g in best.gates if not g.passed]
+            assert failed and all(g.reason for g in failed), best.gates
+            assert any(g.gate in result.decision_reason or g.reason in result.decision_reason for g in failed)
         with grpc.insecure_channel(stack.student.address) as channel:
             reply = student_pb2_grpc.StudentServiceStub(channel).Generate(
-                student_pb2.GenerateRequest(prompts=["Answer with a short phrase.\nQuestion: Who founded Quillbrook?"], max_new_tokens=16),
+                student_pb2.GenerateRequest(
+                    prompts=["Answer with a short phrase.\nQuestion: Who founded Quillbrook?"],
+                    adapter=student_pb2.AdapterSelector(adapter_id=result.adapter_id),
+                    max_new_tokens=16,
+                ),
                 timeout=300,
             )
         assert reply.served_adapter_id == result.adapter_id
