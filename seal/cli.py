@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 from rich.console import Console
@@ -166,6 +167,11 @@ def adapt_request(context: KnowledgeContext, args: argparse.Namespace) -> teache
         k=args.k or 0,
         prompt_style=args.style or "",
     )
+    return with_update_args(request, args)
+
+
+def with_update_args(request: Any, args: argparse.Namespace) -> Any:
+    """Seed and inner-loop overrides shared by Adapt and Train requests."""
     if args.seed is not None:
         request.seed = args.seed
     if args.epochs:
@@ -175,13 +181,17 @@ def adapt_request(context: KnowledgeContext, args: argparse.Namespace) -> teache
     return request
 
 
+def stream_progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"),
+        TimeElapsedColumn(), console=console, transient=False,
+    )
+
+
 def run_adapt(address: str, request: teacher_pb2.AdaptRequest, timeout: float) -> teacher_pb2.AdaptResult:
     """Stream one Adapt call with progress bars; return its final result."""
     result = None
-    with grpc.insecure_channel(address) as channel, Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"),
-        TimeElapsedColumn(), console=console, transient=False,
-    ) as progress:
+    with grpc.insecure_channel(address) as channel, stream_progress() as progress:
         stub = teacher_pb2_grpc.TeacherServiceStub(channel)
         overall = progress.add_task("self-edits", total=None, note="sampling…")
         training: dict[int, int] = {}
@@ -428,22 +438,13 @@ def train_request(contexts: list[KnowledgeContext], args: argparse.Namespace) ->
         prompt_style=args.style or "",
         restart=args.restart,
     )
-    if args.seed is not None:
-        request.seed = args.seed
-    if args.epochs:
-        request.overrides.epochs = args.epochs
-    if args.learning_rate:
-        request.overrides.learning_rate = args.learning_rate
-    return request
+    return with_update_args(request, args)
 
 
 def run_train(address: str, request: teacher_pb2.TrainRequest, timeout: float) -> teacher_pb2.RoundReport:
     """Stream one Train call with progress bars; return the round's report."""
     report = None
-    with grpc.insecure_channel(address) as channel, Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"),
-        TimeElapsedColumn(), console=console, transient=False,
-    ) as progress:
+    with grpc.insecure_channel(address) as channel, stream_progress() as progress:
         stub = teacher_pb2_grpc.TeacherServiceStub(channel)
         samples = progress.add_task("scored samples", total=None, note="")
         contexts = progress.add_task("contexts", total=len(request.contexts), note="")
