@@ -152,6 +152,8 @@ def main() -> int:
         "before": before,
         "after": after,
         "total_seconds": time.perf_counter() - started_all,
+        # The services run in this process (local_stack), so this is the whole bench's CPU time.
+        "cpu_seconds": time.process_time(),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -195,7 +197,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['round']['wall_seconds']:.0f} s |",
         "",
         "Phases (s): " + ", ".join(f"{k} {float(v):.0f}" for k, v in report["phase_seconds"].items())
-        + f"; {report['samples_scored']} samples scored, {report['samples_failed']} failed.",
+        + f"; {report['samples_scored']} samples scored, {report['samples_failed']} failed (guardrails or no usable "
+        "line). Scoring is the whole Adapt path per sample: guardrails, a LoRA SFT candidate on the student "
+        "(10 epochs), closed-book τ on the auditor.",
         "",
         f"## The policy before and after (closed-book accuracy, {before['passages']} passages of seal_eval_200, "
         f"k={before['k']} self-edit per passage, same seeds)",
@@ -221,13 +225,18 @@ def markdown(result: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        f"Total wall time {result['total_seconds'] / 60:.1f} min on a shared 2-core machine. "
+        f"Total wall time {result['total_seconds'] / 60:.1f} min"
+        + (f" ({result['cpu_seconds'] / 60:.1f} CPU-min in this process and its threads)" if "cpu_seconds" in result else "")
+        + " on a 2-core machine shared with other jobs: phase times depend on their load and are not "
+        "comparable between the two evaluations. "
         f"These numbers rest on {before['passages']} evaluation passages ({before['questions']} questions) and "
         f"{report['contexts']} training contexts: a difference of one question is "
         f"{1 / max(before['questions'], 1):.1%}, so they show that the loop runs end to end, not that the policy "
         "improved. The paper (Qwen2.5-7B, 2 rounds × 50 contexts × 5 samples, 200 evaluation passages, GPT-4.1 judge) "
         "reports 39.7% for base-model implications and 47.0% after ReST^EM.",
     ]
+    if result.get("notes"):
+        lines += ["", result["notes"]]
     return "\n".join(lines) + "\n"
 
 
