@@ -15,6 +15,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # on 2 cores, most of it vLLM's start-up.
 VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_TESTS = VLLM_CPU_KVCACHE_SPACE=1 PYTHONPATH=$(CURDIR) $(VLLM_PY) -m pytest -q -p no:cacheprovider tests/test_vllm_engine.py
 
 # torch first and pinned: the local CPU wheel; an unpinned torch pulls GBs of CUDA wheels.
 $(VENV)/.installed: pyproject.toml
@@ -57,8 +58,10 @@ model: install
 demo: install
 	$(VENV)/bin/seal demo --squad-file $(SQUAD_FILE) --index $(PASSAGE_INDEX) --k $(DEMO_K)
 
-test: install
+# The whole suite: the main venv, then the vLLM engine tests in theirs (they skip in the main one).
+test: install venv-vllm
 	$(PY) -m pytest -q
+	$(VLLM_TESTS)
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
@@ -66,7 +69,7 @@ test-fast: install
 # The vLLM engine tests (they skip in the main venv). VLLM_CPU_KVCACHE_SPACE: vLLM's CPU build
 # would otherwise reserve most of the RAM for its KV cache.
 test-vllm: venv-vllm
-	VLLM_CPU_KVCACHE_SPACE=1 PYTHONPATH=$(CURDIR) $(VLLM_PY) -m pytest -q -p no:cacheprovider tests/test_vllm_engine.py
+	$(VLLM_TESTS)
 
 protos: install
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/seal/v1/*.proto

@@ -38,6 +38,9 @@ class ModelSettings(BaseModel):
     path: str = Field("", description="Any Hugging Face model directory; empty = embedded default")
     cache_dir: Path = Field(default_factory=lambda: _default_home() / "models")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Where the student trains and generates, the transformers teacher generates and the policy
+    # SFT runs: auto = the first CUDA device when torch sees one, else the CPU.
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
     torch_threads: int = Field(0, ge=0, description="0 = let torch decide")
 
 
@@ -87,6 +90,9 @@ class RestemSettings(BaseModel):
     # best_positive: only a strictly positive mean gain; ties go to the shorter self-edit.
     keep_rule: Literal["best_of_k", "best_positive"] = "best_of_k"
     candidate_adapter_name: str = Field("restem", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    # A round scores contexts x k x seeds candidates (19 MB each for SmolLM2 at rank 16, ~80 MB for
+    # a 7B model) that are never served: by default only their manifests are kept.
+    keep_candidate_weights: bool = False
     policy_adapter_name: str = Field("teacher-policy", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
     policy_learning_rate: float = Field(3e-4, gt=0, le=1.0)
     policy_epochs: int = Field(3, ge=1, le=100)

@@ -16,6 +16,7 @@ import json
 import logging
 import mmap
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -357,8 +358,33 @@ def resolve_model_path(settings: ModelSettings) -> Path:
 # --- loading ----------------------------------------------------------------------------------
 
 
-def load_model_and_tokenizer(path: Path | str, *, dtype: str = "float32", torch_threads: int = 0) -> tuple[Any, Any]:
-    """A causal LM in eval mode plus its tokenizer, which always has a pad token.
+def resolve_device(requested: str) -> str:
+    """``auto`` is the first CUDA device when torch sees one, else the CPU; an explicit CUDA
+    device that is not there is an error rather than a silent fall-back to a 50x slower CPU."""
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cpu":
+        return "cpu"
+    match = re.fullmatch(r"cuda(?::(\d+))?", requested)
+    if match is None:
+        raise ValueError(f"device {requested!r} is not supported; use auto, cpu, cuda or cuda:N")
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(match.group(1) or 0)
+    if index >= available:
+        raise ValueError(
+            f"device {requested!r} was asked for but torch sees {available} CUDA device(s); "
+            "set SEAL_MODEL__DEVICE=cpu (or auto) on a machine without that GPU"
+        )
+    return requested
+
+
+def load_model_and_tokenizer(
+    path: Path | str, *, dtype: str = "float32", torch_threads: int = 0, device: str = "cpu"
+) -> tuple[Any, Any]:
+    """A causal LM in eval mode on ``device`` (see :func:`resolve_device`) plus its tokenizer,
+    which always has a pad token.
 
     ``torch_threads`` > 0 pins torch's intra-op thread count (process-wide); 0 leaves torch's own
     choice, which is right unless several model processes share a node."""
@@ -369,11 +395,12 @@ def load_model_and_tokenizer(path: Path | str, *, dtype: str = "float32", torch_
         raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(_DTYPES)}")
     if torch_threads < 0:
         raise ValueError(f"torch_threads must be >= 0 (0 = torch decides), got {torch_threads}")
+    target = resolve_device(device)
     if torch_threads:
         torch.set_num_threads(torch_threads)
     path = Path(path)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype)).to(target)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is not None:
             # Safe because padded positions are always masked, both in attention and in the loss.

@@ -125,6 +125,12 @@ class CorruptManifest(RegistryError):
     code = "data_loss"
 
 
+class WeightsDiscarded(RegistryError):
+    """The version's manifest is kept as a record, but its adapter files were deleted."""
+
+    code = "failed_precondition"
+
+
 # --- ids and names -----------------------------------------------------------------------------
 
 
@@ -252,6 +258,9 @@ class Manifest(BaseModel):
     created_at: str
     status: Status
     history: list[StatusChange]
+    # Set when the adapter files of a rejected version were deleted to reclaim disk (a ReST^EM
+    # round scores hundreds of candidates it never serves); the manifest stays as the record.
+    weights_discarded_at: str = ""
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
@@ -579,6 +588,12 @@ class AdapterRegistry:
     # --- integrity ----------------------------------------------------------------------------
 
     def verify(self, manifest: Manifest) -> None:
+        if manifest.weights_discarded_at:
+            raise WeightsDiscarded(
+                f"{manifest.adapter_id} was rejected and its weights were discarded at "
+                f"{manifest.weights_discarded_at}; only its manifest is kept, so it cannot be served "
+                "(retrain it from the recorded self-edit and hyperparameters if it is needed)"
+            )
         directory = self.path_of(manifest)
         on_disk = dict(_adapter_files(directory)) if directory.is_dir() else {}
         for filename, expected in manifest.files.items():
@@ -633,6 +648,32 @@ class AdapterRegistry:
             manifest = _find(lineage, version) or self._read(adapter_name, version)
             rejected = manifest.with_status(Status.REJECTED, reason, _stamp_after(lineage))
             return _write_manifest(self.path_of(manifest), rejected)
+
+    def discard_weights(self, adapter_id: str) -> Manifest:
+        """Delete a rejected version's adapter files and keep its manifest (sha256 of every
+        file, seed, hyperparameters, history) as the record. Only rejected versions qualify:
+        'rejected' is final, so nothing can ever need those weights to serve again.
+
+        The manifest is marked first: a crash before the files are gone leaves a version that
+        says so and is finished by calling this again, never one whose files vanished unrecorded."""
+        adapter_name, version = self._existing_name_and_version(adapter_id)
+        with self._exclusive(adapter_name):
+            manifest = self._read(adapter_name, version)
+            if manifest.status != Status.REJECTED:
+                raise InvalidTransition(
+                    f"cannot discard the weights of {adapter_id}: it is '{manifest.status}', and only a "
+                    "rejected version, which can never be served again, may lose its weights",
+                    current=manifest.status,
+                    requested=Status.REJECTED,
+                )
+            directory = self.path_of(manifest)
+            if not manifest.weights_discarded_at:
+                manifest = _write_manifest(directory, manifest.model_copy(update={"weights_discarded_at": _iso(_now())}))
+            for filename in manifest.files:
+                (directory / filename).unlink(missing_ok=True)
+            _fsync_dir(directory)
+        log.info("discarded the weights of %s (manifest kept)", adapter_id)
+        return manifest
 
     def promote(self, adapter_id: str, reason: str) -> Manifest:
         """Serve ``adapter_id`` for its name; the version served so far becomes superseded.

@@ -65,7 +65,8 @@ class Student:
         # Two copies on purpose: PEFT injects LoRA layers into the model it wraps, so the copy
         # that serves loaded adapters must never be the one each training run starts from.
         self._train_base, self.tokenizer = load_model_and_tokenizer(
-            self.model_path, dtype=settings.model.dtype, torch_threads=settings.model.torch_threads
+            self.model_path, dtype=settings.model.dtype, torch_threads=settings.model.torch_threads,
+            device=settings.model.device,
         )
         self._serve_model: Any = None
         self._loaded_adapters: OrderedDict[str, None] = OrderedDict()
@@ -87,7 +88,9 @@ class Student:
             self.triton = TritonServing(settings, self.model_path, self.registry)
             self.triton.start(self._startup_version())
         else:
-            self._serve_base, _ = load_model_and_tokenizer(self.model_path, dtype=settings.model.dtype)
+            self._serve_base, _ = load_model_and_tokenizer(
+                self.model_path, dtype=settings.model.dtype, device=settings.model.device
+            )
 
     def _startup_version(self) -> Manifest | None:
         promoted = self.registry.promoted(self.settings.adapter_name)
@@ -263,10 +266,28 @@ class Student:
 
     _MAX_LOADED_ADAPTERS = 8
 
+    @staticmethod
+    def _adapter_key(adapter_id: str) -> str:
+        return adapter_id.replace("@", "_")  # PEFT adapter names may not hold '@'
+
+    def _forget_loaded(self, adapter_id: str) -> None:
+        """Drop a version from the in-process cache, so it never answers from memory again."""
+        adapter_key = self._adapter_key(adapter_id)
+        with self._serve_lock:
+            if self._loaded_adapters.pop(adapter_key, "absent") is not None:
+                return
+            others = [name for name in self._serve_model.peft_config if name != adapter_key]
+            # A PeftModel cannot drop its last adapter: that one stays resident but unreachable,
+            # since _activate verifies anything not in the cache and its files are gone.
+            if others:
+                # PEFT would keep naming a deleted active adapter; point it at a live one first.
+                self._serve_model.set_adapter(others[-1])
+                self._serve_model.delete_adapter(adapter_key)
+
     def _activate(self, manifest: Manifest) -> Any:
         from peft import PeftModel
 
-        adapter_key = manifest.adapter_id.replace("@", "_")  # PEFT adapter names may not hold '@'
+        adapter_key = self._adapter_key(manifest.adapter_id)
         if adapter_key not in self._loaded_adapters:
             # Weights are checked before they ever answer a request.
             self.registry.verify(manifest)
@@ -296,10 +317,13 @@ class Student:
             self.triton.promote(manifest)
         return manifest
 
-    def reject(self, adapter_id: str, reason: str) -> Manifest:
+    def reject(self, adapter_id: str, reason: str, *, discard_weights: bool = False) -> Manifest:
         manifest = self.registry.mark_rejected(adapter_id, reason)
         if self.triton is not None:
             self.triton.forget(adapter_id)
+        if discard_weights:
+            self._forget_loaded(adapter_id)
+            manifest = self.registry.discard_weights(adapter_id)
         return manifest
 
     def rollback(self, adapter_name: str, reason: str, *, allow_base_model: bool) -> tuple[Manifest, Manifest | None]:

@@ -286,7 +286,9 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
     @map_errors
     def Reject(self, request: student_pb2.RejectRequest, context: grpc.ServicerContext) -> student_pb2.RejectResponse:
         try:
-            manifest = self._student.reject(request.adapter_id, request.reason or "rejected by request")
+            manifest = self._student.reject(
+                request.adapter_id, request.reason or "rejected by request", discard_weights=request.discard_weights
+            )
         finally:
             self._refresh_served()
         self._report("reject", manifest.adapter_id, request.reason or "rejected by request", context)

@@ -116,6 +116,7 @@ class GrpcScorer:
         overrides: dict[str, Any],
         timeout: Callable[[], float],
         round_label: Callable[[], str],
+        keep_candidate_weights: bool = False,
     ) -> None:
         self._student = student
         self._auditor = auditor
@@ -123,6 +124,7 @@ class GrpcScorer:
         self._overrides = overrides
         self._timeout = timeout
         self._round_label = round_label
+        self._keep_candidate_weights = keep_candidate_weights
 
     def _update_overrides(self) -> common_pb2.UpdateOverrides:
         message = common_pb2.UpdateOverrides()
@@ -188,6 +190,7 @@ class GrpcScorer:
             student_pb2.RejectRequest(
                 adapter_id=manifest.adapter_id,
                 reason=f"ReST^EM {self._round_label()}: scored for the teacher's policy (reward {score.reward:+.3f}), never served",
+                discard_weights=not self._keep_candidate_weights,
             ),
             timeout=self._timeout(),
         )
@@ -345,6 +348,7 @@ def stream_round(
     scorer = GrpcScorer(
         student, auditor, candidate_adapter_name=settings.restem.candidate_adapter_name,
         overrides=config.overrides, timeout=timeout, round_label=lambda: label["round"],
+        keep_candidate_weights=settings.restem.keep_candidate_weights,
     )
 
     def work() -> None:

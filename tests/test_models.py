@@ -26,6 +26,7 @@ from seal.models import (
     prepare_atomically,
     prepare_embedded_tokenizer,
     read_gguf_metadata,
+    resolve_device,
     resolve_model_path,
 )
 
@@ -233,6 +234,25 @@ def test_loading_gives_eval_model_and_a_pad_token(tiny_model_dir: Path, tmp_path
 def test_loading_rejects_unknown_dtype(tiny_model_dir: Path) -> None:
     with pytest.raises(ValueError, match="float64"):
         load_model_and_tokenizer(tiny_model_dir, dtype="float64")
+
+
+def test_device_auto_follows_what_torch_sees() -> None:
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == "cpu"
+
+
+def test_a_missing_gpu_is_an_error_not_a_silent_cpu_run(tiny_model_dir: Path) -> None:
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last device, on any machine
+    with pytest.raises(ValueError, match="SEAL_MODEL__DEVICE=cpu"):
+        load_model_and_tokenizer(tiny_model_dir, device=missing)
+    with pytest.raises(ValueError, match="auto, cpu, cuda or cuda:N"):
+        resolve_device("gpu")
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:", "CPU", "cuda:x"])
+def test_device_setting_is_validated(device: str) -> None:
+    with pytest.raises(ValueError, match="device"):
+        ModelSettings(device=device)
 
 
 # --- fingerprints ----------------------------------------------------------------------------

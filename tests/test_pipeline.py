@@ -194,6 +194,30 @@ def test_student_errors_are_actionable_and_leave_nothing_behind(stack: LocalStac
         assert health.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_a_rejected_candidate_whose_weights_are_discarded_never_answers_again(stack: LocalStack) -> None:
+    with grpc.insecure_channel(stack.student.address) as channel:
+        student = student_pb2_grpc.StudentServiceStub(channel)
+        request = student_pb2.ApplySelfEditRequest(
+            adapter_name="scratch", context=common_pb2.Context(title="Velmora", passage=PASSAGE),
+            self_edit="Velmora was founded in 1742 by Ilse Marrow.",
+        )
+        candidate = [u.candidate for u in student.ApplySelfEdit(request, timeout=120) if u.HasField("candidate")][0]
+        generate = student_pb2.GenerateRequest(
+            prompts=["Who founded Velmora?"], max_new_tokens=4,
+            adapter=student_pb2.AdapterSelector(adapter_id=candidate.adapter_id),
+        )
+        assert student.Generate(generate, timeout=60).served_adapter_id == candidate.adapter_id  # now cached in memory
+
+        reply = student.Reject(student_pb2.RejectRequest(adapter_id=candidate.adapter_id, reason="scored only",
+                                                         discard_weights=True), timeout=30)
+        assert reply.adapter.status == common_pb2.ADAPTER_STATUS_REJECTED
+        assert [p.name for p in Path(candidate.path).iterdir()] == ["manifest.json"]
+        with pytest.raises(grpc.RpcError) as error:
+            student.Generate(generate, timeout=60)
+        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "weights were discarded" in error.value.details()
+
+
 def test_every_service_has_health_reflection_and_metrics(stack: LocalStack) -> None:
     for name, service in (("student", stack.student), ("auditor", stack.auditor), ("teacher", stack.teacher)):
         full_name = f"seal.v1.{name.capitalize()}Service"

@@ -43,6 +43,7 @@ from seal.registry import (
     RegistryError,
     Status,
     StatusChange,
+    WeightsDiscarded,
     check_transition,
     format_adapter_id,
     parse_adapter_id,
@@ -477,6 +478,50 @@ def test_rejected_versions_never_serve(root: Path) -> None:
     with pytest.raises(InvalidTransition):
         registry.mark_rejected(candidate, "twice")
     assert registry.get(candidate) == rejected
+
+
+def test_a_rejected_versions_weights_can_be_discarded_and_its_record_stays(root: Path) -> None:
+    registry = AdapterRegistry(root)
+    candidate = create(registry)
+    kept = create(registry, weights=b"other")
+    with pytest.raises(InvalidTransition, match="only a rejected version"):
+        registry.discard_weights(candidate.adapter_id)
+    assert sorted(p.name for p in registry.path_of(candidate).iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "manifest.json"
+    ]
+
+    registry.mark_rejected(candidate.adapter_id, "scored only")
+    discarded = registry.discard_weights(candidate.adapter_id)
+    assert [p.name for p in registry.path_of(candidate).iterdir()] == ["manifest.json"]
+    assert discarded.weights_discarded_at and registry.get(candidate.adapter_id) == discarded
+    # The record is whole: checksums, seed, hyperparameters and history survive the weights.
+    assert (discarded.files, discarded.seed, discarded.hyperparameters) == (
+        candidate.files, candidate.seed, candidate.hyperparameters
+    )
+    assert [c.status for c in discarded.history] == ["candidate", "rejected"]
+    with pytest.raises(WeightsDiscarded, match="cannot be served") as caught:
+        registry.verify(discarded)
+    assert caught.value.code == "failed_precondition"
+    assert registry.discard_weights(candidate.adapter_id) == discarded  # idempotent
+    registry.verify(kept)  # other versions untouched
+
+
+def test_a_discard_cut_short_after_marking_is_finished_by_calling_again(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    registry = AdapterRegistry(root)
+    candidate = create(registry).adapter_id
+    registry.mark_rejected(candidate, "scored only")
+
+    def crash(self: Path, missing_ok: bool = False) -> None:
+        raise OSError("power cut")
+
+    monkeypatch.setattr(Path, "unlink", crash)
+    with pytest.raises(OSError, match="power cut"):
+        registry.discard_weights(candidate)
+    monkeypatch.undo()
+    # Marked before anything was deleted: never files gone without the manifest saying so.
+    assert registry.get(candidate).weights_discarded_at
+    registry.discard_weights(candidate)
+    assert [p.name for p in registry.path_of(registry.get(candidate)).iterdir()] == ["manifest.json"]
 
 
 def test_update_metrics_merges_and_persists(root: Path) -> None:

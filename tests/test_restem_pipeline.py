@@ -182,6 +182,12 @@ def test_a_round_end_to_end_trains_and_hot_loads_the_policy(stack: LocalStack) -
     assert len(candidates) == report.samples_scored
     assert all(c.status == common_pb2.ADAPTER_STATUS_REJECTED for c in candidates)
     assert len(reward_events(home)) == report.samples_scored
+    # Scored, never to be served: their weights are gone (restem.keep_candidate_weights is off),
+    # their manifests stay as the record of what was trained and how.
+    student_registry = AdapterRegistry(stack.settings.registry_dir)
+    for manifest in student_registry.list("restem"):
+        assert manifest.weights_discarded_at and set(manifest.files) == {"adapter_config.json", "adapter_model.safetensors"}
+        assert [p.name for p in student_registry.path_of(manifest).iterdir()] == ["manifest.json"]
 
     # The new policy is stored, promoted, and already what the teacher samples with.
     registry = AdapterRegistry(home / "teacher" / "registry")
@@ -274,7 +280,7 @@ while True:
 
 
 def _start_subscriber(buffer_path: Path, address: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     child = subprocess.Popen(
         [sys.executable, "-c", _SUBSCRIBER, str(buffer_path), address],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO_ROOT,

@@ -107,6 +107,7 @@ def create_policy_engine(settings: Settings, model_path: Path) -> PolicyEngine:
     from seal.models import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(
-        model_path, dtype=settings.model.dtype, torch_threads=settings.model.torch_threads
+        model_path, dtype=settings.model.dtype, torch_threads=settings.model.torch_threads,
+        device=settings.model.device,
     )
     return PeftPolicyEngine(model, tokenizer)

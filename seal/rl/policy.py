@@ -37,6 +37,7 @@ class TeacherPolicy:
         base_model_path: Path,
         sft_config: Callable[[int], LoraSFTConfig],
         dtype: str = "float32",
+        device: str = "cpu",
     ) -> None:
         self.engine = engine
         self.registry = registry
@@ -44,6 +45,7 @@ class TeacherPolicy:
         self._base_model_path = Path(base_model_path)
         self._sft_config = sft_config
         self._dtype = dtype
+        self._device = device
         self._train_base: Any = None
         self._tokenizer: Any = None
         self._fingerprint: str | None = None
@@ -95,13 +97,9 @@ class TeacherPolicy:
     def _training_base(self) -> tuple[Any, Any]:
         # A separate copy: the engine's model carries injected LoRA layers once a policy loads.
         if self._train_base is None:
-            import torch
-
             from seal.models import load_model_and_tokenizer, model_fingerprint
 
-            model, tokenizer = load_model_and_tokenizer(self._base_model_path, dtype=self._dtype)
-            if torch.cuda.is_available():
-                model = model.to("cuda")
+            model, tokenizer = load_model_and_tokenizer(self._base_model_path, dtype=self._dtype, device=self._device)
             self._train_base, self._tokenizer = model, tokenizer
             self._fingerprint = model_fingerprint(self._base_model_path)
         return self._train_base, self._tokenizer
@@ -191,4 +189,5 @@ def open_teacher_policy(settings: Settings) -> TeacherPolicy:
         base_model_path=model_path,
         sft_config=lambda seed: policy_sft_config(settings, seed),
         dtype=settings.model.dtype,
+        device=settings.model.device,
     )

@@ -207,7 +207,8 @@ class LoraSFTTrainer:
 
         # Forked RNG: LoRA init, dropout and shuffling are seeded without disturbing the caller's
         # global RNG (the teacher's seeded sampling relies on it).
-        with torch.random.fork_rng(devices=[]):
+        base_device = getattr(self.base_model, "device", torch.device("cpu"))
+        with torch.random.fork_rng(devices=[base_device] if base_device.type == "cuda" else []):
             torch.manual_seed(config.seed)
             model = self._wrap_copy()
             model.train()

@@ -117,12 +117,14 @@ class PromoteResponse(_message.Message):
     def __init__(self, adapter: _Optional[_Union[_common_pb2.AdapterManifest, _Mapping]] = ...) -> None: ...
 
 class RejectRequest(_message.Message):
-    __slots__ = ("adapter_id", "reason")
+    __slots__ = ("adapter_id", "reason", "discard_weights")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    DISCARD_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     reason: str
-    def __init__(self, adapter_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    discard_weights: bool
+    def __init__(self, adapter_id: _Optional[str] = ..., reason: _Optional[str] = ..., discard_weights: _Optional[bool] = ...) -> None: ...
 
 class RejectResponse(_message.Message):
     __slots__ = ("adapter",)
