@@ -38,7 +38,7 @@ from seal.retention import (
     load_explicit_probe,
     recheck_verdict,
 )
-from seal.rpc import RpcMetrics, RunningService, map_errors, remaining_timeout, start_service
+from seal.rpc import RpcMetrics, RunningService, map_errors, remaining_timeout, start_configured_service
 from seal.student import self_edit_digest
 from seal.v1 import auditor_pb2, auditor_pb2_grpc, common_pb2, student_pb2, student_pb2_grpc
 
@@ -463,16 +463,7 @@ def serve_auditor(settings: Settings, *, port: int | None = None, metrics_port: 
         auditor_pb2_grpc.add_AuditorServiceServicer_to_server(servicer, server)
         return [auditor_pb2.DESCRIPTOR.services_by_name["AuditorService"].full_name]
 
-    running = start_service(
-        "auditor",
-        register,
-        host=services.host,
-        port=services.auditor_port if port is None else port,
-        metrics=metrics,
-        metrics_port=services.auditor_metrics_port if metrics_port is None else metrics_port,
-        max_workers=services.max_workers,
-        max_concurrent_rpcs=services.max_concurrent_rpcs,
-    )
+    running = start_configured_service("auditor", register, services, metrics, port=port, metrics_port=metrics_port)
     stop_rechecks = threading.Event()
     interval = settings.retention.recheck_interval_s
     if interval > 0:

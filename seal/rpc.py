@@ -13,12 +13,15 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+
+if TYPE_CHECKING:
+    from seal.config import ServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +230,29 @@ class RunningService:
 
     def wait(self) -> None:
         self.server.wait_for_termination()
+
+
+def start_configured_service(
+    name: Literal["teacher", "student", "auditor"],
+    register: Callable[[grpc.Server], list[str]],
+    services: ServiceSettings,
+    metrics: RpcMetrics,
+    *,
+    port: int | None = None,
+    metrics_port: int | None = None,
+) -> RunningService:
+    """:func:`start_service` with the host, ports and limits ``services`` gives ``name``;
+    ``port`` and ``metrics_port`` replace the configured ports when given (0 = a free one)."""
+    return start_service(
+        name,
+        register,
+        host=services.host,
+        port=getattr(services, f"{name}_port") if port is None else port,
+        metrics=metrics,
+        metrics_port=getattr(services, f"{name}_metrics_port") if metrics_port is None else metrics_port,
+        max_workers=services.max_workers,
+        max_concurrent_rpcs=services.max_concurrent_rpcs,
+    )
 
 
 def start_service(

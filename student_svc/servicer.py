@@ -18,7 +18,7 @@ from seal.config import Settings
 from seal.domains.knowledge import context_digest
 from seal.models import SamplingParams
 from seal.registry import Manifest, parse_adapter_id
-from seal.rpc import RpcMetrics, RunningService, deadline_checker, map_errors, start_service
+from seal.rpc import RpcMetrics, RunningService, deadline_checker, map_errors, start_configured_service
 from seal.student import AdapterChoice, Student
 from seal.v1 import auditor_pb2, auditor_pb2_grpc, common_pb2, student_pb2, student_pb2_grpc
 
@@ -335,16 +335,7 @@ def _serve(student: Student, settings: Settings, port: int | None, metrics_port:
         student_pb2_grpc.add_StudentServiceServicer_to_server(servicer, server)
         return [student_pb2.DESCRIPTOR.services_by_name["StudentService"].full_name]
 
-    running = start_service(
-        "student",
-        register,
-        host=services.host,
-        port=services.student_port if port is None else port,
-        metrics=metrics,
-        metrics_port=services.student_metrics_port if metrics_port is None else metrics_port,
-        max_workers=services.max_workers,
-        max_concurrent_rpcs=services.max_concurrent_rpcs,
-    )
+    running = start_configured_service("student", register, services, metrics, port=port, metrics_port=metrics_port)
 
     def connect_auditor(address: str) -> None:
         senders.append(AuditorEventSender(address))

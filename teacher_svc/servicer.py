@@ -24,7 +24,7 @@ from seal.rpc import (
     deadline_checker,
     map_errors,
     remaining_timeout,
-    start_service,
+    start_configured_service,
 )
 from seal.teacher import (
     RewardBuffer,
@@ -457,16 +457,7 @@ def serve_teacher(settings: Settings, *, port: int | None = None, metrics_port: 
         teacher_pb2_grpc.add_TeacherServiceServicer_to_server(servicer, server)
         return [teacher_pb2.DESCRIPTOR.services_by_name["TeacherService"].full_name]
 
-    running = start_service(
-        "teacher",
-        register,
-        host=services.host,
-        port=services.teacher_port if port is None else port,
-        metrics=metrics,
-        metrics_port=services.teacher_metrics_port if metrics_port is None else metrics_port,
-        max_workers=services.max_workers,
-        max_concurrent_rpcs=services.max_concurrent_rpcs,
-    )
+    running = start_configured_service("teacher", register, services, metrics, port=port, metrics_port=metrics_port)
     subscriber.start()
     running.on_stop.extend([subscriber.stop, student_channel.close, auditor_channel.close])
     return running
