@@ -81,8 +81,20 @@ QUESTIONS = [
 ]
 
 
+class FullLengthEngine(TransformersEngine):
+    """Never stops early: random weights would end some generations at a random EOS."""
+
+    def _stop_token_ids(self) -> list[int]:
+        return []
+
+
 def build_model(arch: str, vocab_size: int, device: str, dtype: torch.dtype) -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     shape = dict(ARCHITECTURES[arch])
     family = shape.pop("family")
@@ -98,7 +110,6 @@ def build_model(arch: str, vocab_size: int, device: str, dtype: torch.dtype) -> 
     finally:
         torch.set_default_dtype(previous)
     model.eval()
-    # No EOS: each generation runs to max_new_tokens, so runs are comparable.
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
@@ -119,7 +130,7 @@ def measure(arch: str, device: str, dtype: torch.dtype, tokenizer: Any, settings
     model = build_model(arch, len(tokenizer), device, dtype)
     build_seconds = time.perf_counter() - started
     parameters = sum(p.numel() for p in model.parameters())
-    engine = TransformersEngine(model, tokenizer)
+    engine = FullLengthEngine(model, tokenizer)
     prompt = build_self_edit_prompt(TITLE, PASSAGE, settings.teacher.prompt_style)
     sampling = SamplingParams(max_new_tokens=settings.teacher.max_new_tokens, temperature=settings.teacher.temperature,
                               top_p=settings.teacher.top_p, seed=0)
@@ -131,21 +142,24 @@ def measure(arch: str, device: str, dtype: torch.dtype, tokenizer: Any, settings
     answers = SamplingParams(max_new_tokens=settings.auditor.answer_max_new_tokens)
     questions = [build_question_prompt(q) for q in QUESTIONS]
 
-    rows: dict[str, list[float]] = {"generation": [], "lora_sft": [], "scoring": []}
-    details: dict[str, Any] = {}
-    for repeat in range(repeats + 1):  # the first round warms kernels and allocators up
+    def one_sample() -> tuple[dict[str, float], dict[str, int]]:
+        # A function, so that the candidate (a full copy of the base, see LoraSFTTrainer) is freed
+        # before the next one is trained, as in the student service.
         seconds, generations = timed(device, lambda: engine.generate([prompt] * k, sampling, batch_size=k))
-        tokens = sum(g.completion_tokens for g in generations)
         seconds_sft, result = timed(device, lambda: LoraSFTTrainer(model, tokenizer, config).train(sequences))
-        candidate = TransformersEngine(result.model, tokenizer)
-        seconds_score, _ = timed(device, lambda: candidate.generate(questions, answers, batch_size=len(questions)))
-        if repeat:
-            rows["generation"].append(seconds)
-            rows["lora_sft"].append(seconds_sft)
-            rows["scoring"].append(seconds_score)
-        details = {"generated_tokens": tokens, "sft_steps": result.steps, "sft_tokens": result.tokens,
-                   "prompt_tokens": generations[0].prompt_tokens}
-        del result, candidate
+        candidate = FullLengthEngine(result.model, tokenizer)
+        seconds_score, answered = timed(device, lambda: candidate.generate(questions, answers, batch_size=len(questions)))
+        counts = {"generated_tokens": sum(g.completion_tokens for g in generations), "sft_steps": result.steps,
+                  "sft_tokens": result.tokens, "prompt_tokens": generations[0].prompt_tokens,
+                  "answer_tokens": sum(a.completion_tokens for a in answered)}
+        return {"generation": seconds, "lora_sft": seconds_sft, "scoring": seconds_score}, counts
+
+    rows: dict[str, list[float]] = {"generation": [], "lora_sft": [], "scoring": []}
+    one_sample()  # warms kernels and allocators up
+    for _ in range(repeats):
+        seconds, details = one_sample()
+        for phase, value in seconds.items():
+            rows[phase].append(value)
     medians = {phase: statistics.median(values) for phase, values in rows.items()}
     per_context = medians["generation"] + k * (medians["lora_sft"] + medians["scoring"])
     out = {
@@ -161,10 +175,6 @@ def measure(arch: str, device: str, dtype: torch.dtype, tokenizer: Any, settings
     }
     if device.startswith("cuda"):
         out["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        torch.cuda.reset_peak_memory_stats()
-    del engine, model
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
     return out
 
 
@@ -180,7 +190,7 @@ def render(result: dict) -> str:
         f"Median of {result['runs'][0]['repeats']} runs after one warm-up.",
         "",
         "| model | params | device | dtype | generation (k self-edits) | LoRA SFT (one candidate) | scoring (one candidate) "
-        "| per context (k=3) | paper round (50 × k=5) | peak GPU memory |",
+        f"| per context (k={result['runs'][0]['k']}) | paper round (50 × k=5) | peak GPU memory |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in result["runs"]:
@@ -221,15 +231,18 @@ def main() -> None:
     if args.device.startswith("cuda"):
         machine += f", {torch.cuda.get_device_name(0)}"
     runs = []
-    for arch in args.arch:
-        run = measure(arch, args.device, dtype, tokenizer, settings, args.repeats, args.k)
-        print(json.dumps({key: value for key, value in run.items() if key != "all_seconds"}), flush=True)
-        runs.append(run)
-    result = {"command": " ".join(["python", *sys.argv]), "machine": machine, "runs": runs}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    out.with_suffix(".md").write_text(render(result))
+    for arch in args.arch:
+        run = measure(arch, args.device, dtype, tokenizer, settings, args.repeats, args.k)
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()  # the model died with measure(); its memory goes back now
+            torch.cuda.reset_peak_memory_stats()
+        runs.append(run)
+        # Written after each model, so that a run cut short keeps what it measured.
+        result = {"command": " ".join(["python", *sys.argv]), "machine": machine, "runs": runs}
+        out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+        out.with_suffix(".md").write_text(render(result))
     print(render(result))
 
 
