@@ -274,8 +274,9 @@ class Student:
         """Drop a version from the in-process cache, so it never answers from memory again."""
         adapter_key = self._adapter_key(adapter_id)
         with self._serve_lock:
-            if self._loaded_adapters.pop(adapter_key, "absent") is not None:
+            if adapter_key not in self._loaded_adapters:
                 return
+            del self._loaded_adapters[adapter_key]
             others = [name for name in self._serve_model.peft_config if name != adapter_key]
             # A PeftModel cannot drop its last adapter: that one stays resident but unreachable,
             # since _activate verifies anything not in the cache and its files are gone.

@@ -285,13 +285,14 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
 
     @map_errors
     def Reject(self, request: student_pb2.RejectRequest, context: grpc.ServicerContext) -> student_pb2.RejectResponse:
+        reason = request.reason or "rejected by request"
         try:
-            manifest = self._student.reject(
-                request.adapter_id, request.reason or "rejected by request", discard_weights=request.discard_weights
-            )
+            manifest = self._student.reject(request.adapter_id, reason, discard_weights=request.discard_weights)
         finally:
             self._refresh_served()
-        self._report("reject", manifest.adapter_id, request.reason or "rejected by request", context)
+        # The audit trail says so when weights are gone: that version can never be re-examined.
+        self._report("reject", manifest.adapter_id, f"{reason}; weights discarded" if request.discard_weights else reason,
+                     context)
         return student_pb2.RejectResponse(adapter=self._proto(manifest))
 
     @map_errors

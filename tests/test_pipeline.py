@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import urllib.request
 from pathlib import Path
 
@@ -216,6 +217,18 @@ def test_a_rejected_candidate_whose_weights_are_discarded_never_answers_again(st
             student.Generate(generate, timeout=60)
         assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "weights were discarded" in error.value.details()
+
+    # The audit trail records that this version can no longer be re-examined.
+    from seal.audit import AuditLog
+
+    deadline = time.monotonic() + 30
+    while True:
+        with AuditLog(stack.settings.audit_log_path) as log:
+            rejects = log.records(kind="reject", adapter_id=candidate.adapter_id)
+        if rejects or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert [r.payload["cause"] for r in rejects] == ["scored only; weights discarded"]
 
 
 def test_every_service_has_health_reflection_and_metrics(stack: LocalStack) -> None:
