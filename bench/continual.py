@@ -33,7 +33,7 @@ from seal.continual import (  # noqa: E402
 from seal.domains.knowledge import load_squad, parse_self_edit  # noqa: E402
 from seal.models import TransformersEngine, load_model_and_tokenizer, resolve_model_path  # noqa: E402
 from seal.teacher import SelfEditProposer  # noqa: E402
-from seal.update.lora_sft import LoraSFTConfig  # noqa: E402
+from seal.update.lora_sft import lora_sft_config  # noqa: E402
 
 
 def log(message: str) -> None:
@@ -66,19 +66,9 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = Settings(seed=args.seed)
-    lora = settings.lora
-    lora_config = LoraSFTConfig(
-        learning_rate=args.learning_rate or lora.learning_rate,
-        epochs=args.epochs or lora.epochs,
-        rank=lora.rank,
-        alpha=lora.alpha,
-        dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        batch_size=lora.batch_size,
-        max_seq_len=lora.max_seq_len,
-        grad_clip=lora.grad_clip,
-        seed=args.seed,
-    )
+    overrides = {"learning_rate": args.learning_rate, "epochs": args.epochs}
+    lora_config = lora_sft_config(settings.lora, seed=args.seed,
+                                  overrides={key: value for key, value in overrides.items() if value})
     model_path = resolve_model_path(settings.model)
     model, tokenizer = load_model_and_tokenizer(model_path)
     all_contexts = load_squad(args.squad_file)

@@ -34,7 +34,7 @@ from seal.domains.knowledge import (  # noqa: E402
     build_training_sequences,
 )
 from seal.models import SamplingParams, TransformersEngine, prepare_embedded_tokenizer  # noqa: E402
-from seal.update.lora_sft import LoraSFTConfig, LoraSFTTrainer  # noqa: E402
+from seal.update.lora_sft import LoraSFTTrainer, lora_sft_config  # noqa: E402
 
 # Shapes from the models' published config.json files.
 ARCHITECTURES: dict[str, dict[str, Any]] = {
@@ -134,10 +134,7 @@ def measure(arch: str, device: str, dtype: torch.dtype, tokenizer: Any, settings
     prompt = build_self_edit_prompt(TITLE, PASSAGE, settings.teacher.prompt_style)
     sampling = SamplingParams(max_new_tokens=settings.teacher.max_new_tokens, temperature=settings.teacher.temperature,
                               top_p=settings.teacher.top_p, seed=0)
-    lora = settings.lora
-    config = LoraSFTConfig(learning_rate=lora.learning_rate, epochs=lora.epochs, rank=lora.rank, alpha=lora.alpha,
-                           dropout=lora.dropout, target_modules=lora.target_modules, batch_size=lora.batch_size,
-                           max_seq_len=lora.max_seq_len, grad_clip=lora.grad_clip, seed=0)
+    config = lora_sft_config(settings.lora, seed=0)
     sequences = build_training_sequences(TITLE, PASSAGE, SELF_EDIT_LINES)
     answers = SamplingParams(max_new_tokens=settings.auditor.answer_max_new_tokens)
     questions = [build_question_prompt(q) for q in QUESTIONS]

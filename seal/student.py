@@ -23,7 +23,7 @@ from seal.models import (
     resolve_model_path,
 )
 from seal.registry import AdapterRegistry, Manifest, parse_adapter_id
-from seal.update.lora_sft import LoraSFTConfig, LoraSFTTrainer, save_adapter
+from seal.update.lora_sft import LoraSFTConfig, LoraSFTTrainer, lora_sft_config, save_adapter
 
 log = logging.getLogger(__name__)
 
@@ -118,21 +118,7 @@ class Student:
     # --- training --------------------------------------------------------------------------
 
     def lora_config(self, overrides: dict[str, Any], seed: int) -> LoraSFTConfig:
-        lora = self.settings.lora
-        values = {
-            "learning_rate": lora.learning_rate,
-            "epochs": lora.epochs,
-            "rank": lora.rank,
-            "alpha": lora.alpha,
-            "dropout": lora.dropout,
-            "target_modules": lora.target_modules,
-            "batch_size": lora.batch_size,
-            "max_seq_len": lora.max_seq_len,
-            "grad_clip": lora.grad_clip,
-            "seed": seed,
-        }
-        values.update({key: value for key, value in overrides.items() if key in values})
-        return LoraSFTConfig(**values)
+        return lora_sft_config(self.settings.lora, seed=seed, overrides=overrides)
 
     def train_candidate(
         self,

@@ -234,3 +234,15 @@ def test_config_target_modules_forms() -> None:
     assert LoraSFTConfig().target_module_list() == "all-linear"
     assert LoraSFTConfig(target_modules="q_proj, v_proj").target_module_list() == ["q_proj", "v_proj"]
     assert LoraSFTConfig(target_modules=("k_proj",)).target_module_list() == ["k_proj"]
+
+
+def test_config_from_settings_takes_overrides_and_ignores_other_keys() -> None:
+    from seal.config import LoraSettings
+    from seal.update.lora_sft import lora_sft_config
+
+    settings = LoraSettings(learning_rate=2e-4, rank=4, alpha=8, max_examples=3)
+    config = lora_sft_config(settings, seed=9, overrides={"epochs": 3, "augmentations": 2, "seed": 1})
+    assert (config.learning_rate, config.rank, config.alpha, config.epochs, config.seed) == (2e-4, 4, 8, 3, 9)
+    assert config.batch_size == settings.batch_size and config.target_modules == settings.target_modules
+    with pytest.raises(ValueError, match="learning_rate"):
+        lora_sft_config(settings, seed=0, overrides={"learning_rate": -1.0})

@@ -17,10 +17,13 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from seal.config import LoraSettings
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +101,18 @@ class TrainingCancelled(RuntimeError):
     """``should_stop`` asked to stop (deadline passed or the client went away)."""
 
     code = "deadline_exceeded"
+
+
+def lora_sft_config(
+    lora: LoraSettings, *, seed: int, overrides: Mapping[str, Any] | None = None
+) -> LoraSFTConfig:
+    """The inner-loop config that ``settings.lora`` gives, with a self-edit's or a request's
+    overrides on top; keys that are not fields of :class:`LoraSFTConfig` are ignored."""
+    names = {f.name for f in fields(LoraSFTConfig)}
+    values = {name: value for name, value in lora.model_dump().items() if name in names}
+    values.update({name: value for name, value in (overrides or {}).items() if name in names})
+    values["seed"] = seed
+    return LoraSFTConfig(**values)
 
 
 @dataclass
