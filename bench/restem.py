@@ -31,33 +31,17 @@ from rich.console import Console
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from seal.auditor import Auditor  # noqa: E402
 from seal.cli import run_train  # noqa: E402
 from seal.config import Settings  # noqa: E402
-from seal.domains.knowledge import KnowledgeContext, LexicalGrader, load_squad  # noqa: E402
-from seal.evaluation import EvalConfig, evaluate_policy  # noqa: E402
-from seal.rl.policy import open_teacher_policy  # noqa: E402
+from seal.domains.knowledge import KnowledgeContext, load_squad  # noqa: E402
+from seal.evaluation import EvalConfig, evaluate_stored_policy  # noqa: E402
 from seal.stack import local_stack  # noqa: E402
-from seal.student import Student  # noqa: E402
-from seal.teacher import SelfEditProposer  # noqa: E402
 from seal.v1 import common_pb2, teacher_pb2  # noqa: E402
 
 console = Console()
 
 
 def evaluate(settings: Settings, contexts: list[KnowledgeContext], config: EvalConfig, label: str) -> dict[str, Any]:
-    started = time.perf_counter()
-    policy = open_teacher_policy(settings)
-    served = policy.load_serving()
-    student = Student(settings.model_copy(update={"home": Path(tempfile.mkdtemp(prefix="seal-bench-eval-"))}))
-    proposer = SelfEditProposer(
-        policy.engine,
-        max_new_tokens=settings.teacher.max_new_tokens,
-        temperature=settings.teacher.temperature,
-        top_p=settings.teacher.top_p,
-    )
-    auditor = Auditor(LexicalGrader(mode=settings.auditor.grader, f1_threshold=settings.auditor.f1_threshold), settings.gates)
-
     def on_passage(row: dict[str, Any]) -> None:
         console.print(
             f"[{label}] {row['index']}: {row['title']}: base {row['baseline']:.2f}"
@@ -65,12 +49,7 @@ def evaluate(settings: Settings, contexts: list[KnowledgeContext], config: EvalC
             + f" self-edit {row['self_edit_mean']:.2f} ({', '.join(f'{k} {v:.0f}s' for k, v in row['seconds'].items())})"
         )
 
-    result = evaluate_policy(contexts, student=student, proposer=proposer, auditor=auditor, config=config, on_passage=on_passage)
-    result["policy"] = served.adapter_id if served else "base"
-    result["wall_seconds"] = time.perf_counter() - started
-    del policy, student, proposer
-    gc.collect()
-    return result
+    return evaluate_stored_policy(settings, contexts, config, on_passage=on_passage)
 
 
 def main() -> int:

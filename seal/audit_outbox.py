@@ -14,16 +14,15 @@ Transport-free: delivery is any ``send(event)`` callable that raises on failure.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
 import threading
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from seal.durable import JsonLinesLog
 
 log = logging.getLogger(__name__)
 
@@ -46,33 +45,18 @@ class AuditOutbox:
         self._send = send
         self._min_backoff, self._max_backoff = min_backoff_s, max_backoff_s
         self._condition = threading.Condition()
-        self._pending: list[dict[str, Any]] = self._load()
+        self._log = JsonLinesLog(self.path)
+        self._pending: list[dict[str, Any]] = self._log.read()
         self._delivered = 0
         self._failures = 0
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"{source}-audit-outbox", daemon=True)
         self._thread.start()
 
-    def _load(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        events = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                events.append(json.loads(line))
-            except ValueError:
-                log.warning("%s: skipping a torn line", self.path)
-        return events
-
     def _persist(self) -> None:
         # Rewritten whole and renamed into place: the file is small (undelivered events only),
         # and a crash leaves either the old or the new list, never a mix.
-        with tempfile.NamedTemporaryFile("w", dir=self.path.parent, prefix=".outbox-", delete=False, encoding="utf-8") as handle:
-            for event in self._pending:
-                handle.write(json.dumps(event, ensure_ascii=False, sort_keys=True) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, self.path)
+        self._log.rewrite(self._pending)
 
     # -- API ----------------------------------------------------------------------------------
 
@@ -92,8 +76,10 @@ class AuditOutbox:
             "source": self._source,
         }
         with self._condition:
+            # On disk (fsynced) before it is pending: an event that failed to persist is not
+            # delivered either, and the caller sees the error.
+            self._log.append(event)
             self._pending.append(event)
-            self._persist()
             self._condition.notify_all()
         return event
 

@@ -4,6 +4,7 @@ ordered reward log that the teacher's ReST^EM buffer subscribes to (transport-fr
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -18,6 +19,7 @@ from seal.domains.knowledge import (
     build_question_prompt,
     extract_answer,
 )
+from seal.durable import JsonLinesLog
 from seal.gates import CandidateScores, Decision, GateSettings, decide, reward
 from seal.guardrails import GuardrailResult
 from seal.retention import RetentionProbe, build_probe
@@ -196,43 +198,47 @@ class RewardRecord:
 
     @classmethod
     def from_json(cls, line: str) -> RewardRecord:
-        data = json.loads(line)
-        data["outcomes"] = [QuestionOutcome(**outcome) for outcome in data["outcomes"]]
-        return cls(**data)
+        return cls.from_dict(json.loads(line))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> RewardRecord:
+        outcomes = [QuestionOutcome(**outcome) for outcome in data["outcomes"]]  # type: ignore[attr-defined]
+        return cls(**{**data, "outcomes": outcomes})  # type: ignore[arg-type]
 
 
 class RewardLog:
-    """Append-only, sequence-numbered rewards on disk (JSON lines).
+    """Append-only, sequence-numbered rewards on disk (a :class:`~seal.durable.JsonLinesLog`).
 
     Subscribers resume with the last sequence they saw, so a reconnecting teacher gets every
-    event exactly once in order."""
+    event exactly once in order. That only holds if an acknowledged reward survives a crash and
+    its number is never handed out again: each append is fsynced before it returns, and a torn
+    last line is cut off on open, so the next reward does not land glued to it (unreadable)."""
 
     def __init__(self, path: Path) -> None:
         self._path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = JsonLinesLog(path, sequence_key="sequence", sort_keys=False)
         self._records: list[RewardRecord] = []
-        if path.exists():
-            with path.open(encoding="utf-8") as handle:
-                for line in handle:
-                    if line.strip():
-                        try:
-                            self._records.append(RewardRecord.from_json(line))
-                        except (ValueError, TypeError):
-                            break  # a torn last line from a crash: everything before it stands
+        for data in self._log.read():
+            try:
+                self._records.append(RewardRecord.from_dict(data))
+            except (KeyError, TypeError, ValueError) as exc:
+                # Its sequence number still counts (the log keeps the high-water mark), so a
+                # subscriber never sees one number for two different rewards.
+                logging.getLogger(__name__).warning("%s: a reward that does not decode is skipped: %s", path, exc)
         self._condition = threading.Condition()
         self._closed = False
 
     @property
     def last_sequence(self) -> int:
-        with self._condition:
-            return self._records[-1].sequence if self._records else 0
+        return self._log.last_sequence
 
     def append(self, **fields: object) -> RewardRecord:
         with self._condition:
-            record = RewardRecord(sequence=self.last_sequence + 1, event_id=uuid.uuid4().hex, **fields)  # type: ignore[arg-type]
-            with self._path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(asdict(record), ensure_ascii=False) + "\n")
-                handle.flush()
+            # Built first so that a wrong field fails before anything is written or numbered.
+            draft = RewardRecord(sequence=0, event_id=uuid.uuid4().hex, **fields)  # type: ignore[arg-type]
+            data = asdict(draft)
+            del data["sequence"]
+            record = RewardRecord.from_dict(self._log.append(data))
             self._records.append(record)
             self._condition.notify_all()
             return record

@@ -525,36 +525,10 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
     """Evaluate a stored teacher policy in this process (no services needed)."""
-    import tempfile
-
-    from seal.auditor import Auditor
-    from seal.domains.knowledge import LexicalGrader
-    from seal.evaluation import EvalConfig, evaluate_policy
+    from seal.evaluation import EvalConfig, evaluate_stored_policy
     from seal.registry import RegistryError
-    from seal.rl.policy import open_teacher_policy
-    from seal.student import Student
-    from seal.teacher import SelfEditProposer
 
     contexts = _slice_contexts(args.squad_file, args.start, args.n)
-    with console.status("loading the student and the teacher policy"):
-        policy = open_teacher_policy(settings)
-        try:
-            manifest = policy.load_serving() if args.policy_version is None else policy.activate(args.policy_version)
-        except RegistryError as exc:
-            console.print(f"[red]cannot load the teacher policy:[/] {exc}")
-            return 1
-        # Every adapter an evaluation trains is a throwaway: keep them out of the real registry.
-        scratch = Path(tempfile.mkdtemp(prefix="seal-eval-"))
-        student = Student(settings.model_copy(update={"home": scratch}))
-    policy_name = manifest.adapter_id if manifest else "base policy"
-    console.print(f"policy: [bold]{policy_name}[/]; {len(contexts)} passages of {args.squad_file}, k={args.k}")
-    proposer = SelfEditProposer(
-        policy.engine,
-        max_new_tokens=settings.teacher.max_new_tokens,
-        temperature=settings.teacher.temperature,
-        top_p=settings.teacher.top_p,
-    )
-    auditor = Auditor(LexicalGrader(mode=settings.auditor.grader, f1_threshold=settings.auditor.f1_threshold), settings.gates)
     config = EvalConfig(
         k=args.k,
         seed=args.seed if args.seed is not None else settings.seed,
@@ -562,12 +536,18 @@ def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
         passage_only=not args.no_passage_only,
         answer_max_new_tokens=settings.auditor.answer_max_new_tokens,
     )
+    console.print(f"{len(contexts)} passages of {args.squad_file}, k={args.k}")
     with Progress(console=console) as progress:
         task = progress.add_task("passages", total=len(contexts))
-        evaluation = evaluate_policy(
-            contexts, student=student, proposer=proposer, auditor=auditor, config=config,
-            on_passage=lambda row: progress.advance(task),
-        )
+        try:
+            evaluation = evaluate_stored_policy(
+                settings, contexts, config, policy_version=args.policy_version,
+                on_passage=lambda row: progress.advance(task),
+            )
+        except RegistryError as exc:
+            console.print(f"[red]cannot load the teacher policy:[/] {exc}")
+            return 1
+    policy_name = evaluation["policy"] if evaluation["policy"] != "base" else "base policy"
     summary = evaluation["summary"]
 
     def percent(value: float | None) -> str:

@@ -5,8 +5,11 @@ after training on self-edits the policy wrote (each on its lines plus the passag
 time of each phase. Accuracies are question-weighted over passages, as in the paper.
 
 One function serves ``bench/knowledge.py`` (the base policy), ``seal eval --policy-version N``
-and ``bench/restem.py`` (before and after a ReST^EM round). It runs the core engines in one
-process: no services, nothing promoted, every adapter it trains is a throwaway candidate.
+and ``bench/restem.py`` (before and after a ReST^EM round). Each self-edit goes through the SEAL
+step Adapt and ReST^EM use (``seal.adapt.score_candidate``: guardrails, update, closed-book
+score) on the in-process ports (``seal.local``): no services, nothing promoted, every adapter it
+trains is a throwaway candidate. A self-edit that fails (a guardrail, no usable line) teaches
+nothing, so it scores as the untouched base model.
 """
 
 from __future__ import annotations
@@ -16,8 +19,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from seal.adapt import PhaseClock, Task, drain, proposer_fn, score_candidate
 from seal.auditor import Auditor, accuracy_of
 from seal.domains.knowledge import KnowledgeContext, build_training_sequences
+from seal.guardrails import GuardrailSettings
+from seal.local import LocalAuditorPort, LocalStudentPort
 from seal.models import SamplingParams
 from seal.student import AdapterChoice, Student
 from seal.teacher import SelfEditProposer
@@ -44,6 +50,7 @@ def evaluate_policy(
     proposer: SelfEditProposer,
     auditor: Auditor,
     config: EvalConfig,
+    guardrails: GuardrailSettings | None = None,
     on_passage: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """``{"summary": ..., "passages": [...]}``; ``on_passage`` sees each passage's row when done."""
@@ -55,6 +62,13 @@ def evaluate_policy(
         choice = AdapterChoice(adapter_id=adapter_id) if adapter_id else AdapterChoice(base_model=True)
         generations, _ = student.generate(prompts, choice, answer_params)
         return [g.text for g in generations]
+
+    student_port = LocalStudentPort(student)
+    auditor_port = LocalAuditorPort(
+        student, auditor, guardrails=guardrails or GuardrailSettings(),
+        answer_max_new_tokens=config.answer_max_new_tokens,
+    )
+    propose = proposer_fn(proposer, config.prompt_style)
 
     rows: list[dict[str, Any]] = []
     for index, context in enumerate(contexts):
@@ -80,36 +94,30 @@ def evaluate_policy(
             row["passage_only"] = accuracy_of(outcomes)
             phase["scoring"] += time.perf_counter() - t0
 
+        task = Task(context.title, context.passage, tuple(context.questions))
         t0 = time.perf_counter()
-        edits = proposer.propose(context.title, context.passage, config.k, config.prompt_style, config.seed + index)  # type: ignore[arg-type]
+        proposals = propose(task, config.k, config.seed + index)
         phase["generation"] += time.perf_counter() - t0
         candidates: list[dict[str, Any]] = []
-        for edit in edits:
-            t0 = time.perf_counter()
-            try:
-                trained = student.train_candidate(
-                    adapter_name=f"{config.adapter_prefix}-self-edit",
-                    title=context.title,
-                    passage=context.passage,
-                    self_edit=edit.text,
-                    context_id=context.context_id,
-                    seed=config.seed + edit.index,
-                )
-            except ValueError as exc:
-                # An unusable self-edit teaches nothing: it scores as the untouched base model.
-                candidates.append({"index": edit.index, "accuracy": row["baseline"], "failure": str(exc), "self_edit": edit.text})
+        for proposal in proposals:
+            clock = PhaseClock()
+            outcome = drain(score_candidate(
+                task, proposal, student=student_port, auditor=auditor_port,
+                adapter_name=f"{config.adapter_prefix}-self-edit", seed=config.seed + proposal.index,
+                request_id=f"eval-{index}", measure_retention=False, clock=clock,
+            ))
+            phase["training"] += clock.seconds["training"]
+            phase["scoring"] += clock.seconds["scoring"]
+            if outcome.score is None:
+                candidates.append({"index": proposal.index, "accuracy": row["baseline"], "failure": outcome.failure,
+                                   "self_edit": proposal.text})
                 continue
-            finally:
-                phase["training"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            outcomes = auditor.closed_book(answer, context.questions, trained.manifest.adapter_id)
-            phase["scoring"] += time.perf_counter() - t0
             candidates.append({
-                "index": edit.index,
-                "accuracy": accuracy_of(outcomes),
-                "training_sequences": trained.training_sequences,
-                "completion_tokens": edit.completion_tokens,
-                "self_edit": edit.text,
+                "index": proposal.index,
+                "accuracy": outcome.score.accuracy,
+                "training_sequences": outcome.adapter.training_sequences if outcome.adapter else 0,
+                "completion_tokens": proposal.completion_tokens,
+                "self_edit": proposal.text,
             })
         row["self_edit_candidates"] = candidates
         row["self_edit_best_of_k"] = max(c["accuracy"] for c in candidates)
@@ -139,3 +147,45 @@ def summarize(rows: Sequence[dict[str, Any]], k: int) -> dict[str, Any]:
         "self_edit_mean": weighted("self_edit_mean"),
         "seconds": {p: sum(r["seconds"][p] for r in rows) for p in ("generation", "training", "scoring")},
     }
+
+
+def evaluate_stored_policy(
+    settings: Any,
+    contexts: Sequence[KnowledgeContext],
+    config: EvalConfig,
+    *,
+    policy_version: int | None = None,
+    on_passage: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """:func:`evaluate_policy` on the teacher policy stored under ``settings.home`` (the served one,
+    or ``policy_version``), with a student whose throwaway adapters live in a scratch directory,
+    never in the real registry. What ``seal eval`` and ``bench/restem.py`` both run."""
+    import gc
+    import tempfile
+    from pathlib import Path
+
+    from seal.domains.knowledge import LexicalGrader
+    from seal.rl.policy import open_teacher_policy
+
+    started = time.perf_counter()
+    policy = open_teacher_policy(settings)
+    manifest = policy.load_serving() if policy_version is None else policy.activate(policy_version)
+    student = Student(settings.model_copy(update={"home": Path(tempfile.mkdtemp(prefix="seal-eval-"))}))
+    teacher = settings.teacher
+    proposer = SelfEditProposer(
+        policy.engine, max_new_tokens=teacher.max_new_tokens, temperature=teacher.temperature, top_p=teacher.top_p
+    )
+    auditor = Auditor(LexicalGrader(mode=settings.auditor.grader, f1_threshold=settings.auditor.f1_threshold), settings.gates)
+    try:
+        result = evaluate_policy(
+            contexts, student=student, proposer=proposer, auditor=auditor, config=config,
+            guardrails=settings.guardrails, on_passage=on_passage,
+        )
+    finally:
+        student.close()
+        policy.engine.close()
+    result["policy"] = manifest.adapter_id if manifest else "base"
+    result["wall_seconds"] = time.perf_counter() - started
+    del policy, student, proposer
+    gc.collect()
+    return result

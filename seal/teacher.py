@@ -3,8 +3,6 @@ streams back in a durable buffer for ReST^EM (transport-free; ``teacher_svc`` wr
 
 from __future__ import annotations
 
-import json
-import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from seal.domains.knowledge import PROMPT_STYLES, PromptStyle, build_self_edit_prompt
+from seal.durable import JsonLinesLog
 from seal.models import GenerationEngine, SamplingParams
 
 
@@ -57,36 +56,22 @@ class RewardBuffer:
 
     def __init__(self, path: Path) -> None:
         self._path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # Not numbered by the log: the sequence numbers are the auditor's. A torn last event is
+        # cut off on open and not counted in last_sequence, so the stream sends it again.
+        self._log = JsonLinesLog(path)
         self._lock = threading.Lock()
         self._events: dict[str, dict[str, Any]] = {}
         self._last_sequence = 0
-        if path.exists():
-            self._load()
-
-    def _load(self) -> None:
-        data = self._path.read_bytes()
-        # Only newline-terminated lines were written whole; anything after the last newline is
-        # a line torn by a kill mid-write.
-        complete = data[: data.rfind(b"\n") + 1]
-        for line in complete.splitlines():
+        for event in self._log.read():
             try:
-                event = json.loads(line)
-                event_id, sequence = event["event_id"], int(event["sequence"])
+                self._remember(event)
             except (ValueError, KeyError, TypeError):
-                continue  # a damaged line: skipped, left on disk for a person to inspect
-            self._events[event_id] = event
-            self._last_sequence = max(self._last_sequence, sequence)
-        if len(complete) != len(data):
-            # Appending after the fragment would glue the next event onto it and lose both on
-            # the following load. The torn event is not counted in last_sequence, so the stream
-            # sends it again.
-            with self._path.open("r+b") as handle:
-                handle.truncate(len(complete))
+                continue  # not an auditor event: skipped, left on disk for a person to inspect
 
     def _remember(self, event: dict[str, Any]) -> None:
+        sequence = int(event["sequence"])  # first, so a malformed event is not half-remembered
         self._events[event["event_id"]] = event
-        self._last_sequence = max(self._last_sequence, int(event["sequence"]))
+        self._last_sequence = max(self._last_sequence, sequence)
 
     @property
     def last_sequence(self) -> int:
@@ -98,12 +83,9 @@ class RewardBuffer:
         with self._lock:
             if event["event_id"] in self._events:
                 return False
-            with self._path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(event, ensure_ascii=False, sort_keys=True) + "\n")
-                handle.flush()
-                # One event per scored candidate (minutes apart): fsync costs nothing here and
-                # keeps a reward the teacher acknowledged across a power loss, not just a kill.
-                os.fsync(handle.fileno())
+            # One event per scored candidate (minutes apart): the fsync per append costs nothing
+            # here and keeps a reward the teacher acknowledged across a power loss, not just a kill.
+            self._log.append(event)
             self._remember(event)
             return True
 

@@ -9,17 +9,17 @@ its own lineage (``restem.candidate_adapter_name``), away from the served one.
 from __future__ import annotations
 
 import logging
-import queue
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-import grpc
-
+from seal.adapt import AuditorPort, Proposal, StudentPort, Task, drain, proposer_fn, score_candidate, validate_overrides
 from seal.config import Settings
 from seal.domains.knowledge import Question
 from seal.rl import restem
+from seal.streaming import stream_callbacks
+from seal.transport import convert
+from seal.transport.ports import GrpcAuditorPort, GrpcStudentPort
 from seal.rl.policy import TeacherPolicy
 from seal.teacher import (
     RewardBuffer,
@@ -28,32 +28,9 @@ from seal.teacher import (
     validate_k,
     validate_prompt_style,
 )
-from seal.v1 import (
-    auditor_pb2,
-    auditor_pb2_grpc,
-    common_pb2,
-    student_pb2,
-    student_pb2_grpc,
-    teacher_pb2,
-)
+from seal.v1 import auditor_pb2_grpc, common_pb2, student_pb2_grpc, teacher_pb2
 
 log = logging.getLogger(__name__)
-
-KEEP_RULE_TO_PROTO = {
-    "best_of_k": teacher_pb2.KEEP_RULE_BEST_OF_K,
-    "best_positive": teacher_pb2.KEEP_RULE_BEST_POSITIVE,
-}
-KEEP_RULE_FROM_PROTO = {value: key for key, value in KEEP_RULE_TO_PROTO.items()}
-# RoundConfig.overrides key → UpdateOverrides field; the overrides are part of a round's identity.
-_OVERRIDE_FIELDS = {
-    "learning_rate": "learning_rate",
-    "epochs": "epochs",
-    "rank": "lora_rank",
-    "alpha": "lora_alpha",
-    "batch_size": "batch_size",
-    "include_passage": "include_passage",
-}
-
 
 def round_inputs(request: teacher_pb2.TrainRequest, settings: Settings) -> tuple[list[restem.TrainingContext], restem.RoundConfig]:
     """Validate a TrainRequest into the core's types; every refusal says what to change."""
@@ -81,126 +58,56 @@ def round_inputs(request: teacher_pb2.TrainRequest, settings: Settings) -> tuple
             )
         )
     # The same bounds Adapt enforces: out of them, every sample would fail alike in the student.
-    overrides = request.overrides
-    if overrides.HasField("learning_rate") and not 0 < overrides.learning_rate <= 1:
-        raise ValueError("overrides.learning_rate must be in (0, 1]")
-    if overrides.HasField("epochs") and not 1 <= overrides.epochs <= 100:
-        raise ValueError("overrides.epochs must be between 1 and 100")
+    overrides = validate_overrides(convert.overrides_from_proto(request.overrides))
     configured = settings.restem
     k = validate_k(request.k or configured.k, max(settings.teacher.max_k, configured.k))
-    if request.keep_rule and request.keep_rule not in KEEP_RULE_FROM_PROTO:
+    if request.keep_rule and request.keep_rule not in convert.KEEP_RULE_FROM_PROTO:
         raise ValueError(f"keep_rule {request.keep_rule} is unknown; use KEEP_RULE_BEST_OF_K or KEEP_RULE_BEST_POSITIVE")
     config = restem.RoundConfig(
         k=k,
         seeds_per_edit=request.seeds_per_edit or configured.seeds_per_edit,
-        keep_rule=KEEP_RULE_FROM_PROTO.get(request.keep_rule, configured.keep_rule),
+        keep_rule=convert.KEEP_RULE_FROM_PROTO.get(request.keep_rule, configured.keep_rule),
         prompt_style=validate_prompt_style(request.prompt_style or settings.teacher.prompt_style),
         seed=request.seed if request.HasField("seed") else settings.seed,
-        overrides={ours: getattr(request.overrides, theirs) for ours, theirs in _OVERRIDE_FIELDS.items()
-                   if request.overrides.HasField(theirs)},
+        overrides=dict(overrides),
     )
     if config.seeds_per_edit > 16:
         raise ValueError(f"seeds_per_edit={config.seeds_per_edit} is above 16; each seed is a full LoRA run")
     return contexts, config
 
 
-class GrpcScorer:
-    """``restem.ScoreFn`` over the student's and the auditor's RPCs."""
+def pipeline_scorer(
+    student: StudentPort,
+    auditor: AuditorPort,
+    *,
+    candidate_adapter_name: str,
+    overrides: Mapping[str, Any],
+    round_label: Callable[[], str],
+    keep_candidate_weights: bool = False,
+) -> restem.ScoreFn:
+    """``restem.ScoreFn`` through the one SEAL pipeline (``seal.adapt.score_candidate``): the
+    guardrails, update and score Adapt uses. Nothing is promoted: each candidate is rejected
+    right after it is scored, in its own lineage, away from the served one."""
 
-    def __init__(
-        self,
-        student: student_pb2_grpc.StudentServiceStub,
-        auditor: auditor_pb2_grpc.AuditorServiceStub,
-        *,
-        candidate_adapter_name: str,
-        overrides: dict[str, Any],
-        timeout: Callable[[], float],
-        round_label: Callable[[], str],
-        keep_candidate_weights: bool = False,
-    ) -> None:
-        self._student = student
-        self._auditor = auditor
-        self._lineage = candidate_adapter_name
-        self._overrides = overrides
-        self._timeout = timeout
-        self._round_label = round_label
-        self._keep_candidate_weights = keep_candidate_weights
-
-    def _update_overrides(self) -> common_pb2.UpdateOverrides:
-        message = common_pb2.UpdateOverrides()
-        for ours, theirs in _OVERRIDE_FIELDS.items():
-            if ours in self._overrides:
-                setattr(message, theirs, self._overrides[ours])
-        return message
-
-    def __call__(self, context: restem.TrainingContext, sample: restem.Sample, seed: int) -> restem.Scored:
-        proto_context = common_pb2.Context(title=context.title, passage=context.passage)
-        questions = [common_pb2.Question(question=q.question, answer=q.answer) for q in context.questions]
-        check = self._auditor.CheckSelfEdit(
-            _with_known_fields(
-                auditor_pb2.CheckSelfEditRequest,
-                context=proto_context,
-                self_edit=sample.text,
-                prompt=sample.prompt,
-                seed=seed,
-                request_id=self._round_label(),
-            ),
-            timeout=self._timeout(),
+    def score(context: restem.TrainingContext, sample: restem.Sample, seed: int) -> restem.Scored:
+        task = Task(context.title, context.passage, tuple(context.questions))
+        proposal = Proposal(sample.index, sample.prompt, sample.text, sample.completion_tokens)
+        outcome = drain(score_candidate(
+            task, proposal, student=student, auditor=auditor, adapter_name=candidate_adapter_name,
+            seed=seed, request_id=round_label(), overrides=overrides,
+        ))
+        if outcome.score is None or outcome.adapter is None:
+            return restem.Scored(None, failure=outcome.failure)
+        student.reject(
+            outcome.adapter.adapter_id,
+            f"ReST^EM {round_label()}: scored for the teacher's policy (reward {outcome.score.reward:+.3f}), never served",
+            discard_weights=not keep_candidate_weights,
         )
-        if not check.passed:
-            failed = ", ".join(g.gate for g in check.results if not g.passed)
-            return restem.Scored(None, failure=f"guardrails failed before training: {failed}")
-        manifest = None
-        try:
-            for update in self._student.ApplySelfEdit(
-                student_pb2.ApplySelfEditRequest(
-                    adapter_name=self._lineage,
-                    context=proto_context,
-                    self_edit=sample.text,
-                    overrides=self._update_overrides(),
-                    seed=seed,
-                ),
-                timeout=self._timeout(),
-            ):
-                if update.HasField("candidate"):
-                    manifest = update.candidate
-        except grpc.RpcError as exc:
-            # The self-edit itself is unusable (no usable line, diverged): a failed sample,
-            # not a failed round. Anything else (student down, deadline) stops the round.
-            if exc.code() not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
-                raise
-            return restem.Scored(None, failure=f"training failed ({exc.code().name}): {exc.details()}")
-        if manifest is None:
-            raise RuntimeError("the student's ApplySelfEdit stream ended without a candidate")
-        score = self._auditor.Score(
-            _with_known_fields(
-                auditor_pb2.ScoreRequest,
-                adapter_id=manifest.adapter_id,
-                context=proto_context,
-                questions=questions,
-                self_edit=sample.text,
-                prompt=sample.prompt,
-                seed=seed,
-                guardrails=check.results,
-                request_id=self._round_label(),
-            ),
-            timeout=self._timeout(),
+        return restem.Scored(
+            outcome.score.reward, outcome.adapter.adapter_id, outcome.score.accuracy, outcome.score.baseline_accuracy
         )
-        self._student.Reject(
-            student_pb2.RejectRequest(
-                adapter_id=manifest.adapter_id,
-                reason=f"ReST^EM {self._round_label()}: scored for the teacher's policy (reward {score.reward:+.3f}), never served",
-                discard_weights=not self._keep_candidate_weights,
-            ),
-            timeout=self._timeout(),
-        )
-        return restem.Scored(score.reward, manifest.adapter_id, score.adapted_accuracy, score.baseline_accuracy)
 
-
-def _with_known_fields(message_type: Any, **fields: Any) -> Any:
-    # Fields the auditor's proto may not have yet in an older deployment are left out, not fatal.
-    known = message_type.DESCRIPTOR.fields_by_name
-    return message_type(**{name: value for name, value in fields.items() if name in known})
+    return score
 
 
 def buffer_recall(buffer: RewardBuffer, candidate_adapter_name: str) -> restem.RecallFn:
@@ -237,11 +144,11 @@ def _parse_time(value: str) -> datetime:
 
 
 def proposer_sample_fn(proposer: SelfEditProposer, style: str) -> restem.SampleFn:
+    propose = proposer_fn(proposer, style)
+
     def sample(context: restem.TrainingContext, k: int, seed: int) -> list[restem.Sample]:
-        return [
-            restem.Sample(e.index, e.prompt, e.text, e.completion_tokens)
-            for e in proposer.propose(context.title, context.passage, k, style, seed)  # type: ignore[arg-type]
-        ]
+        task = Task(context.title, context.passage, tuple(context.questions))
+        return [restem.Sample(p.index, p.prompt, p.text, p.completion_tokens) for p in propose(task, k, seed)]
 
     return sample
 
@@ -258,7 +165,7 @@ def event_to_proto(event: restem.RoundEvent, round_id: str) -> teacher_pb2.Train
             teacher_pb2.RoundStarted(
                 round=event.round, round_id=event.round_id, contexts=event.contexts, contexts_done=event.contexts_done,
                 samples_done=event.samples_done, resumed=event.resumed, k=event.config.k,
-                seeds_per_edit=event.config.seeds_per_edit, keep_rule=KEEP_RULE_TO_PROTO[event.config.keep_rule],
+                seeds_per_edit=event.config.seeds_per_edit, keep_rule=convert.KEEP_RULE_TO_PROTO[event.config.keep_rule],
                 policy_adapter_id=event.policy_adapter_id,
             )
         )
@@ -301,7 +208,7 @@ def event_to_proto(event: restem.RoundEvent, round_id: str) -> teacher_pb2.Train
 
 def report_to_proto(report: restem.RoundReport) -> teacher_pb2.RoundReport:
     message = teacher_pb2.RoundReport(
-        round=report.round, round_id=report.round_id, keep_rule=KEEP_RULE_TO_PROTO[report.keep_rule],
+        round=report.round, round_id=report.round_id, keep_rule=convert.KEEP_RULE_TO_PROTO[report.keep_rule],
         contexts=report.contexts, k=report.k, seeds_per_edit=report.seeds_per_edit,
         samples_scored=report.samples_scored, samples_failed=report.samples_failed,
         samples_resumed=report.samples_resumed, edits_scored=report.edits_scored, kept=report.kept,
@@ -335,54 +242,38 @@ def stream_round(
     The worker, not this generator, calls ``release`` (the teacher's work slot): a client that
     goes away closes the generator at once, while the worker stops only at its next check, and
     no second round may start before it has."""
-    events: queue.Queue[Any] = queue.Queue()
-    finished = object()
-    outcome: dict[str, Any] = {}
     label = {"round": "restem"}
-
-    def emit(event: restem.RoundEvent) -> None:
-        if isinstance(event, restem.RoundStarted):
-            label["round"] = event.round_id
-        events.put(event)
-
-    scorer = GrpcScorer(
-        student, auditor, candidate_adapter_name=settings.restem.candidate_adapter_name,
-        overrides=config.overrides, timeout=timeout, round_label=lambda: label["round"],
+    scorer = pipeline_scorer(
+        GrpcStudentPort(student, timeout), GrpcAuditorPort(auditor, timeout),
+        candidate_adapter_name=settings.restem.candidate_adapter_name,
+        overrides=config.overrides, round_label=lambda: label["round"],
         keep_candidate_weights=settings.restem.keep_candidate_weights,
     )
 
-    def work() -> None:
-        try:
-            outcome["report"] = restem.run_round(
-                contexts,
-                config,
-                restem.RoundStore(settings.home / "teacher" / "restem"),
-                sample=proposer_sample_fn(proposer, config.prompt_style),
-                score=scorer,
-                train_policy=lambda examples, round_id, on_step: policy.train(
-                    examples, round_id, on_step, seed=config.seed, should_stop=should_stop
-                ),
-                policy_adapter_id=policy.adapter_id,
-                emit=emit,
-                recall=buffer_recall(buffer, settings.restem.candidate_adapter_name) if buffer is not None else None,
-                should_stop=should_stop,
-                restart=restart,
-            )
-            if on_report is not None:
-                on_report(outcome["report"])
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the RPC thread
-            outcome["error"] = exc
-        finally:
-            release()
-            events.put(finished)
+    def work(emit: Callable[[restem.RoundEvent], None]) -> restem.RoundReport:
+        def labelled(event: restem.RoundEvent) -> None:
+            if isinstance(event, restem.RoundStarted):
+                label["round"] = event.round_id
+            emit(event)
 
-    worker = threading.Thread(target=work, name="teacher-restem", daemon=True)
-    try:
-        worker.start()
-    except BaseException:
-        release()
-        raise
-    while (event := events.get()) is not finished:
+        report = restem.run_round(
+            contexts,
+            config,
+            restem.RoundStore(settings.home / "teacher" / "restem"),
+            sample=proposer_sample_fn(proposer, config.prompt_style),
+            score=scorer,
+            train_policy=lambda examples, round_id, on_step: policy.train(
+                examples, round_id, on_step, seed=config.seed, should_stop=should_stop
+            ),
+            policy_adapter_id=policy.adapter_id,
+            emit=labelled,
+            recall=buffer_recall(buffer, settings.restem.candidate_adapter_name) if buffer is not None else None,
+            should_stop=should_stop,
+            restart=restart,
+        )
+        if on_report is not None:
+            on_report(report)
+        return report
+
+    for event in stream_callbacks(work, name="teacher-restem", on_finish=release):
         yield event_to_proto(event, label["round"])
-    if "error" in outcome:
-        raise outcome["error"]

@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import grpc
 
+from seal.adapt import PromotionDecided, SelfEditsProposed, proposer_fn, run_adapt, validate_overrides
 from seal.config import Settings
-from seal.domains.knowledge import context_digest
-from seal.gates import choose_best
+from seal.registry import validate_adapter_name
 from seal.rl.policy import TeacherPolicy, open_teacher_policy
 from seal.rl.restem import RoundReport
 from seal.rpc import (
@@ -36,16 +34,15 @@ from seal.teacher import (
 from seal.v1 import (
     auditor_pb2,
     auditor_pb2_grpc,
-    common_pb2,
-    student_pb2,
     student_pb2_grpc,
     teacher_pb2,
     teacher_pb2_grpc,
 )
+from seal.transport import convert
+from seal.transport.ports import GrpcAuditorPort, GrpcStudentPort
 from teacher_svc.restem import round_inputs, stream_round
 
 log = logging.getLogger(__name__)
-_ADAPTER_NAME_RULE = "lower-case letters, digits, '-' or '_', at most 63 characters"
 
 
 class TeacherBusy(RuntimeError):
@@ -54,27 +51,6 @@ class TeacherBusy(RuntimeError):
 
 class NoPolicyStore(RuntimeError):
     code = "failed_precondition"
-
-
-@dataclass
-class _Candidate:
-    summary: teacher_pb2.CandidateSummary
-    score: auditor_pb2.ScoreResponse | None = None
-    train_seconds: float = 0.0
-
-
-@dataclass
-class _PhaseClock:
-    seconds: dict[str, float] = field(default_factory=lambda: {"generation": 0.0, "training": 0.0, "scoring": 0.0})
-
-    def add(self, phase: str, started: float) -> float:
-        elapsed = time.perf_counter() - started
-        self.seconds[phase] += elapsed
-        return elapsed
-
-
-def _gate_passed(gates: list[common_pb2.GateResult]) -> bool:
-    return all(gate.passed for gate in gates)
 
 
 class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
@@ -119,14 +95,8 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         )
         k = validate_k(request.k or teacher.default_k, teacher.max_k)
         style = validate_prompt_style(request.prompt_style or teacher.prompt_style)
-        adapter_name = request.adapter_name or self._settings.adapter_name
-        if not _valid_adapter_name(adapter_name):
-            raise ValueError(f"adapter_name {adapter_name!r} is invalid: use {_ADAPTER_NAME_RULE}")
-        overrides = request.overrides
-        if overrides.HasField("learning_rate") and not 0 < overrides.learning_rate <= 1:
-            raise ValueError("overrides.learning_rate must be in (0, 1]")
-        if overrides.HasField("epochs") and not 1 <= overrides.epochs <= 100:
-            raise ValueError("overrides.epochs must be between 1 and 100")
+        adapter_name = validate_adapter_name(request.adapter_name or self._settings.adapter_name)
+        validate_overrides(convert.overrides_from_proto(request.overrides))
         return k, style, adapter_name
 
     # --- RPCs --------------------------------------------------------------------------------
@@ -190,184 +160,29 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
 
     def _adapt(self, request: teacher_pb2.AdaptRequest, context: grpc.ServicerContext, k: int, style: str, adapter_name: str) -> Iterator[teacher_pb2.AdaptResponse]:
         request_id = uuid.uuid4().hex[:12]
-        clock, started_total = _PhaseClock(), time.perf_counter()
-        seed = request.seed if request.HasField("seed") else self._settings.seed
         ceiling = self._settings.services.rpc_timeout_s
-
-        def event(**kwargs: object) -> teacher_pb2.AdaptResponse:
-            return teacher_pb2.AdaptResponse(request_id=request_id, **kwargs)
 
         def timeout() -> float:
             return remaining_timeout(context, ceiling)
 
-        started = time.perf_counter()
-        edits = self._proposer.propose(request.context.title, request.context.passage, k, style, seed)  # type: ignore[arg-type]
-        self._generation_seconds.observe(clock.add("generation", started))
-        self._self_edits.labels(style).inc(len(edits))
-        yield event(
-            self_edits_proposed=teacher_pb2.SelfEditsProposed(
-                self_edits=[
-                    teacher_pb2.SelfEdit(index=e.index, prompt=e.prompt, text=e.text, completion_tokens=e.completion_tokens)
-                    for e in edits
-                ],
-                seconds=clock.seconds["generation"],
-            )
-        )
-
-        started = time.perf_counter()
-        baseline = self._auditor.Score(
-            auditor_pb2.ScoreRequest(context=request.context, questions=request.questions), timeout=timeout()
-        )
-        clock.add("scoring", started)
-        yield event(baseline_scored=teacher_pb2.BaselineScored(accuracy=baseline.baseline_accuracy, outcomes=baseline.baseline_outcomes))
-
-        candidates: list[_Candidate] = []
-        for edit in edits:
-            candidate = _Candidate(teacher_pb2.CandidateSummary(index=edit.index, self_edit=edit.text))
-            candidates.append(candidate)
-            check = self._auditor.CheckSelfEdit(
-                auditor_pb2.CheckSelfEditRequest(
-                    context=request.context, self_edit=edit.text, prompt=edit.prompt, seed=seed + edit.index, request_id=request_id
-                ),
-                timeout=timeout(),
-            )
-            candidate.summary.gates.extend(check.results)
-            if not check.passed:
-                failed = ", ".join(g.gate for g in check.results if not g.passed)
-                candidate.summary.failure = f"guardrails failed before training: {failed}"
-                yield event(candidate_failed=teacher_pb2.CandidateFailed(index=edit.index, reason=candidate.summary.failure, gates=check.results))
-                continue
-            try:
-                started = time.perf_counter()
-                for update in self._student.ApplySelfEdit(
-                    student_pb2.ApplySelfEditRequest(
-                        adapter_name=adapter_name,
-                        context=request.context,
-                        self_edit=edit.text,
-                        overrides=request.overrides,
-                        seed=seed + edit.index,
-                    ),
-                    timeout=timeout(),
-                ):
-                    if update.HasField("progress"):
-                        yield event(candidate_progress=teacher_pb2.CandidateProgress(index=edit.index, training=update.progress))
-                    else:
-                        manifest = update.candidate
-                candidate.train_seconds = clock.add("training", started)
-            except grpc.RpcError as exc:
-                if exc.code() not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
-                    raise
-                candidate.summary.failure = f"training failed ({exc.code().name}): {exc.details()}"
-                yield event(candidate_failed=teacher_pb2.CandidateFailed(index=edit.index, reason=candidate.summary.failure))
-                continue
-            candidate.summary.adapter_id = manifest.adapter_id
-            candidate.summary.training_sequences = int(manifest.hyperparameters["training_sequences"])
-            candidate.summary.train_seconds = candidate.train_seconds
-            yield event(candidate_trained=teacher_pb2.CandidateTrained(index=edit.index, adapter=manifest, seconds=candidate.train_seconds))
-
-            started = time.perf_counter()
-            score = self._auditor.Score(
-                auditor_pb2.ScoreRequest(
-                    adapter_id=manifest.adapter_id,
-                    context=request.context,
-                    questions=request.questions,
-                    self_edit=edit.text,
-                    prompt=edit.prompt,
-                    seed=seed + edit.index,
-                    guardrails=check.results,
-                    request_id=request_id,
-                ),
-                timeout=timeout(),
-            )
-            seconds = clock.add("scoring", started)
-            candidate.score = score
-            del candidate.summary.gates[:]
-            candidate.summary.gates.extend(score.gates)
-            candidate.summary.accuracy = score.adapted_accuracy
-            candidate.summary.reward = score.reward
-            candidate.summary.passed_gates = score.passed_gates
-            candidate.summary.outcomes.extend(score.adapted_outcomes)
-            yield event(
-                candidate_scored=teacher_pb2.CandidateScored(
-                    index=edit.index,
-                    adapter_id=manifest.adapter_id,
-                    accuracy=score.adapted_accuracy,
-                    reward=score.reward,
-                    passed_gates=score.passed_gates,
-                    gates=score.gates,
-                    seconds=seconds,
-                )
-            )
-
-        scored = [c for c in candidates if c.score is not None]
-        best_index = choose_best_candidate(scored)
-        best = next((c for c in scored if c.summary.index == best_index), None)
-        if best is not None:
-            self._student.Promote(
-                student_pb2.PromoteRequest(
-                    adapter_id=best.summary.adapter_id,
-                    reason=f"Adapt {request_id}: best of {k}, reward {best.summary.reward:+.3f}, all gates passed",
-                ),
-                timeout=timeout(),
-            )
-            reason = f"promoted {best.summary.adapter_id}: reward {best.summary.reward:+.3f}, every gate passed"
-            self._promotions.labels(adapter_name).inc()
-        else:
-            reason = no_promotion_reason(candidates)
-            self._rejections.labels(adapter_name).inc()
-        for candidate in scored:
-            if candidate is not best:
-                self._student.Reject(
-                    student_pb2.RejectRequest(adapter_id=candidate.summary.adapter_id, reason=f"Adapt {request_id}: {reason}"),
-                    timeout=timeout(),
-                )
-        shown = best or max(scored, key=lambda c: c.summary.reward, default=None)
-        yield event(promotion_decided=teacher_pb2.PromotionDecided(promoted=best is not None, adapter_id=best.summary.adapter_id if best else "", reason=reason))
-
-        phase_seconds = dict(clock.seconds, total=time.perf_counter() - started_total)
-        result = teacher_pb2.AdaptResult(
+        events = run_adapt(
+            convert.task_from_proto(request.context, request.questions),
+            propose=proposer_fn(self._proposer, style),
+            student=GrpcStudentPort(self._student, timeout),
+            auditor=GrpcAuditorPort(self._auditor, timeout),
+            k=k,
+            seed=request.seed if request.HasField("seed") else self._settings.seed,
+            adapter_name=adapter_name,
+            overrides=convert.overrides_from_proto(request.overrides),
             request_id=request_id,
-            context_id=context_digest(request.context.title, request.context.passage),
-            promoted=best is not None,
-            baseline_accuracy=baseline.baseline_accuracy,
-            adapted_accuracy=shown.summary.accuracy if shown else baseline.baseline_accuracy,
-            candidates=[c.summary for c in candidates],
-            baseline_outcomes=baseline.baseline_outcomes,
-            decision_reason=reason,
-            phase_seconds=phase_seconds,
         )
-        if shown is not None:
-            result.adapter_id = shown.summary.adapter_id
-            result.version = int(shown.summary.adapter_id.rsplit("@v", 1)[1])
-            result.adapted_outcomes.extend(shown.summary.outcomes)
-        else:
-            result.adapted_outcomes.extend(baseline.baseline_outcomes)
-        yield event(result=result)
-
-
-def _valid_adapter_name(name: str) -> bool:
-    import re
-
-    return re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,62}", name) is not None
-
-
-def choose_best_candidate(scored: list[_Candidate]) -> int | None:
-    """Best passing candidate by reward (``seal.gates.choose_best`` holds the rule)."""
-    return choose_best([(c.summary.index, c.summary.reward, c.summary.passed_gates) for c in scored])
-
-
-def no_promotion_reason(candidates: list[_Candidate]) -> str:
-    if not candidates:
-        return "no candidate self-edits"
-    reasons = []
-    for candidate in candidates:
-        summary = candidate.summary
-        if summary.failure:
-            reasons.append(f"#{summary.index}: {summary.failure}")
-        else:
-            failed = "; ".join(g.reason for g in summary.gates if not g.passed) or "no gate failed"
-            reasons.append(f"#{summary.index}: {failed}")
-    return "nothing promoted — " + " | ".join(reasons)
+        for event in events:
+            if isinstance(event, SelfEditsProposed):
+                self._generation_seconds.observe(event.seconds)
+                self._self_edits.labels(style).inc(len(event.proposals))
+            elif isinstance(event, PromotionDecided):
+                (self._promotions if event.promoted else self._rejections).labels(adapter_name).inc()
+            yield convert.adapt_event_to_proto(event, request_id)
 
 
 class RewardSubscriber:

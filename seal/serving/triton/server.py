@@ -23,10 +23,13 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from student_svc.triton.model_repository import DEFAULT_MODEL_NAME, render_config, write_model
-from student_svc.triton.state import ServingState, write_state
+from seal.serving.triton.model_repository import DEFAULT_MODEL_NAME, render_config, write_model
+from seal.serving.triton.state import ServingState, write_state
+
+if TYPE_CHECKING:
+    from seal.serving.triton.client import TritonStudentClient
 
 ENV_BINARY = "SEAL_TRITONSERVER"
 # The Makefile installs the wheel in a venv of its own (its client pins protobuf<7, the project's
@@ -99,7 +102,8 @@ class TritonInstall:
             with contextlib.suppress(TritonNotInstalled):
                 return cls.from_pytriton(site)
             tried.append(str(site))
-        project = Path(__file__).resolve().parents[2]
+        # seal/serving/triton/server.py -> the project root, where `make install` puts the side venv.
+        project = Path(__file__).resolve().parents[3]
         for site in sorted((project / SIDE_VENV / "lib").glob("python3*/site-packages")):
             with contextlib.suppress(TritonNotInstalled):
                 return cls.from_pytriton(site)
@@ -226,7 +230,7 @@ class TritonSupervisor:
         self.repository = self.workdir / "model_repository"
         self.log_path = self.workdir / "tritonserver.log"
         self._proc: subprocess.Popen[bytes] | None = None
-        self._log_fh: Any = None
+        self._log_fh: BinaryIO | None = None
 
     # --- configuration ------------------------------------------------------------------------
 
@@ -357,7 +361,7 @@ class TritonSupervisor:
         return self
 
     def _wait_ready(self, timeout_s: float) -> None:
-        from student_svc.triton.client import TritonStudentClient
+        from seal.serving.triton.client import TritonStudentClient
 
         deadline = time.monotonic() + timeout_s
         with TritonStudentClient(self.grpc_url, model_name=self.model_name, timeout_s=2.0) as client:
@@ -439,8 +443,8 @@ class TritonSupervisor:
             return "errors:\n" + "\n".join(summary) + "\n--- last lines:\n" + "\n".join(tail)
         return "\n".join(tail)
 
-    def client(self, timeout_s: float = 60.0):
-        from student_svc.triton.client import TritonStudentClient
+    def client(self, timeout_s: float = 60.0) -> TritonStudentClient:
+        from seal.serving.triton.client import TritonStudentClient
 
         return TritonStudentClient(self.grpc_url, model_name=self.model_name, state_path=self.state_path,
                                    timeout_s=timeout_s)

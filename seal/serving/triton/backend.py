@@ -13,36 +13,28 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from student_svc.triton.state import BASE_VERSION, ServingState, read_state, state_lock, write_state
+from seal.config import Settings
+from seal.models import Generation, SamplingParams
+from seal.registry import AdapterRegistry, Manifest
+from seal.serving import ROUTED, BackendKind, Target
+from seal.serving.triton.server import TritonSupervisor
+from seal.serving.triton.state import BASE_VERSION, ServingState, read_state, state_lock, write_state
+
+if TYPE_CHECKING:
+    from seal.serving.triton.client import Generation as TritonGeneration
+    from seal.serving.triton.client import TritonStudentClient
 
 log = logging.getLogger(__name__)
 
 
-def resolve_backend(settings: Any) -> str:
-    """'triton' or 'in_process' for ``settings.student_serving.backend``."""
-    serving = settings.student_serving
-    if serving.backend != "auto":
-        return serving.backend
-    from student_svc.triton.server import TritonInstall, TritonNotInstalled
+class TritonBackend:
+    """``seal.serving.ServingBackend`` answered by a supervised tritonserver."""
 
-    try:
-        if serving.tritonserver:
-            TritonInstall.from_binary(serving.tritonserver)
-        else:
-            TritonInstall.discover()
-        import tritonclient.grpc  # noqa: F401
-    except (TritonNotInstalled, ImportError) as exc:
-        log.warning("student_serving.backend=auto: no usable Triton (%s); generating in-process", exc)
-        return "in_process"
-    return "triton"
+    name: BackendKind = "triton"
 
-
-class TritonServing:
-    def __init__(self, settings: Any, model_path: Path, registry: Any) -> None:
-        from student_svc.triton.server import TritonSupervisor
-
+    def __init__(self, settings: Settings, registry: AdapterRegistry, model_path: Path) -> None:
         cfg = settings.student_serving
         self.cfg = cfg
         self.registry = registry
@@ -61,7 +53,7 @@ class TritonServing:
                               "seed": str(settings.seed)},
             extra_args=cfg.extra_args,
         )
-        self.client: Any = None
+        self.client: TritonStudentClient | None = None
         # Candidates share one slot (the canary); evaluating two at once would evict each other.
         self._evaluation_lock = threading.Lock()
 
@@ -69,8 +61,9 @@ class TritonServing:
     def metrics_url(self) -> str:
         return self.supervisor.metrics_url
 
-    def start(self, promoted: Any | None) -> None:
-        """Serve ``promoted`` (a verified registry manifest, or None for the base model)."""
+    def start(self, promoted: Manifest | None) -> None:
+        """Serve ``promoted`` (the registry's promoted version, or None for the base model)."""
+        promoted = self._verified_or_base(promoted)
         path = self.supervisor.state_path
         with state_lock(path):
             old = read_state(path)
@@ -88,46 +81,84 @@ class TritonServing:
                  time.perf_counter() - started, self.supervisor.grpc_url,
                  promoted.adapter_id if promoted else "the base model", self.metrics_url, self.supervisor.log_path)
 
+    def _verified_or_base(self, promoted: Manifest | None) -> Manifest | None:
+        if promoted is None:
+            return None
+        try:
+            self.registry.verify(promoted)
+        except Exception as exc:  # noqa: BLE001 - refusing to start would also block the rollback
+            log.error("promoted %s fails verification, Triton serves the base model until it is "
+                      "rolled back or another version is promoted: %s", promoted.adapter_id, exc)
+            return None
+        return promoted
+
+    @property
+    def _client(self) -> TritonStudentClient:
+        if self.client is None:
+            raise RuntimeError("the Triton backend is not started (or already closed)")
+        return self.client
+
     def state(self) -> ServingState:
-        return self.client.current_state()
+        return self._client.current_state()
 
-    def generate(self, prompts: Sequence[str], adapter: str | None, params: Any, chat: bool) -> list[Any]:
-        return self.client.generate(list(prompts), adapter=adapter, max_new_tokens=params.max_new_tokens,
-                                    temperature=params.temperature, top_p=params.top_p, seed=params.seed, chat=chat)
+    def generate(
+        self, prompts: Sequence[str], target: Target, params: SamplingParams, *, chat: bool
+    ) -> tuple[list[Generation], str]:
+        if target is ROUTED:
+            answers = self._generate(prompts, None, params, chat)  # Triton's routing decides
+        elif target is None:
+            answers = self._generate(prompts, BASE_VERSION, params, chat)
+        else:
+            answers = self._generate_with(target, prompts, params, chat)
+        generations = [Generation(a.text, a.prompt_tokens, a.completion_tokens) for a in answers]
+        # With a canary split, prompts of one call can be served by different versions; the
+        # response names the first one's (per-prompt versions are in Triton's answer).
+        served = answers[0].adapter_version
+        return generations, "" if served == BASE_VERSION else served
 
-    def generate_with(self, manifest: Any, prompts: Sequence[str], params: Any, chat: bool) -> list[Any]:
+    def _generate(
+        self, prompts: Sequence[str], adapter: str | None, params: SamplingParams, chat: bool
+    ) -> list[TritonGeneration]:
+        return self._client.generate(list(prompts), adapter=adapter, max_new_tokens=params.max_new_tokens,
+                                     temperature=params.temperature, top_p=params.top_p, seed=params.seed,
+                                     chat=chat)
+
+    def _generate_with(
+        self, manifest: Manifest, prompts: Sequence[str], params: SamplingParams, chat: bool
+    ) -> list[TritonGeneration]:
         """Answer with a version named explicitly; one Triton does not keep loaded (a candidate
         the auditor scores) becomes the canary first. Its share of unnamed traffic is
         ``canary_fraction`` for a candidate, 0 (loaded but not routed) for any other status."""
         version = manifest.adapter_id
         state = self.state()
         if version in (state.promoted, state.previous):
-            return self.generate(prompts, version, params, chat)
+            return self._generate(prompts, version, params, chat)
         with self._evaluation_lock:
             if self.state().canary != version:
                 self.registry.verify(manifest)  # never load weights that differ from the record
                 fraction = self.cfg.canary_fraction if manifest.status == "candidate" else 0.0
-                self.client.set_canary(version, self.registry.path_of(manifest), fraction,
-                                       f"evaluate {version}")
-            return self.generate(prompts, version, params, chat)
+                self._client.set_canary(version, self.registry.path_of(manifest), fraction,
+                                        f"evaluate {version}")
+            return self._generate(prompts, version, params, chat)
 
-    def promote(self, manifest: Any) -> None:
-        self.client.promote(manifest.adapter_id, self.registry.path_of(manifest), f"promote {manifest.adapter_id}")
+    def promote(self, manifest: Manifest) -> None:
+        self._client.promote(manifest.adapter_id, self.registry.path_of(manifest),
+                             f"promote {manifest.adapter_id}")
 
-    def rollback(self, restored: Any | None) -> None:
+    def rollback(self, restored: Manifest | None) -> None:
         state = self.state()
         if restored is None:
-            self.client.serve_base("rollback to the base model")
+            self._client.serve_base("rollback to the base model")
         elif state.previous == restored.adapter_id:
-            self.client.rollback(f"rollback to {restored.adapter_id}")  # still loaded: a routing change
+            self._client.rollback(f"rollback to {restored.adapter_id}")  # still loaded: a routing change
         else:
-            self.client.promote(restored.adapter_id, self.registry.path_of(restored),
-                                f"rollback to {restored.adapter_id}")
+            self._client.promote(restored.adapter_id, self.registry.path_of(restored),
+                                 f"rollback to {restored.adapter_id}")
 
     def forget(self, adapter_id: str) -> None:
         """A rejected candidate stops taking canary traffic."""
         if self.state().canary == adapter_id:
-            self.client.clear_canary(f"{adapter_id} rejected")
+            self._client.clear_canary(f"{adapter_id} rejected")
 
     def served(self) -> dict[str, str]:
         state = self.state()

@@ -3,7 +3,7 @@
 The supervisor copies this file to ``<repository>/<model>/1/model.py``. It runs inside Triton's
 Python stub, where only torch, transformers, peft, numpy and ``triton_python_backend_utils`` can be
 relied upon (NVIDIA's image has no ``seal``), so it is self-contained: the serving-state schema is
-re-read here rather than imported from ``student_svc.triton.state``.
+re-read here rather than imported from ``seal.serving.triton.state``.
 
 Hot swap: the instance keeps every version named by the serving-state JSON loaded in one
 ``PeftModel`` (one named adapter per version) and checks the file's stat signature at the start of
@@ -41,7 +41,7 @@ class StateError(ValueError):
 
 
 def parse_state(text: str) -> dict[str, Any]:
-    """Validate the serving-state JSON written by ``student_svc.triton.state`` (same schema)."""
+    """Validate the serving-state JSON written by ``seal.serving.triton.state`` (same schema)."""
     try:
         body = json.loads(text)
     except json.JSONDecodeError as exc:

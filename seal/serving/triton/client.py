@@ -12,12 +12,17 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from student_svc.triton.model_repository import DEFAULT_MODEL_NAME
-from student_svc.triton.state import BASE_VERSION, ServingState, read_state, state_lock, write_state
+from seal.serving.triton.model_repository import DEFAULT_MODEL_NAME
+from seal.serving.triton.state import BASE_VERSION, ServingState, read_state, state_lock, write_state
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from seal import models
 
 
 _OUTPUTS = ("text", "prompt_tokens", "completion_tokens", "adapter_version")
@@ -315,14 +320,15 @@ class TritonGenerationEngine:
         self.client = client
         self.adapter = adapter
 
-    def generate(self, prompts: Sequence[str], params: Any, *, chat: bool = True, batch_size: int = 8,
-                 on_progress: Any = None) -> list[Any]:
+    def generate(self, prompts: Sequence[str], params: models.SamplingParams, *, chat: bool = True,
+                 batch_size: int = 8, on_progress: Callable[[int, int], None] | None = None) -> list[models.Generation]:
+        # At call time: this module is imported where only the client side is needed.
         from seal.models import Generation as EngineGeneration
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         prompts = list(prompts)
-        results: list[Any] = []
+        results: list[models.Generation] = []
         for start in range(0, len(prompts), batch_size):
             answers = self.client.generate(
                 prompts[start:start + batch_size], adapter=self.adapter, max_new_tokens=params.max_new_tokens,

@@ -1,0 +1,453 @@
+"""The SEAL step, once: propose → check → train → score → decide (SEAL §3, Algorithm 1 inner loop).
+
+Every caller runs a candidate through :func:`score_candidate`: ``Adapt`` (``run_adapt``, over gRPC
+in ``teacher_svc``), ReST^EM's E-step (``seal.rl.restem`` through :func:`restem_scorer`) and policy
+evaluation (``seal.evaluation``). They differ only in the ports they are given and in what they
+do with the outcome — Adapt promotes the best candidate that passes every gate, ReST^EM keeps the
+reward and discards the adapter, evaluation keeps the accuracies.
+
+The pipeline depends on two abstractions, never on a transport (vLLM's ``EngineClient`` is the
+model): :class:`StudentPort` trains and changes an adapter's status, :class:`AuditorPort` checks
+guardrails and scores. ``seal.transport.ports`` implements them over gRPC for the services;
+``seal.local`` implements them over the in-process engines for tests, benches and evaluation.
+
+Failures have one classification. A port raises :class:`CandidateRefused` when the *self-edit*
+is at fault (no usable line, training diverged with its directives): that candidate fails and
+the others carry on. Anything else (a service down, a deadline, a protocol violation) propagates
+and ends the step, because every other candidate would fail alike.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from seal.auditor import QuestionOutcome
+from seal.domains.knowledge import Question, context_digest
+from seal.gates import GateResult, choose_best
+from seal.guardrails import GuardrailResult
+
+# --- what flows through the step --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Task:
+    """New context C with its held-out questions τ (the step's unit of work)."""
+
+    title: str
+    passage: str
+    questions: tuple[Question, ...]
+
+    @property
+    def context_id(self) -> str:
+        return context_digest(self.title, self.passage)
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """One self-edit the teacher wrote, with the prompt that produced it."""
+
+    index: int
+    prompt: str
+    text: str
+    completion_tokens: int = 0
+
+
+GUARDRAIL_PREFIX = "guardrail:"
+
+
+def guardrail_to_gate(result: GuardrailResult) -> GateResult:
+    """A guardrail rule's result as the gate it travels as (``guardrail:<rule>``)."""
+    return GateResult(f"{GUARDRAIL_PREFIX}{result.rule}", result.passed, None, None, result.detail)
+
+
+def guardrail_from_gate(gate: GateResult) -> GuardrailResult:
+    return GuardrailResult(rule=gate.gate.removeprefix(GUARDRAIL_PREFIX), passed=gate.passed, detail=gate.reason)
+
+
+@dataclass(frozen=True)
+class GuardrailCheck:
+    passed: bool
+    gates: tuple[GateResult, ...]
+
+    @property
+    def failed_rules(self) -> list[str]:
+        return [gate.gate for gate in self.gates if not gate.passed]
+
+
+@dataclass(frozen=True)
+class TrainedAdapter:
+    adapter_id: str
+    training_sequences: int
+    seconds: float
+    # The adapter's manifest as the student returned it (core ``Manifest`` in process, the proto
+    # message over gRPC): carried to the caller's events untouched, never interpreted here.
+    manifest: Any = None
+
+
+@dataclass(frozen=True)
+class Baseline:
+    accuracy: float
+    outcomes: tuple[QuestionOutcome, ...]
+
+
+@dataclass(frozen=True)
+class Score:
+    """The auditor's verdict on one candidate: SEAL's reward and every promotion gate."""
+
+    accuracy: float
+    baseline_accuracy: float
+    reward: float
+    passed_gates: bool
+    gates: tuple[GateResult, ...]
+    outcomes: tuple[QuestionOutcome, ...]
+    retention_accuracy: float | None = None
+    baseline_retention_accuracy: float | None = None
+
+
+class CandidateRefused(ValueError):
+    """The self-edit, not the system, is at fault: this candidate fails, the step goes on."""
+
+
+# The core's error codes (``code`` attribute, mapped to gRPC statuses by ``seal.rpc``) that blame
+# the request rather than the system.
+REFUSAL_CODES = ("invalid_argument", "failed_precondition")
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """Whether a training error blames the self-edit (the same rule ``seal.rpc`` maps to
+    INVALID_ARGUMENT / FAILED_PRECONDITION, so in-process and gRPC callers classify alike)."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, str):
+        return code in REFUSAL_CODES
+    return isinstance(exc, ValueError)
+
+
+@dataclass(frozen=True)
+class TrainingStep:
+    """One optimizer step of a candidate's update, as the student reports it."""
+
+    step: int
+    total_steps: int
+    loss: float
+
+
+class StudentPort(Protocol):
+    """Trains candidates and changes an adapter's status."""
+
+    def train(
+        self, task: Task, proposal: Proposal, *, adapter_name: str, seed: int, overrides: Mapping[str, Any]
+    ) -> Iterator[TrainingStep | TrainedAdapter]:
+        """The update's steps as they happen, then exactly one :class:`TrainedAdapter`."""
+        ...
+
+    def promote(self, adapter_id: str, reason: str) -> None: ...
+
+    def reject(self, adapter_id: str, reason: str, *, discard_weights: bool = False) -> None: ...
+
+
+class AuditorPort(Protocol):
+    """Checks self-edits before training and scores candidates after it."""
+
+    def check(self, task: Task, proposal: Proposal, *, seed: int, request_id: str) -> GuardrailCheck: ...
+
+    def baseline(self, task: Task) -> Baseline: ...
+
+    def score(
+        self,
+        task: Task,
+        proposal: Proposal,
+        adapter: TrainedAdapter,
+        *,
+        seed: int,
+        guardrails: GuardrailCheck,
+        request_id: str,
+        measure_retention: bool,
+    ) -> Score: ...
+
+
+# --- events (what a caller streams) ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SelfEditsProposed:
+    proposals: tuple[Proposal, ...]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class BaselineScored:
+    baseline: Baseline
+
+
+@dataclass(frozen=True)
+class CandidateProgress:
+    index: int
+    step: int
+    total_steps: int
+    loss: float
+
+
+@dataclass(frozen=True)
+class CandidateTrained:
+    index: int
+    adapter: TrainedAdapter
+
+
+@dataclass(frozen=True)
+class CandidateFailed:
+    index: int
+    reason: str
+    gates: tuple[GateResult, ...] = ()
+
+
+@dataclass(frozen=True)
+class CandidateScored:
+    index: int
+    adapter_id: str
+    score: Score
+    seconds: float
+
+
+@dataclass
+class CandidateOutcome:
+    """Everything the step learned about one self-edit; ``failure`` set means never scored."""
+
+    proposal: Proposal
+    seed: int
+    adapter: TrainedAdapter | None = None
+    score: Score | None = None
+    failure: str = ""
+    gates: tuple[GateResult, ...] = ()
+    train_seconds: float = 0.0
+    score_seconds: float = 0.0
+
+    @property
+    def scored(self) -> bool:
+        return self.score is not None
+
+
+@dataclass(frozen=True)
+class PromotionDecided:
+    promoted: bool
+    adapter_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class AdaptFinished:
+    request_id: str
+    task: Task
+    baseline: Baseline
+    candidates: tuple[CandidateOutcome, ...]
+    promoted: CandidateOutcome | None
+    # The promoted candidate, else the best scored one (what a caller shows), else None.
+    shown: CandidateOutcome | None
+    reason: str
+    phase_seconds: dict[str, float]
+
+
+Event = (
+    SelfEditsProposed | BaselineScored | CandidateProgress | CandidateTrained | CandidateFailed
+    | CandidateScored | PromotionDecided | AdaptFinished
+)
+
+
+# --- the step --------------------------------------------------------------------------------
+
+
+@dataclass
+class PhaseClock:
+    """Wall seconds per phase of a step (generation, training, scoring), summed over candidates."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: {"generation": 0.0, "training": 0.0, "scoring": 0.0})
+
+    def add(self, phase: str, started: float) -> float:
+        elapsed = time.perf_counter() - started
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + elapsed
+        return elapsed
+
+
+def score_candidate(
+    task: Task,
+    proposal: Proposal,
+    *,
+    student: StudentPort,
+    auditor: AuditorPort,
+    adapter_name: str,
+    seed: int,
+    request_id: str,
+    overrides: Mapping[str, Any] | None = None,
+    measure_retention: bool = True,
+    clock: PhaseClock | None = None,
+) -> Iterator[Event]:
+    """One candidate: guardrails → train → score. Yields its events; returns its outcome
+    (``outcome = yield from score_candidate(...)``). The adapter is left as a candidate: what
+    happens to it next is the caller's decision."""
+    clock = clock or PhaseClock()
+    outcome = CandidateOutcome(proposal, seed)
+    started = time.perf_counter()
+    check = auditor.check(task, proposal, seed=seed, request_id=request_id)
+    clock.add("scoring", started)
+    outcome.gates = check.gates
+    if not check.passed:
+        outcome.failure = f"guardrails failed before training: {', '.join(check.failed_rules)}"
+        yield CandidateFailed(proposal.index, outcome.failure, check.gates)
+        return outcome
+
+    started = time.perf_counter()
+    adapter: TrainedAdapter | None = None
+    try:
+        for update in student.train(task, proposal, adapter_name=adapter_name, seed=seed, overrides=overrides or {}):
+            if isinstance(update, TrainingStep):
+                yield CandidateProgress(proposal.index, update.step, update.total_steps, update.loss)
+            else:
+                adapter = update
+    except CandidateRefused as exc:
+        outcome.train_seconds = clock.add("training", started)
+        outcome.failure = f"training failed: {exc}"
+        yield CandidateFailed(proposal.index, outcome.failure)
+        return outcome
+    if adapter is None:
+        # Never score anything in its place (an earlier candidate's adapter least of all).
+        raise RuntimeError(
+            f"the student's training stream for self-edit #{proposal.index} ended without an adapter"
+        )
+    outcome.train_seconds = clock.add("training", started)
+    outcome.adapter = adapter
+    yield CandidateTrained(proposal.index, adapter)
+
+    started = time.perf_counter()
+    score = auditor.score(
+        task, proposal, adapter, seed=seed, guardrails=check, request_id=request_id,
+        measure_retention=measure_retention,
+    )
+    outcome.score_seconds = clock.add("scoring", started)
+    outcome.score = score
+    outcome.gates = score.gates
+    yield CandidateScored(proposal.index, adapter.adapter_id, score, outcome.score_seconds)
+    return outcome
+
+
+def drain(events: Iterator[Event]) -> Any:
+    """Run a step to its end without a listener and return its result (a generator's return value)."""
+    while True:
+        try:
+            next(events)
+        except StopIteration as stop:
+            return stop.value
+
+
+def choose_promotion(candidates: Sequence[CandidateOutcome]) -> CandidateOutcome | None:
+    """The best candidate by reward among those that passed every gate (``seal.gates.choose_best``)."""
+    scored = [c for c in candidates if c.score is not None]
+    best_index = choose_best([(c.proposal.index, c.score.reward, c.score.passed_gates) for c in scored])  # type: ignore[union-attr]
+    return next((c for c in scored if c.proposal.index == best_index), None)
+
+
+def no_promotion_reason(candidates: Sequence[CandidateOutcome]) -> str:
+    """Why nothing was promoted, candidate by candidate, in words an operator can act on."""
+    if not candidates:
+        return "no candidate self-edits"
+    reasons = []
+    for candidate in candidates:
+        if candidate.failure:
+            reasons.append(f"#{candidate.proposal.index}: {candidate.failure}")
+        else:
+            failed = "; ".join(g.reason for g in candidate.gates if not g.passed) or "no gate failed"
+            reasons.append(f"#{candidate.proposal.index}: {failed}")
+    return "nothing promoted — " + " | ".join(reasons)
+
+
+ProposeFn = Callable[[Task, int, int], Sequence[Proposal]]  # (task, k, seed) → k proposals
+
+
+def proposer_fn(proposer: Any, style: str) -> ProposeFn:
+    """A :class:`seal.teacher.SelfEditProposer` (or anything with its ``propose``) as a ProposeFn."""
+
+    def propose(task: Task, k: int, seed: int) -> list[Proposal]:
+        return [
+            Proposal(e.index, e.prompt, e.text, e.completion_tokens)
+            for e in proposer.propose(task.title, task.passage, k, style, seed)
+        ]
+
+    return propose
+
+
+def validate_overrides(overrides: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The bounds a request's update overrides must keep; out of them every candidate would fail
+    alike in the student, so the request is refused before anything is sampled."""
+    learning_rate = overrides.get("learning_rate")
+    if learning_rate is not None and not 0 < learning_rate <= 1:
+        raise ValueError(f"overrides.learning_rate must be in (0, 1], got {learning_rate}")
+    epochs = overrides.get("epochs")
+    if epochs is not None and not 1 <= epochs <= 100:
+        raise ValueError(f"overrides.epochs must be between 1 and 100, got {epochs}")
+    return overrides
+
+
+def run_adapt(
+    task: Task,
+    *,
+    propose: ProposeFn,
+    student: StudentPort,
+    auditor: AuditorPort,
+    k: int,
+    seed: int,
+    adapter_name: str,
+    overrides: Mapping[str, Any] | None = None,
+    request_id: str | None = None,
+) -> Iterator[Event]:
+    """One Adapt call: k self-edits, a candidate per edit, the best passing candidate promoted,
+    every other scored candidate rejected. Yields events as they happen; the last is
+    :class:`AdaptFinished`."""
+    request_id = request_id or uuid.uuid4().hex[:12]
+    clock, started_total = PhaseClock(), time.perf_counter()
+
+    started = time.perf_counter()
+    proposals = tuple(propose(task, k, seed))
+    yield SelfEditsProposed(proposals, clock.add("generation", started))
+
+    started = time.perf_counter()
+    baseline = auditor.baseline(task)
+    clock.add("scoring", started)
+    yield BaselineScored(baseline)
+
+    candidates: list[CandidateOutcome] = []
+    for proposal in proposals:
+        outcome = yield from score_candidate(
+            task, proposal, student=student, auditor=auditor, adapter_name=adapter_name,
+            seed=seed + proposal.index, request_id=request_id, overrides=overrides, clock=clock,
+        )
+        candidates.append(outcome)
+
+    best = choose_promotion(candidates)
+    if best is not None:
+        assert best.score is not None and best.adapter is not None
+        student.promote(
+            best.adapter.adapter_id,
+            f"Adapt {request_id}: best of {k}, reward {best.score.reward:+.3f}, all gates passed",
+        )
+        reason = f"promoted {best.adapter.adapter_id}: reward {best.score.reward:+.3f}, every gate passed"
+    else:
+        reason = no_promotion_reason(candidates)
+    for candidate in candidates:
+        if candidate.adapter is not None and candidate is not best:
+            student.reject(candidate.adapter.adapter_id, f"Adapt {request_id}: {reason}")
+    yield PromotionDecided(best is not None, best.adapter.adapter_id if best and best.adapter else "", reason)
+
+    scored = [c for c in candidates if c.score is not None]
+    shown = best or max(scored, key=lambda c: c.score.reward, default=None)  # type: ignore[union-attr]
+    yield AdaptFinished(
+        request_id=request_id,
+        task=task,
+        baseline=baseline,
+        candidates=tuple(candidates),
+        promoted=best,
+        shown=shown,
+        reason=reason,
+        phase_seconds=dict(clock.seconds, total=time.perf_counter() - started_total),
+    )

@@ -1,0 +1,129 @@
+"""The SEAL pipeline's ports over the in-process engines: one process, no services.
+
+Tests, benches and ``seal eval`` run the very step Adapt runs (``seal.adapt``) on a
+:class:`seal.student.Student` and a :class:`seal.auditor.Auditor` held in memory; nothing here
+knows gRPC. Guardrails are the same rules the auditor service applies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from seal import adapt
+from seal.auditor import Auditor, accuracy_of
+from seal.guardrails import GuardrailSettings, check_self_edit
+from seal.models import SamplingParams
+from seal.retention import RetentionProbe
+from seal.streaming import stream_callbacks
+from seal.student import AdapterChoice, Student
+
+
+class LocalStudentPort:
+    def __init__(self, student: Student, *, should_stop: Callable[[], bool] | None = None) -> None:
+        self._student = student
+        self._should_stop = should_stop
+
+    def train(
+        self, task: adapt.Task, proposal: adapt.Proposal, *, adapter_name: str, seed: int, overrides: Mapping[str, Any]
+    ) -> Iterator[adapt.TrainingStep | adapt.TrainedAdapter]:
+        options = dict(overrides)
+        include_passage = bool(options.pop("include_passage", True))
+
+        def work(emit: Callable[[adapt.TrainingStep], None]) -> Any:
+            return self._student.train_candidate(
+                adapter_name=adapter_name,
+                title=task.title,
+                passage=task.passage,
+                self_edit=proposal.text,
+                context_id=task.context_id,
+                overrides=options,
+                include_passage=include_passage,
+                seed=seed,
+                on_step=lambda step, total, loss: emit(adapt.TrainingStep(step, total, loss)),
+                should_stop=self._should_stop,
+            )
+
+        try:
+            result = yield from stream_callbacks(work, name="seal-local-train")
+        except Exception as exc:
+            if adapt.is_refusal(exc):
+                raise adapt.CandidateRefused(str(exc)) from exc
+            raise
+        yield adapt.TrainedAdapter(result.manifest.adapter_id, result.training_sequences, result.seconds, result.manifest)
+
+    def promote(self, adapter_id: str, reason: str) -> None:
+        self._student.promote(adapter_id, reason)
+
+    def reject(self, adapter_id: str, reason: str, *, discard_weights: bool = False) -> None:
+        self._student.reject(adapter_id, reason, discard_weights=discard_weights)
+
+
+class LocalAuditorPort:
+    """Closed-book scoring through the student's own ``generate``; the retention probe is asked
+    only when one is given (building it is the auditor service's job)."""
+
+    def __init__(
+        self,
+        student: Student,
+        auditor: Auditor,
+        *,
+        guardrails: GuardrailSettings,
+        answer_max_new_tokens: int = 32,
+        probe: RetentionProbe | None = None,
+        probe_max_new_tokens: int | None = None,
+    ) -> None:
+        self._student = student
+        self._auditor = auditor
+        self._guardrails = guardrails
+        self._probe = probe
+        self._answer = self._answer_fn(answer_max_new_tokens)
+        self._probe_answer = self._answer_fn(probe_max_new_tokens or answer_max_new_tokens)
+
+    def _answer_fn(self, max_new_tokens: int) -> Callable[[list[str], str], list[str]]:
+        params = SamplingParams(max_new_tokens=max_new_tokens)
+
+        def answer(prompts: list[str], adapter_id: str) -> list[str]:
+            choice = AdapterChoice(adapter_id=adapter_id) if adapter_id else AdapterChoice(base_model=True)
+            generations, _ = self._student.generate(prompts, choice, params)
+            return [g.text for g in generations]
+
+        return answer
+
+    def check(self, task: adapt.Task, proposal: adapt.Proposal, *, seed: int, request_id: str) -> adapt.GuardrailCheck:
+        results = check_self_edit(proposal.text, f"{task.title}\n{task.passage}", self._guardrails)
+        return adapt.GuardrailCheck(all(r.passed for r in results), tuple(adapt.guardrail_to_gate(r) for r in results))
+
+    def baseline(self, task: adapt.Task) -> adapt.Baseline:
+        outcomes = self._auditor.baseline(self._answer, task.questions)
+        return adapt.Baseline(accuracy_of(outcomes), tuple(outcomes))
+
+    def score(
+        self,
+        task: adapt.Task,
+        proposal: adapt.Proposal,
+        adapter: adapt.TrainedAdapter,
+        *,
+        seed: int,
+        guardrails: adapt.GuardrailCheck,
+        request_id: str,
+        measure_retention: bool,
+    ) -> adapt.Score:
+        report = self._auditor.score(
+            self._answer,
+            adapter.adapter_id,
+            task.questions,
+            [adapt.guardrail_from_gate(g) for g in guardrails.gates],
+            probe=self._probe if measure_retention else None,
+            probe_answer=self._probe_answer,
+        )
+        return adapt.Score(
+            accuracy=report.adapted_accuracy,
+            baseline_accuracy=report.baseline_accuracy,
+            reward=report.reward,
+            passed_gates=report.decision.promote,
+            gates=tuple(report.decision.gates),
+            outcomes=tuple(report.adapted_outcomes),
+            retention_accuracy=report.retention_accuracy,
+            baseline_retention_accuracy=report.baseline_retention_accuracy,
+        )

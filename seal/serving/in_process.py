@@ -1,0 +1,68 @@
+"""The student's versions served in this process: PEFT adapters over a copy of the base model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+from seal.config import Settings
+from seal.models import Generation, SamplingParams, TransformersEngine, load_model_and_tokenizer
+from seal.registry import AdapterRegistry, Manifest
+from seal.serving import ROUTED, BackendKind, Target
+from seal.serving.adapters import PeftAdapterCache, adapter_key
+
+#: Versions kept loaded; an Adapt step scores a few candidates beside the promoted one.
+MAX_LOADED_ADAPTERS = 8
+
+
+class InProcessBackend:
+    """Reads the registry on every request that names no version, so it follows promotions and
+    rollbacks without being told (``promote``/``rollback`` have nothing to switch)."""
+
+    name: BackendKind = "in_process"
+    metrics_url = ""
+
+    def __init__(self, settings: Settings, registry: AdapterRegistry, model_path: Path) -> None:
+        self.registry = registry
+        self._lineage = settings.adapter_name
+        self._batch_size = settings.auditor.batch_size
+        # A copy of its own: PEFT injects LoRA layers into the model it serves, and the student
+        # trains every candidate from a base that must stay clean.
+        model, self.tokenizer = load_model_and_tokenizer(
+            model_path, dtype=settings.model.dtype, device=settings.model.device
+        )
+        self.adapters = PeftAdapterCache(model, capacity=MAX_LOADED_ADAPTERS)
+
+    def start(self, promoted: Manifest | None) -> None:
+        """Nothing to start: a version is loaded (and verified) when a request first needs it."""
+
+    def generate(
+        self, prompts: Sequence[str], target: Target, params: SamplingParams, *, chat: bool
+    ) -> tuple[list[Generation], str]:
+        manifest = self.registry.promoted(self._lineage) if target is ROUTED else target
+        key = path = check = None
+        if manifest is not None:
+            key, path = adapter_key(manifest.adapter_id), self.registry.path_of(manifest)
+            # Weights are checked before they ever answer a request (once, when first loaded).
+            check = partial(self.registry.verify, manifest)
+        with self.adapters.use(key, path, check=check) as model:
+            engine = TransformersEngine(model, self.tokenizer)
+            generations = engine.generate(prompts, params, chat=chat, batch_size=self._batch_size)
+        return generations, manifest.adapter_id if manifest is not None else ""
+
+    def promote(self, manifest: Manifest) -> None:
+        """Nothing to switch: unnamed requests read the registry."""
+
+    def rollback(self, restored: Manifest | None) -> None:
+        """Nothing to switch: unnamed requests read the registry."""
+
+    def forget(self, adapter_id: str) -> None:
+        self.adapters.forget(adapter_key(adapter_id))
+
+    def served(self) -> dict[str, str]:
+        promoted = self.registry.promoted(self._lineage)
+        return {"promoted": promoted.adapter_id if promoted else "base"}
+
+    def close(self) -> None:
+        """Nothing outside the process heap; the model goes with the last reference."""

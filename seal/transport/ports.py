@@ -1,0 +1,130 @@
+"""The SEAL pipeline's ports (``seal.adapt.StudentPort`` / ``AuditorPort``) over gRPC.
+
+Each method sends one RPC and maps the reply; the one judgement made here is which status codes
+mean "this self-edit is unusable" (:class:`seal.adapt.CandidateRefused`): INVALID_ARGUMENT and
+FAILED_PRECONDITION from training. Every other error propagates and ends the step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import grpc
+
+from seal import adapt
+from seal.transport import convert
+from seal.v1 import auditor_pb2, auditor_pb2_grpc, common_pb2, student_pb2, student_pb2_grpc
+
+Timeout = Callable[[], float]  # seconds left for the next call (the caller's deadline, capped)
+_REFUSALS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
+
+
+def _context(task: adapt.Task) -> common_pb2.Context:
+    return common_pb2.Context(title=task.title, passage=task.passage)
+
+
+class GrpcStudentPort:
+    def __init__(self, stub: student_pb2_grpc.StudentServiceStub, timeout: Timeout) -> None:
+        self._stub = stub
+        self._timeout = timeout
+
+    def train(
+        self, task: adapt.Task, proposal: adapt.Proposal, *, adapter_name: str, seed: int, overrides: Mapping[str, Any]
+    ) -> Iterator[adapt.TrainingStep | adapt.TrainedAdapter]:
+        request = student_pb2.ApplySelfEditRequest(
+            adapter_name=adapter_name,
+            context=_context(task),
+            self_edit=proposal.text,
+            overrides=convert.overrides_to_proto(overrides),
+            seed=seed,
+        )
+        try:
+            for update in self._stub.ApplySelfEdit(request, timeout=self._timeout()):
+                if update.HasField("progress"):
+                    p = update.progress
+                    yield adapt.TrainingStep(p.step, p.total_steps, p.loss)
+                elif update.HasField("candidate"):
+                    manifest = update.candidate
+                    yield adapt.TrainedAdapter(
+                        adapter_id=manifest.adapter_id,
+                        training_sequences=int(manifest.hyperparameters["training_sequences"])
+                        if "training_sequences" in manifest.hyperparameters else 0,
+                        seconds=float(manifest.metrics["train_seconds"]) if "train_seconds" in manifest.metrics else 0.0,
+                        manifest=manifest,
+                    )
+        except grpc.RpcError as exc:
+            if exc.code() in _REFUSALS:
+                raise adapt.CandidateRefused(f"({exc.code().name}) {exc.details()}") from None
+            raise
+
+    def promote(self, adapter_id: str, reason: str) -> None:
+        self._stub.Promote(student_pb2.PromoteRequest(adapter_id=adapter_id, reason=reason), timeout=self._timeout())
+
+    def reject(self, adapter_id: str, reason: str, *, discard_weights: bool = False) -> None:
+        self._stub.Reject(
+            student_pb2.RejectRequest(adapter_id=adapter_id, reason=reason, discard_weights=discard_weights),
+            timeout=self._timeout(),
+        )
+
+
+class GrpcAuditorPort:
+    def __init__(self, stub: auditor_pb2_grpc.AuditorServiceStub, timeout: Timeout) -> None:
+        self._stub = stub
+        self._timeout = timeout
+
+    def check(self, task: adapt.Task, proposal: adapt.Proposal, *, seed: int, request_id: str) -> adapt.GuardrailCheck:
+        reply = self._stub.CheckSelfEdit(
+            auditor_pb2.CheckSelfEditRequest(
+                context=_context(task), self_edit=proposal.text, prompt=proposal.prompt, seed=seed, request_id=request_id
+            ),
+            timeout=self._timeout(),
+        )
+        return adapt.GuardrailCheck(reply.passed, tuple(convert.gate_from_proto(g) for g in reply.results))
+
+    def baseline(self, task: adapt.Task) -> adapt.Baseline:
+        reply = self._stub.Score(
+            auditor_pb2.ScoreRequest(
+                context=_context(task), questions=[convert.question_to_proto(q) for q in task.questions]
+            ),
+            timeout=self._timeout(),
+        )
+        return adapt.Baseline(reply.baseline_accuracy, tuple(convert.outcome_from_proto(o) for o in reply.baseline_outcomes))
+
+    def score(
+        self,
+        task: adapt.Task,
+        proposal: adapt.Proposal,
+        adapter: adapt.TrainedAdapter,
+        *,
+        seed: int,
+        guardrails: adapt.GuardrailCheck,
+        request_id: str,
+        measure_retention: bool,
+    ) -> adapt.Score:
+        reply = self._stub.Score(
+            auditor_pb2.ScoreRequest(
+                adapter_id=adapter.adapter_id,
+                context=_context(task),
+                questions=[convert.question_to_proto(q) for q in task.questions],
+                self_edit=proposal.text,
+                prompt=proposal.prompt,
+                seed=seed,
+                guardrails=[convert.gate_to_proto(g) for g in guardrails.gates],
+                request_id=request_id,
+                skip_retention=not measure_retention,
+            ),
+            timeout=self._timeout(),
+        )
+        return adapt.Score(
+            accuracy=reply.adapted_accuracy,
+            baseline_accuracy=reply.baseline_accuracy,
+            reward=reply.reward,
+            passed_gates=reply.passed_gates,
+            gates=tuple(convert.gate_from_proto(g) for g in reply.gates),
+            outcomes=tuple(convert.outcome_from_proto(o) for o in reply.adapted_outcomes),
+            retention_accuracy=reply.retention_accuracy if reply.HasField("retention_accuracy") else None,
+            baseline_retention_accuracy=(
+                reply.baseline_retention_accuracy if reply.HasField("baseline_retention_accuracy") else None
+            ),
+        )
