@@ -24,8 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from seal.models import build_tiny_model, prepare_embedded_model, prepare_embedded_tokenizer  # noqa: E402
-from student_svc.triton.server import TritonSupervisor  # noqa: E402
+from seal.models import prepare_embedded_model, prepare_embedded_tokenizer  # noqa: E402
+from seal.serving.triton.server import TritonSupervisor  # noqa: E402
+from tests.tiny_model import build_tiny_model  # noqa: E402
 
 PROMPT = "The lighthouse of Velmora is"
 

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 from seal.auditor import QuestionOutcome
 from seal.domains.knowledge import Question, context_digest
+from seal.domains.self_qa import WrittenQuestions
 from seal.gates import GateResult, choose_best
 from seal.guardrails import GuardrailResult
 
@@ -139,9 +140,21 @@ class StudentPort(Protocol):
     """Trains candidates and changes an adapter's status."""
 
     def train(
-        self, task: Task, proposal: Proposal, *, adapter_name: str, seed: int, overrides: Mapping[str, Any]
+        self,
+        task: Task,
+        proposal: Proposal,
+        *,
+        adapter_name: str,
+        seed: int,
+        overrides: Mapping[str, Any],
+        training_prompts: Sequence[str] = (),
     ) -> Iterator[TrainingStep | TrainedAdapter]:
-        """The update's steps as they happen, then exactly one :class:`TrainedAdapter`."""
+        """The update's steps as they happen, then exactly one :class:`TrainedAdapter`.
+        ``training_prompts``: questions about C an on-policy rule (SDFT) distils on; never τ."""
+        ...
+
+    def answer_with_base(self, prompts: Sequence[str], *, max_new_tokens: int) -> list[str]:
+        """Greedy answers of the base model (no adapter): the open-book check of written questions."""
         ...
 
     def promote(self, adapter_id: str, reason: str) -> None: ...
@@ -175,6 +188,14 @@ class AuditorPort(Protocol):
 @dataclass(frozen=True)
 class SelfEditsProposed:
     proposals: tuple[Proposal, ...]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class QuestionsWritten:
+    """The request had no τ (or the update rule needs training prompts): the teacher wrote them."""
+
+    questions: WrittenQuestions
     seconds: float
 
 
@@ -248,10 +269,12 @@ class AdaptFinished:
     shown: CandidateOutcome | None
     reason: str
     phase_seconds: dict[str, float]
+    # Set when τ was written by the teacher rather than sent by the caller.
+    written: WrittenQuestions | None = None
 
 
 Event = (
-    SelfEditsProposed | BaselineScored | CandidateProgress | CandidateTrained | CandidateFailed
+    SelfEditsProposed | QuestionsWritten | BaselineScored | CandidateProgress | CandidateTrained | CandidateFailed
     | CandidateScored | PromotionDecided | AdaptFinished
 )
 
@@ -281,6 +304,7 @@ def score_candidate(
     seed: int,
     request_id: str,
     overrides: Mapping[str, Any] | None = None,
+    training_prompts: Sequence[str] = (),
     measure_retention: bool = True,
     clock: PhaseClock | None = None,
 ) -> Iterator[Event]:
@@ -301,7 +325,11 @@ def score_candidate(
     started = time.perf_counter()
     adapter: TrainedAdapter | None = None
     try:
-        for update in student.train(task, proposal, adapter_name=adapter_name, seed=seed, overrides=overrides or {}):
+        updates = student.train(
+            task, proposal, adapter_name=adapter_name, seed=seed, overrides=overrides or {},
+            training_prompts=training_prompts,
+        )
+        for update in updates:
             if isinstance(update, TrainingStep):
                 yield CandidateProgress(proposal.index, update.step, update.total_steps, update.loss)
             else:
@@ -363,6 +391,7 @@ def no_promotion_reason(candidates: Sequence[CandidateOutcome]) -> str:
 
 
 ProposeFn = Callable[[Task, int, int], Sequence[Proposal]]  # (task, k, seed) → k proposals
+WriteQuestionsFn = Callable[[Task, int], WrittenQuestions]  # (task without τ, seed) → written questions
 
 
 def proposer_fn(proposer: Any, style: str) -> ProposeFn:
@@ -377,6 +406,36 @@ def proposer_fn(proposer: Any, style: str) -> ProposeFn:
     return propose
 
 
+def question_writer(
+    proposer: Any, student: StudentPort, grader: Any, settings: Any, *, answer_max_new_tokens: int = 32
+) -> WriteQuestionsFn:
+    """Self-QA for a task without τ: the teacher (``proposer.complete``) writes pairs, the base
+    model answers them open book through the student, ``grader`` keeps the ones it gets right
+    (``settings``: the teacher settings' question-writing fields)."""
+    from seal.domains.knowledge import extract_answer
+    from seal.domains.self_qa import write_questions
+
+    def grade(questions: list[Question], answers: list[str]) -> list[bool]:
+        predictions = [extract_answer(a) for a in answers]
+        grades = grader.grade_batch([q.question for q in questions], [q.answer for q in questions], predictions)
+        return [g.correct for g in grades]
+
+    def write(task: Task, seed: int) -> WrittenQuestions:
+        return write_questions(
+            task.title,
+            task.passage,
+            generate=lambda prompt: proposer.complete(prompt, seed=seed, max_new_tokens=settings.question_max_new_tokens),
+            answer_open_book=lambda prompts: student.answer_with_base(prompts, max_new_tokens=answer_max_new_tokens),
+            grade=grade,
+            n=settings.questions_to_write,
+            held_out_fraction=settings.held_out_fraction,
+            min_held_out=settings.min_written_questions,
+            seed=seed,
+        )
+
+    return write
+
+
 def validate_overrides(overrides: Mapping[str, Any]) -> Mapping[str, Any]:
     """The bounds a request's update overrides must keep; out of them every candidate would fail
     alike in the student, so the request is refused before anything is sampled."""
@@ -386,7 +445,19 @@ def validate_overrides(overrides: Mapping[str, Any]) -> Mapping[str, Any]:
     epochs = overrides.get("epochs")
     if epochs is not None and not 1 <= epochs <= 100:
         raise ValueError(f"overrides.epochs must be between 1 and 100, got {epochs}")
+    rule = overrides.get("update_rule")
+    if rule is not None and rule not in UPDATE_RULES:
+        raise ValueError(f"overrides.update_rule {rule!r} is unknown; use one of {', '.join(UPDATE_RULES)}")
     return overrides
+
+
+UPDATE_RULES = ("lora_sft", "sdft")
+ON_POLICY_RULES = ("sdft",)  # rules that distil on prompts about C, so need training prompts
+
+
+def update_rule(overrides: Mapping[str, Any], default: str) -> str:
+    """The update rule a request asks for (``overrides.update_rule``), else the configured one."""
+    return str(overrides.get("update_rule") or default)
 
 
 def run_adapt(
@@ -400,12 +471,34 @@ def run_adapt(
     adapter_name: str,
     overrides: Mapping[str, Any] | None = None,
     request_id: str | None = None,
+    write_questions: WriteQuestionsFn | None = None,
+    needs_training_prompts: bool = False,
 ) -> Iterator[Event]:
     """One Adapt call: k self-edits, a candidate per edit, the best passing candidate promoted,
     every other scored candidate rejected. Yields events as they happen; the last is
-    :class:`AdaptFinished`."""
+    :class:`AdaptFinished`.
+
+    A task without τ gets questions written by ``write_questions`` (held out for τ, the rest
+    training prompts); so does an update rule that distils on prompts
+    (``needs_training_prompts``), whose prompts then exclude the caller's τ."""
     request_id = request_id or uuid.uuid4().hex[:12]
     clock, started_total = PhaseClock(), time.perf_counter()
+
+    written: WrittenQuestions | None = None
+    training_prompts: tuple[str, ...] = ()
+    if not task.questions or needs_training_prompts:
+        if write_questions is None:
+            raise ValueError("no questions: τ needs at least one held-out question with its gold answer")
+        started = time.perf_counter()
+        written = write_questions(task, seed)
+        yield QuestionsWritten(written, clock.add("generation", started))
+        if task.questions:
+            asked = {q.question.casefold() for q in task.questions}
+            pool = [*written.training, *written.held_out]
+            training_prompts = tuple(q.question for q in pool if q.question.casefold() not in asked)
+        else:
+            task = Task(task.title, task.passage, written.require_held_out())
+            training_prompts = tuple(q.question for q in written.training)
 
     started = time.perf_counter()
     proposals = tuple(propose(task, k, seed))
@@ -420,7 +513,8 @@ def run_adapt(
     for proposal in proposals:
         outcome = yield from score_candidate(
             task, proposal, student=student, auditor=auditor, adapter_name=adapter_name,
-            seed=seed + proposal.index, request_id=request_id, overrides=overrides, clock=clock,
+            seed=seed + proposal.index, request_id=request_id, overrides=overrides,
+            training_prompts=training_prompts, clock=clock,
         )
         candidates.append(outcome)
 
@@ -450,4 +544,5 @@ def run_adapt(
         shown=shown,
         reason=reason,
         phase_seconds=dict(clock.seconds, total=time.perf_counter() - started_total),
+        written=written if written is not None and task.questions == written.held_out else None,
     )

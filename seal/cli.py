@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from seal.adapt import UPDATE_RULES
 from seal.config import Settings, get_settings
 from seal.domains.knowledge import KnowledgeContext, Question, load_squad
 from seal.v1 import common_pb2, student_pb2, student_pb2_grpc, teacher_pb2, teacher_pb2_grpc
@@ -178,6 +179,8 @@ def with_update_args(request: Any, args: argparse.Namespace) -> Any:
         request.overrides.epochs = args.epochs
     if args.learning_rate:
         request.overrides.learning_rate = args.learning_rate
+    if getattr(args, "update", None):
+        request.overrides.update_rule = args.update
     return request
 
 
@@ -201,6 +204,13 @@ def run_adapt(address: str, request: teacher_pb2.AdaptRequest, timeout: float) -
                 proposed = response.self_edits_proposed
                 progress.update(overall, total=len(proposed.self_edits), completed=0,
                                 note=f"{len(proposed.self_edits)} proposed in {proposed.seconds:.0f}s")
+            elif kind == "questions_written":
+                item = response.questions_written
+                progress.console.print(
+                    f"the teacher wrote {item.written} questions about the passage: {len(item.held_out)} held out as τ, "
+                    f"{len(item.training_prompts)} training prompts, {item.dropped} dropped (unparseable or not "
+                    f"answered open book) in {item.seconds:.0f}s"
+                )
             elif kind == "baseline_scored":
                 progress.console.print(f"baseline closed-book accuracy: {response.baseline_scored.accuracy:.1%}")
             elif kind == "candidate_progress":
@@ -244,6 +254,8 @@ def print_result(result: teacher_pb2.AdaptResult) -> None:
     console.print(questions)
     phases = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in result.phase_seconds.items())
     console.print(f"phases: {phases}")
+    if result.questions_written:
+        console.print("[dim]τ was written by the teacher (no questions were sent) and verified open book[/]")
     console.print(
         f"[bold]baseline accuracy {result.baseline_accuracy:.1%} → adapted accuracy {result.adapted_accuracy:.1%}[/] "
         + (f"(promoted {result.adapter_id})" if result.promoted else "(nothing promoted)")
@@ -585,7 +597,10 @@ def build_parser() -> argparse.ArgumentParser:
         source.add_argument("--squad-file", default="../shared/data/squad/seal_eval_200.json" if demo else None,
                             help="SEAL's grouped SQuAD JSON")
         if not demo:
-            source.add_argument("--passage-file", help="a .txt passage (with --qa) or a .json {title, context, questions}")
+            source.add_argument(
+                "--passage-file",
+                help="a .txt passage (with --qa, or none: the teacher writes τ) or a .json {title, context, questions}",
+            )
             sub.add_argument("--title")
             sub.add_argument("--qa", action="append", help="'question => answer' (repeatable)")
         sub.add_argument("--index", type=int, default=0, help="passage index in --squad-file")
@@ -594,6 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--seed", type=int)
         sub.add_argument("--epochs", type=int)
         sub.add_argument("--learning-rate", type=float)
+        sub.add_argument("--update", choices=UPDATE_RULES, help="inner-loop update rule (default update.rule)")
         sub.add_argument("--timeout", type=float, default=3600.0)
 
     adapt = commands.add_parser("adapt", help="send one Adapt call to a running teacher")

@@ -47,20 +47,68 @@ class ModelSettings(BaseModel):
 class LoraSettings(BaseModel):
     """Inner-loop update defaults; a self-edit's directives and Adapt overrides may change them."""
 
-    learning_rate: float = Field(1e-3, gt=0, le=1.0)
-    epochs: int = Field(10, ge=1, le=100)
-    rank: int = Field(16, ge=1, le=256)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: str = "all-linear"
-    batch_size: int = Field(8, ge=1, le=256)
-    max_seq_len: int = Field(256, ge=16, le=8192)
-    grad_clip: float = Field(1.0, gt=0)
+    learning_rate: float = Field(1e-3, gt=0, le=1.0, description="AdamW learning rate of the LoRA matrices")
+    epochs: int = Field(10, ge=1, le=100, description="passes over the self-edit's training sequences")
+    rank: int = Field(16, ge=1, le=256, description="LoRA rank r")
+    alpha: int = Field(32, ge=1, description="LoRA alpha; the update is scaled by alpha / rank")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+    target_modules: str = Field(
+        "all-linear", description="'all-linear', or layer names separated by commas (e.g. 'gate_proj,up_proj,down_proj')"
+    )
+    batch_size: int = Field(8, ge=1, le=256, description="training sequences per optimizer step")
+    max_seq_len: int = Field(256, ge=16, le=8192, description="tokens kept per training sequence (longer ones are cut)")
+    grad_clip: float = Field(1.0, gt=0, description="max gradient norm per step")
     max_examples: int = Field(64, ge=1, description="training sequences kept per self-edit")
+    # Retention-aware SFT: anchors are the base model's own greedy answers to a fixed built-in set
+    # of general prompts (seal.anchors), generated once per base-model fingerprint and cached in
+    # <home>/student/anchors/<fingerprint>.json.
+    rehearsal_ratio: float = Field(
+        0.0, ge=0, le=16,
+        description="anchor examples per training sequence added to every step, trained on the base model's "
+        "own answers (rehearsal); 0 = off",
+    )
+    kl_beta: float = Field(
+        0.0, ge=0, le=100,
+        description="weight of a KL(base ‖ candidate) penalty on the anchor answers' tokens (base logits from "
+        "the same model with the adapter disabled); 0 = off",
+    )
+    kl_anchors_per_step: int = Field(
+        4, ge=1, le=256, description="anchor examples per step for the KL penalty when rehearsal adds none"
+    )
+    anchor_max_new_tokens: int = Field(
+        48, ge=4, le=512, description="length of the base model's greedy answers stored as anchors"
+    )
+
+
+class UpdateSettings(BaseModel):
+    """Which inner-loop update turns a self-edit into a candidate adapter (per request too:
+    ``UpdateOverrides.update_rule``, ``seal adapt --update``)."""
+
+    rule: Literal["lora_sft", "sdft"] = Field(
+        "lora_sft",
+        description="lora_sft = LoRA SFT on the self-edit lines and the passage (seal/update/lora_sft.py, with the "
+        "retention-aware options of [lora]); sdft = self-distillation through TRL's SDFTTrainer (seal/update/sdft.py): "
+        "the model with the passage in context teaches itself on questions about it, on policy. SDFT needs a model "
+        "whose in-context learning is strong (about 4B parameters and up, per its authors)",
+    )
 
 
 class TeacherSettings(BaseModel):
     prompt_style: Literal["implications", "rewrite", "self_qa"] = "implications"
+    # Adapt from a document alone (seal/domains/self_qa.py): when a request sends no τ, or the
+    # update rule distils on prompts, the teacher writes question-answer pairs about C.
+    questions_to_write: int = Field(
+        12, ge=1, le=64, description="question-answer pairs the teacher is asked to write about a passage sent without τ"
+    )
+    held_out_fraction: float = Field(
+        0.5, gt=0, le=1, description="share of the verified written questions held out as τ; the rest are training prompts"
+    )
+    min_written_questions: int = Field(
+        2, ge=1, description="fewest verified written questions τ may have; fewer fails the call with FAILED_PRECONDITION"
+    )
+    question_max_new_tokens: int = Field(
+        384, ge=32, le=4096, description="token budget of the teacher's question-writing completion"
+    )
     max_new_tokens: int = Field(256, ge=8, le=4096)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(0.95, gt=0, le=1)
@@ -103,10 +151,38 @@ class RestemSettings(BaseModel):
 
 
 class AuditorSettings(BaseModel):
-    answer_max_new_tokens: int = Field(32, ge=1, le=512)
-    grader: Literal["exact_match", "f1", "containment", "any"] = "any"
-    f1_threshold: float = Field(0.5, ge=0, le=1)
-    batch_size: int = Field(8, ge=1)
+    answer_max_new_tokens: int = Field(32, ge=1, le=512, description="tokens the student may use to answer a closed-book question")
+    grader: Literal["committed", "judge", "any", "exact_match", "f1", "containment"] = Field(
+        "committed",
+        description=(
+            "how an answer is graded against the gold answer (seal/grading.py): committed = only the answer "
+            "the model commits to (first sentence, boilerplate stripped, cut at the first list separator) "
+            "may match, so hedged lists are not credited; judge = an LLM judge behind an OpenAI-compatible "
+            "endpoint (judge_* settings) answers yes/no; any = the old lenient rule (exact match, gold "
+            "anywhere in the reply, or F1 >= f1_threshold; credits lists), kept to reproduce earlier "
+            "benchmarks; exact_match / f1 / containment = one of those tests on the whole reply"
+        ),
+    )
+    f1_threshold: float = Field(
+        0.5, ge=0, le=1,
+        description="token-F1 at which a partial answer counts (committed: only a part of the gold answer; any/f1: any overlap)",
+    )
+    judge_base_url: str = Field(
+        "", description="grader=judge: API root of an OpenAI-compatible server, e.g. http://vllm:8000/v1 (POST {base_url}/chat/completions)"
+    )
+    judge_model: str = Field("", description="grader=judge: the model name sent in each chat completion request")
+    judge_api_key_env: str = Field(
+        "SEAL_JUDGE_API_KEY",
+        description="grader=judge: NAME of the environment variable holding the API key, sent as a Bearer token "
+        "(never the key itself; unset or empty variable = no Authorization header, e.g. a local vLLM)",
+    )
+    judge_timeout_s: float = Field(30.0, gt=0, description="grader=judge: seconds to wait for one judge reply")
+    judge_max_retries: int = Field(
+        3, ge=0, description="grader=judge: retries, with exponential backoff, after a 5xx/408/429 or a connection error; other 4xx fail at once"
+    )
+    judge_max_concurrency: int = Field(8, ge=1, description="grader=judge: judge requests in flight at once per batch")
+    judge_max_tokens: int = Field(8, ge=1, description="grader=judge: max_tokens of each judge reply (one word is expected)")
+    batch_size: int = Field(8, ge=1, description="prompts the in-process student generates per batch (closed-book answers and other Generate calls)")
     # The auditor owns the audit trail: it sees every candidate in Score, and the student reports
     # each promote/reject/rollback to it (RecordEvent), so one hash chain orders them all.
     audit_log: str = Field("", description="SQLite audit log; empty = <home>/auditor/audit.db")
@@ -170,6 +246,7 @@ class Settings(BaseSettings):
     seed: int = 0
     adapter_name: str = Field("default", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
     model: ModelSettings = Field(default_factory=ModelSettings)
+    update: UpdateSettings = Field(default_factory=UpdateSettings)
     lora: LoraSettings = Field(default_factory=LoraSettings)
     teacher: TeacherSettings = Field(default_factory=TeacherSettings)
     restem: RestemSettings = Field(default_factory=RestemSettings)

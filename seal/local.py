@@ -7,7 +7,7 @@ knows gRPC. Guardrails are the same rules the auditor service applies.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from seal import adapt
@@ -25,7 +25,14 @@ class LocalStudentPort:
         self._should_stop = should_stop
 
     def train(
-        self, task: adapt.Task, proposal: adapt.Proposal, *, adapter_name: str, seed: int, overrides: Mapping[str, Any]
+        self,
+        task: adapt.Task,
+        proposal: adapt.Proposal,
+        *,
+        adapter_name: str,
+        seed: int,
+        overrides: Mapping[str, Any],
+        training_prompts: Sequence[str] = (),
     ) -> Iterator[adapt.TrainingStep | adapt.TrainedAdapter]:
         options = dict(overrides)
         include_passage = bool(options.pop("include_passage", True))
@@ -40,6 +47,7 @@ class LocalStudentPort:
                 overrides=options,
                 include_passage=include_passage,
                 seed=seed,
+                training_prompts=list(training_prompts),
                 on_step=lambda step, total, loss: emit(adapt.TrainingStep(step, total, loss)),
                 should_stop=self._should_stop,
             )
@@ -51,6 +59,12 @@ class LocalStudentPort:
                 raise adapt.CandidateRefused(str(exc)) from exc
             raise
         yield adapt.TrainedAdapter(result.manifest.adapter_id, result.training_sequences, result.seconds, result.manifest)
+
+    def answer_with_base(self, prompts: Sequence[str], *, max_new_tokens: int) -> list[str]:
+        generations, _ = self._student.generate(
+            list(prompts), AdapterChoice(base_model=True), SamplingParams(max_new_tokens=max_new_tokens)
+        )
+        return [g.text for g in generations]
 
     def promote(self, adapter_id: str, reason: str) -> None:
         self._student.promote(adapter_id, reason)

@@ -16,7 +16,6 @@ deals with files, so the CLI and the services can import it cheaply.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
@@ -40,6 +39,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from seal.durable import atomic_write_text, file_lock, fsync_directory
 
 log = logging.getLogger(__name__)
 
@@ -309,14 +310,6 @@ def _check_relative_filename(filename: str) -> None:
 # --- filesystem helpers ------------------------------------------------------------------------
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _hash_file(path: Path, *, sync: bool = False) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -362,7 +355,7 @@ def _hash_and_sync_tree(directory: Path) -> dict[str, str]:
                     "own manifest; save the adapter without it"
                 )
             files[relative] = _hash_file(path, sync=True)
-        _fsync_dir(current)
+        fsync_directory(current)
     return dict(sorted(files.items()))
 
 
@@ -372,13 +365,9 @@ def _write_manifest(version_dir: Path, manifest: Manifest) -> Manifest:
     text = manifest.model_dump_json(indent=2) + "\n"
     # model_copy does not validate; checking before the write keeps a bad manifest off the disk.
     written = Manifest.model_validate_json(text)
-    temporary = version_dir / _MANIFEST_TMP
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, version_dir / MANIFEST_FILE)
-    _fsync_dir(version_dir)
+    # A fixed temporary name (reserved, and removed by repair) rather than a random one: a crash
+    # must not leave an unknown file among the adapter's files. The name lock makes it safe.
+    atomic_write_text(version_dir / MANIFEST_FILE, text, temporary=version_dir / _MANIFEST_TMP)
     return written
 
 
@@ -419,13 +408,8 @@ class AdapterRegistry:
         """Hold the name against other threads and other processes (flock is per open file, so it
         also separates two registries on one root inside a process)."""
         name_dir = self._name_dir(adapter_name)
-        with self._thread_lock(adapter_name):
-            fd = os.open(name_dir / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                yield name_dir
-            finally:
-                os.close(fd)  # releases the flock
+        with self._thread_lock(adapter_name), file_lock(name_dir / _LOCK_FILE):
+            yield name_dir
 
     # --- paths and reading --------------------------------------------------------------------
 
@@ -534,7 +518,7 @@ class AdapterRegistry:
         name_dir = self._name_dir(adapter_name)
         if not name_dir.is_dir():
             name_dir.mkdir(exist_ok=True)
-            _fsync_dir(self.root)
+            fsync_directory(self.root)
         staging = name_dir / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
         staging.mkdir()
         published = False
@@ -578,7 +562,7 @@ class AdapterRegistry:
                 # rename, not replace: it refuses a non-empty target, so a version is never overwritten.
                 os.rename(staging, name_dir / _version_dir_name(version))
                 published = True
-                _fsync_dir(name_dir)
+                fsync_directory(name_dir)
         finally:
             if not published:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -671,7 +655,7 @@ class AdapterRegistry:
                 manifest = _write_manifest(directory, manifest.model_copy(update={"weights_discarded_at": _iso(_now())}))
             for filename in manifest.files:
                 (directory / filename).unlink(missing_ok=True)
-            _fsync_dir(directory)
+            fsync_directory(directory)
         log.info("discarded the weights of %s (manifest kept)", adapter_id)
         return manifest
 

@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,6 +33,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from seal.domains.knowledge import Question, load_squad, normalize_answer
+from seal.durable import atomic_write_json
 
 PROBE_FORMAT = 1
 _FINGERPRINT = re.compile(r"[0-9a-f]{16,128}")
@@ -315,11 +314,7 @@ class ProbeStore:
     def save(self, probe: RetentionProbe) -> Path:
         path = self.path_for(probe.fingerprint)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".probe-", delete=False, encoding="utf-8") as handle:
-            json.dump(probe.to_dict(), handle, indent=1, ensure_ascii=False)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
+        atomic_write_json(path, probe.to_dict(), indent=1, ensure_ascii=False)
         return path
 
 

@@ -105,9 +105,22 @@ class Student:
         overrides: dict[str, Any] | None = None,
         include_passage: bool = True,
         seed: int | None = None,
+        training_prompts: Sequence[str] = (),
         on_step: Callable[[int, int, float], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> CandidateResult:
+        """One candidate from one self-edit by the update rule ``overrides['update_rule']`` (else
+        ``settings.update.rule``): LoRA SFT on the self-edit lines (+ the passage), or SDFT on
+        ``training_prompts`` with the passage and the self-edit as the teacher's privileged context."""
+        overrides = dict(overrides or {})
+        rule = overrides.pop("update_rule", None) or self.settings.update.rule
+        if rule == "sdft":
+            return self.train_sdft(
+                adapter_name=adapter_name, title=title, passage=passage, self_edit=self_edit, context_id=context_id,
+                prompts=training_prompts, overrides=overrides, seed=seed, on_step=on_step, should_stop=should_stop,
+            )
+        if rule != "lora_sft":
+            raise UnusableSelfEdit(f"update rule {rule!r} is unknown; use lora_sft or sdft")
         lines = parse_self_edit(self_edit, max_lines=self.settings.lora.max_examples)
         if not lines:
             raise UnusableSelfEdit(

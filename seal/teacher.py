@@ -47,6 +47,11 @@ class SelfEditProposer:
             for index, generation in enumerate(generations)
         ]
 
+    def complete(self, prompt: str, *, seed: int, max_new_tokens: int) -> str:
+        """One sampled chat completion of ``prompt`` (the question-writing step of self-QA)."""
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=self._temperature, top_p=self._top_p, seed=seed)
+        return self._engine.generate([prompt], params, chat=True, batch_size=1)[0].text
+
 
 class RewardBuffer:
     """The teacher's durable copy of the auditor's reward stream (JSON lines, one per event).
@@ -104,7 +109,10 @@ def validate_k(k: int, max_k: int) -> int:
     return k
 
 
-def validate_context(title: str, passage: str, questions: Sequence[Any], *, max_passage_chars: int, max_questions: int, max_question_chars: int) -> None:
+def validate_context(
+    title: str, passage: str, questions: Sequence[Any], *, max_passage_chars: int, max_questions: int,
+    max_question_chars: int, require_questions: bool = True,
+) -> None:
     """Reject bad Adapt input before any model work starts, with a message saying what to change."""
     if not passage.strip():
         raise ValueError("context.passage is empty: send the text the model should learn")
@@ -115,7 +123,7 @@ def validate_context(title: str, passage: str, questions: Sequence[Any], *, max_
         )
     if len(title) > 500:
         raise ValueError("context.title is longer than 500 characters; send a short title")
-    if not questions:
+    if not questions and require_questions:
         raise ValueError("no questions: τ needs at least one held-out question with its gold answer")
     if len(questions) > max_questions:
         raise ValueError(f"{len(questions)} questions is above the limit of {max_questions}; send fewer")

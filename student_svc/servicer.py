@@ -19,6 +19,7 @@ from seal.domains.knowledge import context_digest
 from seal.models import SamplingParams
 from seal.registry import Manifest, parse_adapter_id
 from seal.rpc import RpcMetrics, RunningService, deadline_checker, map_errors, start_configured_service
+from seal.serving import resolve_backend
 from seal.student import AdapterChoice, Student
 from seal.v1 import auditor_pb2, auditor_pb2_grpc, common_pb2, student_pb2, student_pb2_grpc
 
@@ -152,8 +153,7 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
             "seal_student_serving_backend_info", "How Generate is answered; Triton's own metrics URL.",
             ["backend", "triton_metrics_url"], registry=metrics.registry,
         )
-        triton = getattr(student, "triton", None)
-        backend.labels(student.backend, triton.metrics_url if triton is not None else "").set(1)
+        backend.labels(student.backend, student.serving.metrics_url).set(1)
         self._served_lock = threading.Lock()
         self._refresh_served()
 
@@ -208,6 +208,7 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
                     overrides=overrides,
                     include_passage=include_passage,
                     seed=request.seed if request.HasField("seed") else None,
+                    training_prompts=list(request.training_prompts),
                     on_step=on_step,
                     should_stop=deadline_checker(context),
                 )
@@ -317,7 +318,7 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
 
 def serve_student(settings: Settings, *, port: int | None = None, metrics_port: int | None = None) -> RunningService:
     """Load the model, open the registry and start serving; ``port=0`` picks a free port."""
-    student = Student(settings, serving_backend=None)
+    student = Student(settings, serving=resolve_backend(settings))  # the backend the settings name
     try:
         return _serve(student, settings, port, metrics_port)
     except BaseException:

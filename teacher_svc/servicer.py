@@ -11,8 +11,18 @@ from collections.abc import Iterator
 
 import grpc
 
-from seal.adapt import PromotionDecided, SelfEditsProposed, proposer_fn, run_adapt, validate_overrides
+from seal.adapt import (
+    ON_POLICY_RULES,
+    PromotionDecided,
+    SelfEditsProposed,
+    proposer_fn,
+    question_writer,
+    run_adapt,
+    update_rule,
+    validate_overrides,
+)
 from seal.config import Settings
+from seal.grading import build_grader
 from seal.registry import validate_adapter_name
 from seal.rl.policy import TeacherPolicy, open_teacher_policy
 from seal.rl.restem import RoundReport
@@ -72,6 +82,8 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         self._student = student_pb2_grpc.StudentServiceStub(student_channel)
         self._auditor = auditor_pb2_grpc.AuditorServiceStub(auditor_channel)
         self._adapt_slots = threading.BoundedSemaphore(1)
+        # Grades the base model's open-book answers to questions the teacher wrote (no τ sent).
+        self._grader = build_grader(settings.auditor)
         self._self_edits = metrics.counter("self_edits_proposed_total", "Self-edits sampled.", ("style",))
         self._promotions = metrics.counter("promotions_total", "Adapt calls that promoted a candidate.", ("adapter",))
         self._rejections = metrics.counter("no_promotion_total", "Adapt calls that promoted nothing.", ("adapter",))
@@ -92,6 +104,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
             max_passage_chars=limits.max_passage_chars,
             max_questions=limits.max_questions,
             max_question_chars=limits.max_question_chars,
+            require_questions=False,  # without τ the teacher writes it (seal.domains.self_qa)
         )
         k = validate_k(request.k or teacher.default_k, teacher.max_k)
         style = validate_prompt_style(request.prompt_style or teacher.prompt_style)
@@ -165,15 +178,22 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         def timeout() -> float:
             return remaining_timeout(context, ceiling)
 
+        student = GrpcStudentPort(self._student, timeout)
+        overrides = convert.overrides_from_proto(request.overrides)
         events = run_adapt(
             convert.task_from_proto(request.context, request.questions),
             propose=proposer_fn(self._proposer, style),
-            student=GrpcStudentPort(self._student, timeout),
+            student=student,
             auditor=GrpcAuditorPort(self._auditor, timeout),
+            write_questions=question_writer(
+                self._proposer, student, self._grader, self._settings.teacher,
+                answer_max_new_tokens=self._settings.auditor.answer_max_new_tokens,
+            ),
+            needs_training_prompts=update_rule(overrides, self._settings.update.rule) in ON_POLICY_RULES,
             k=k,
             seed=request.seed if request.HasField("seed") else self._settings.seed,
             adapter_name=adapter_name,
-            overrides=convert.overrides_from_proto(request.overrides),
+            overrides=overrides,
             request_id=request_id,
         )
         for event in events:

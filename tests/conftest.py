@@ -32,7 +32,7 @@ def embedded_tokenizer_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(embedded_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from seal.models import build_tiny_model
+    from tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), embedded_tokenizer_dir, seed=0)
 

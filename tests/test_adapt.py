@@ -43,7 +43,7 @@ class ScriptedStudent:
     rejected: list[str] = field(default_factory=list)
     trained: int = 0
 
-    def train(self, task, proposal, *, adapter_name, seed, overrides) -> Iterator:
+    def train(self, task, proposal, *, adapter_name, seed, overrides, training_prompts=()) -> Iterator:
         behaviour = self.script[proposal.index]
         yield adapt.TrainingStep(1, 2, 0.5)
         if behaviour == "refuse":
@@ -239,3 +239,113 @@ def test_adapt_fails_loudly_instead_of_reusing_the_previous_edits_adapter(grpc_s
     assert raised.value.code() == grpc.StatusCode.INTERNAL
     assert "self-edit #1 ended without an adapter" in raised.value.details()
     assert student.promoted == []  # before the fix, edit #1 reused default@v1 and it was promoted
+
+
+# --- Adapt from a document alone ---------------------------------------------------------------
+
+from hypothesis import given, settings as hsettings, strategies as st  # noqa: E402
+
+from seal.domains import self_qa  # noqa: E402
+
+WRITTEN = (
+    "Here are some questions.\n"
+    "Q: Who is the mayor of Velmora?\nA: Ana Dirk\n"
+    "Q1: What does Velmora export?\nA1: salt.\n"
+    "Question: When was the harbour built?\nAnswer: 1802\n"
+    "Q: What colour is the lighthouse?\n"  # no answer: dropped
+    "Q: Who is the mayor of Velmora?\nA: Ana Dirk\n"  # duplicate: dropped
+    "Q: Which river feeds the bay?\nA: the Orla\n"
+)
+
+
+def test_written_pairs_are_parsed_verified_open_book_and_split() -> None:
+    asked: list[str] = []
+
+    def answer_open_book(prompts: list[str]) -> list[str]:
+        asked.extend(prompts)
+        # The base model gets every pair right except the harbour's date.
+        return ["Ana Dirk", "salt", "1790", "the Orla"]
+
+    def grade(questions, answers):
+        return [q.answer.casefold() in a.casefold() for q, a in zip(questions, answers)]
+
+    written = self_qa.write_questions(
+        "Velmora", TASK.passage, generate=lambda prompt: WRITTEN, answer_open_book=answer_open_book, grade=grade,
+        n=6, held_out_fraction=0.5, min_held_out=1, seed=3,
+    )
+    assert all("Passage: " + TASK.passage in p for p in asked)  # verified with the passage in context
+    kept = {q.question for q in (*written.training, *written.held_out)}
+    assert kept == {"Who is the mayor of Velmora?", "What does Velmora export?", "Which river feeds the bay?"}
+    assert written.written == 6 and written.dropped == 3
+    assert set(written.training).isdisjoint(written.held_out) and len(written.held_out) == 2
+
+
+@hsettings(max_examples=50, deadline=None)
+@given(st.lists(st.text(alphabet="abcdefgh ", min_size=1, max_size=12), unique=True, max_size=30),
+       st.floats(min_value=0.05, max_value=1.0), st.integers(0, 1000))
+def test_split_is_a_seeded_partition(questions: list[str], fraction: float, seed: int) -> None:
+    pool = [Question(q, "a") for q in questions]
+    training, held_out = self_qa.split_questions(pool, held_out_fraction=fraction, seed=seed)
+    assert sorted(map(str, training + held_out)) == sorted(map(str, pool))
+    assert not set(training) & set(held_out)
+    assert (training, held_out) == self_qa.split_questions(pool, held_out_fraction=fraction, seed=seed)
+    assert bool(held_out) == bool(pool)
+
+
+@dataclass
+class PromptRecordingStudent(ScriptedStudent):
+    prompts_seen: list[tuple[str, ...]] = field(default_factory=list)
+
+    def train(self, task, proposal, *, adapter_name, seed, overrides, training_prompts=()):
+        self.prompts_seen.append(tuple(training_prompts))
+        yield from super().train(task, proposal, adapter_name=adapter_name, seed=seed, overrides=overrides)
+
+
+def _written(held_out: int, training: int = 2) -> self_qa.WrittenQuestions:
+    return self_qa.WrittenQuestions(
+        tuple(Question(f"train {i}?", "x") for i in range(training)),
+        tuple(Question(f"held {i}?", "y") for i in range(held_out)),
+        written=held_out + training + 1, dropped=1, min_held_out=2,
+    )
+
+
+def test_a_task_without_questions_is_scored_on_written_held_out_questions() -> None:
+    student = PromptRecordingStudent({0: "ok"})
+    auditor = ScriptedAuditor({"default@v1": 0.5})
+    events = list(adapt.run_adapt(
+        adapt.Task(TASK.title, TASK.passage, ()), propose=lambda task, k, seed: _proposals(k), student=student,
+        auditor=auditor, k=1, seed=0, adapter_name="default", write_questions=lambda task, seed: _written(3),
+    ))
+    written = next(e for e in events if isinstance(e, adapt.QuestionsWritten))
+    finished = events[-1]
+    assert [q.question for q in finished.task.questions] == ["held 0?", "held 1?", "held 2?"]
+    assert finished.written is written.questions
+    assert student.prompts_seen == [("train 0?", "train 1?")]
+
+
+def test_too_few_surviving_questions_fail_the_call_as_a_precondition() -> None:
+    from seal.rpc import status_code_for
+
+    student = PromptRecordingStudent({0: "ok"})
+    with pytest.raises(self_qa.NotEnoughQuestions, match="leaving 1 for τ") as raised:
+        list(adapt.run_adapt(
+            adapt.Task(TASK.title, TASK.passage, ()), propose=lambda task, k, seed: _proposals(k), student=student,
+            auditor=ScriptedAuditor({}), k=1, seed=0, adapter_name="default",
+            write_questions=lambda task, seed: _written(1),
+        ))
+    assert status_code_for(raised.value) == grpc.StatusCode.FAILED_PRECONDITION
+    assert student.trained == 0
+
+
+def test_an_on_policy_rule_gets_written_prompts_but_keeps_the_callers_tau() -> None:
+    student = PromptRecordingStudent({0: "ok"})
+    written = self_qa.WrittenQuestions(
+        (Question("Who is the mayor?", "Ana Dirk"), Question("train 1?", "x")), (Question("held 0?", "y"),), 4, 1,
+    )
+    events = list(adapt.run_adapt(
+        TASK, propose=lambda task, k, seed: _proposals(k), student=student, auditor=ScriptedAuditor({"default@v1": 0.5}),
+        k=1, seed=0, adapter_name="default", write_questions=lambda task, seed: written, needs_training_prompts=True,
+    ))
+    assert events[-1].task == TASK and events[-1].written is None
+    # τ's own question never becomes a training prompt.
+    assert student.prompts_seen == [("train 1?", "held 0?")]

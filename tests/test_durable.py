@@ -20,7 +20,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import seal.durable
-from seal.durable import JsonLinesLog, atomic_write_bytes, atomic_write_json, atomic_write_text, file_lock
+from seal.durable import (
+    JsonLinesLog,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    file_lock,
+)
 
 # fsync on the real disk costs milliseconds per append; hypothesis runs many examples.
 FAST_TMP = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None

@@ -1,8 +1,10 @@
 """The student *service* with backend=triton: Generate, Promote under load, Rollback, a corrupted
 adapter refused, metrics, clean shutdown, over real gRPC against a real tritonserver.
 
-One stack (one tritonserver, ~15 s to start on 2 cores) for the module; the tests run in order
-and the last one shuts it down. Skipped only when no tritonserver binary is installed.
+One stack (one tritonserver, ~15 s to start on 2 cores) for the module. Each test creates the
+versions it uses and sets the served state it needs itself (``fresh``), so every test passes alone
+and in any order; the restart test runs a student of its own rather than stopping the shared one.
+Ports are all chosen at start (0). Skipped only when no tritonserver binary is installed.
 """
 
 from __future__ import annotations
@@ -21,6 +23,28 @@ from seal.v1 import student_pb2, student_pb2_grpc
 PROMPTS = ["The lighthouse of Velmora is", "Ilse Marrow founded"]
 MAX_NEW = 8
 NAME = "default"
+
+
+def _settings(home: Path, base: Path):
+    from seal.config import Settings
+
+    return Settings(home=home, model={"path": str(base), "torch_threads": 1},
+                    student_serving={"backend": "triton", "startup_timeout_s": 240})
+
+
+def _create_versions(registry, base: Path, seeds) -> dict[int, str]:
+    """New candidate versions of NAME, one per seed (random LoRA weights of that seed)."""
+    from seal.models import model_fingerprint
+
+    versions = {}
+    for seed in seeds:
+        manifest = registry.create_version(
+            NAME, _write_random_lora(base, seed), base_model=base.name,
+            base_model_fingerprint=model_fingerprint(base), context_id=f"ctx{seed}",
+            self_edit_sha256="0" * 64, seed=seed, hyperparameters={},
+        )
+        versions[seed] = manifest.adapter_id
+    return versions
 
 
 def _write_random_lora(base: Path, seed: int):
@@ -55,7 +79,7 @@ def _pids_serving(repository: Path) -> list[int]:
 
 @pytest.fixture(scope="module")
 def triton_available() -> None:
-    from student_svc.triton.server import TritonInstall, TritonNotInstalled
+    from seal.serving.triton.server import TritonInstall, TritonNotInstalled
 
     try:
         TritonInstall.discover()
@@ -66,36 +90,38 @@ def triton_available() -> None:
 
 @pytest.fixture(scope="module")
 def world(triton_available, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    from seal.config import Settings
-    from seal.models import model_fingerprint
     from seal.registry import AdapterRegistry
     from seal.stack import local_stack
 
     home = tmp_path_factory.mktemp("seal-triton-home")
-    settings = Settings(home=home, model={"path": str(tiny_model_dir), "torch_threads": 1},
-                        student_serving={"backend": "triton", "startup_timeout_s": 240})
-    registry = AdapterRegistry(settings.registry_dir)
-    versions = {}
-    for seed in (1, 2, 3):
-        manifest = registry.create_version(
-            NAME, _write_random_lora(tiny_model_dir, seed), base_model=tiny_model_dir.name,
-            base_model_fingerprint=model_fingerprint(tiny_model_dir), context_id=f"ctx{seed}",
-            self_edit_sha256="0" * 64, seed=seed, hyperparameters={},
-        )
-        versions[seed] = manifest.adapter_id
-    cm = local_stack(settings, student_backend="triton")
-    stack = cm.__enter__()
-    try:
-        yield {"stack": stack, "versions": versions, "registry": registry, "home": home,
-               "repository": home / "student" / "triton" / "model_repository", "base": tiny_model_dir}
-    finally:
-        cm.__exit__(None, None, None)
+    settings = _settings(home, tiny_model_dir)
+    with local_stack(settings, student_backend="triton") as stack:
+        yield {"stack": stack, "registry": AdapterRegistry(settings.registry_dir), "home": home,
+               "base": tiny_model_dir}
 
 
 @pytest.fixture(scope="module")
 def stub(world):
     with grpc.insecure_channel(world["stack"].student.address) as channel:
         yield student_pb2_grpc.StudentServiceStub(channel)
+
+
+@pytest.fixture
+def fresh(world, stub) -> dict[int, str]:
+    """Three new candidate versions (seeds 1, 2, 3), with the base model served again: whatever
+    an earlier test promoted is rolled back through the student, so Triton follows."""
+    registry = world["registry"]
+    for _ in range(50):  # each rollback retires one promoted version; far fewer exist
+        if registry.promoted(NAME) is None:
+            break
+        stub.Rollback(student_pb2.RollbackRequest(adapter_name=NAME, reason="test set-up", allow_base_model=True),
+                      timeout=120)
+    assert registry.promoted(NAME) is None
+    return _create_versions(registry, world["base"], (1, 2, 3))
+
+
+def _promote(stub, adapter_id: str) -> None:
+    stub.Promote(student_pb2.PromoteRequest(adapter_id=adapter_id, reason="test set-up"), timeout=120)
 
 
 def _generate(stub, selector=None, prompts=PROMPTS):
@@ -123,8 +149,8 @@ def _in_process(base: Path, adapter_dir: Path | None) -> list[str]:
         torch.set_num_threads(threads)
 
 
-def test_generate_with_and_without_adapter_follows_the_weights(world, stub) -> None:
-    v1, v2 = world["versions"][1], world["versions"][2]
+def test_generate_with_and_without_adapter_follows_the_weights(world, stub, fresh) -> None:
+    v1, v2 = fresh[1], fresh[2]
     registry = world["registry"]
     base = _generate(stub, student_pb2.AdapterSelector(base_model=empty_pb2.Empty()))
     unpromoted = _generate(stub)  # nothing promoted yet: the base model
@@ -141,8 +167,9 @@ def test_generate_with_and_without_adapter_follows_the_weights(world, stub) -> N
     assert len({tuple(texts(base)), tuple(texts(promoted)), tuple(texts(candidate))}) == 3
 
 
-def test_promote_under_load_fails_no_request_and_switches(world, stub) -> None:
-    v1, v2 = world["versions"][1], world["versions"][2]
+def test_promote_under_load_fails_no_request_and_switches(world, stub, fresh) -> None:
+    v1, v2 = fresh[1], fresh[2]
+    _promote(stub, v1)
     served: list[tuple[float, str]] = []
     errors: list[BaseException] = []
     stop = threading.Event()
@@ -175,16 +202,20 @@ def test_promote_under_load_fails_no_request_and_switches(world, stub) -> None:
     assert _generate(stub).served_adapter_id == v2
 
 
-def test_rollback_serves_the_previous_version(world, stub) -> None:
-    v1, v2 = world["versions"][1], world["versions"][2]
+def test_rollback_serves_the_previous_version(world, stub, fresh) -> None:
+    v1, v2 = fresh[1], fresh[2]
+    _promote(stub, v1)
+    _promote(stub, v2)
+    assert _generate(stub).served_adapter_id == v2
     reply = stub.Rollback(student_pb2.RollbackRequest(adapter_name=NAME, reason="test"), timeout=120)
     assert (reply.rolled_back.adapter_id, reply.now_serving.adapter_id) == (v2, v1)
     assert _generate(stub).served_adapter_id == v1
 
 
-def test_corrupted_adapter_is_refused_and_the_served_version_stays(world, stub) -> None:
-    v1, v3 = world["versions"][1], world["versions"][3]
+def test_corrupted_adapter_is_refused_and_the_served_version_stays(world, stub, fresh) -> None:
+    v1, v3 = fresh[1], fresh[3]
     registry = world["registry"]
+    _promote(stub, v1)
     weights = registry.path_of(registry.get(v3)) / "adapter_model.safetensors"
     with weights.open("r+b") as fh:  # flip bytes well inside the tensor data
         fh.seek(-16, 2)
@@ -200,8 +231,10 @@ def test_corrupted_adapter_is_refused_and_the_served_version_stays(world, stub) 
     assert named.value.code() == grpc.StatusCode.DATA_LOSS
 
 
-def test_metrics_name_the_served_version_and_triton(world, stub) -> None:
-    v1 = world["versions"][1]
+def test_metrics_name_the_served_version_and_triton(world, stub, fresh) -> None:
+    v1 = fresh[1]
+    _promote(stub, v1)
+    assert _generate(stub).served_adapter_id == v1
     port = world["stack"].student.metrics_port
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     assert f'seal_student_served_adapter_info{{adapter="{v1}",role="promoted"}} 1.0' in text
@@ -214,21 +247,34 @@ def test_metrics_name_the_served_version_and_triton(world, stub) -> None:
     assert "nv_inference_request_success" in urllib.request.urlopen(triton_url, timeout=10).read().decode()
 
 
-def test_restart_serves_the_registry_promoted_version_and_stops_cleanly(world) -> None:
+def test_restart_serves_the_registry_promoted_version_and_stops_cleanly(
+    triton_available, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A student of its own (the shared one keeps serving the other tests): an earlier process
+    left a serving state that names another version; the new one serves the registry's."""
+    from seal.registry import AdapterRegistry
+    from seal.serving.triton.state import ServingState, write_state
     from student_svc.servicer import serve_student
 
-    v1 = world["versions"][1]
-    stack = world["stack"]
-    stack.student.stop(grace=1.0)
-    deadline = time.monotonic() + 30
-    while _pids_serving(world["repository"]) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _pids_serving(world["repository"]) == []
-    # Restart-safe: a new student serves what the registry says is promoted.
-    restarted = serve_student(stack.settings, port=0, metrics_port=None)
+    settings = _settings(tmp_path, tiny_model_dir)
+    registry = AdapterRegistry(settings.registry_dir)
+    versions = _create_versions(registry, tiny_model_dir, (1, 2))
+    v1, v2 = versions[1], versions[2]
+    registry.promote(v1, "promoted before the restart")
+    triton_dir = tmp_path / "student" / "triton"
+    stale = ServingState(generation=7, promoted=v2, adapters={v2: str(registry.path_of(registry.get(v2)))},
+                         reason="left by an earlier process")
+    write_state(triton_dir / "serving_state.json", stale)
+    repository = triton_dir / "model_repository"
+    # metrics_port=0: a free port, never the configured one another student on this host may hold.
+    restarted = serve_student(settings, port=0, metrics_port=0)
     try:
+        assert _pids_serving(repository)
         with grpc.insecure_channel(restarted.address) as channel:
             assert _generate(student_pb2_grpc.StudentServiceStub(channel)).served_adapter_id == v1
     finally:
         restarted.stop(grace=1.0)
-    assert _pids_serving(world["repository"]) == []
+    deadline = time.monotonic() + 30
+    while _pids_serving(repository) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _pids_serving(repository) == []

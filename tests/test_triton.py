@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from student_svc.triton.model_repository import render_config
-from student_svc.triton.model_repository.model import canary_bucket, choose_version, parse_state
-from student_svc.triton.server import TritonInstall, TritonNotInstalled, TritonStartError, TritonSupervisor
-from student_svc.triton.state import ServingState, ServingStateError, read_state, write_state
+from seal.serving.triton.model_repository import render_config
+from seal.serving.triton.model_repository.model import canary_bucket, choose_version, parse_state
+from seal.serving.triton.server import TritonInstall, TritonNotInstalled, TritonStartError, TritonSupervisor
+from seal.serving.triton.state import ServingState, ServingStateError, read_state, write_state
 
 PROMPTS = ["The lighthouse of Velmora is", "Ilse Marrow founded"]
 MAX_NEW = 8
@@ -90,7 +90,8 @@ def _make_adapter(base: Path, out: Path, seed: int) -> Path:
 
 @pytest.fixture(scope="session")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
-    from seal.models import build_tiny_model, prepare_embedded_tokenizer
+    from seal.models import prepare_embedded_tokenizer
+    from tiny_model import build_tiny_model
 
     root = tmp_path_factory.mktemp("triton-models")
     tokenizer = prepare_embedded_tokenizer(root / "cache")
@@ -204,7 +205,7 @@ def test_seeded_sampling_is_reproducible_and_matches_the_engine(client, models: 
 
 
 def test_unknown_adapter_and_bad_arguments_are_rejected_clearly(client, models: Models) -> None:
-    from student_svc.triton.client import TritonRequestRejected
+    from seal.serving.triton.client import TritonRequestRejected
 
     _ensure_promoted(client, models, "v1")
     with pytest.raises(TritonRequestRejected, match="'nope' is not served"):
@@ -314,7 +315,7 @@ def test_canary_fraction_routes_its_share_and_is_sticky_per_key(client, models: 
 
 
 def test_corrupt_adapter_is_refused_and_the_old_version_keeps_serving(client, models: Models, tmp_path: Path) -> None:
-    from student_svc.triton.client import AdapterSwapError
+    from seal.serving.triton.client import AdapterSwapError
 
     _ensure_promoted(client, models, "v1")
     before = client.current_state()
@@ -369,7 +370,7 @@ def test_base_model_can_be_served_by_default(client, models: Models, engines) ->
 
 def test_engine_adapter_is_a_drop_in_for_the_in_process_engine(client, models: Models, engines) -> None:
     from seal.models import SamplingParams
-    from student_svc.triton.client import TritonGenerationEngine
+    from seal.serving.triton.client import TritonGenerationEngine
 
     _ensure_promoted(client, models, "v2", "v1")  # v2 stays loaded as previous
     progress: list[tuple[int, int]] = []

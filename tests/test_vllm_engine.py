@@ -24,9 +24,9 @@ from seal.engines import PolicyRef  # noqa: E402
 from seal.models import (  # noqa: E402
     SamplingParams,
     TransformersEngine,
-    build_tiny_model,
     load_model_and_tokenizer,
 )
+from tiny_model import build_tiny_model  # noqa: E402
 
 PROMPTS = ["Write implications of: Velmora was founded in 1742.", "Write implications of: the lamp is red."]
 TARGETS = {1: "alpha beta gamma delta", 2: "one two three four five"}

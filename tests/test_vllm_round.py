@@ -19,7 +19,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 import grpc  # noqa: E402
 
 from seal.config import Settings  # noqa: E402
-from seal.models import build_tiny_model  # noqa: E402
+from tiny_model import build_tiny_model  # noqa: E402
 from seal.stack import local_stack  # noqa: E402
 from seal.v1 import common_pb2, teacher_pb2, teacher_pb2_grpc  # noqa: E402
 

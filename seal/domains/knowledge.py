@@ -15,7 +15,7 @@ import re
 import string
 import unicodedata
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
@@ -200,9 +200,10 @@ class Grader(Protocol):
 
 @dataclass(frozen=True)
 class LexicalGrader:
-    """Offline grader. ``any`` counts an answer correct if it matches exactly, contains the gold
-    answer on word boundaries, or reaches the F1 threshold — the closest offline proxy for the
-    paper's LLM judge, which accepted correct answers phrased at any length."""
+    """Whole-reply lexical rules. ``any`` counts an answer correct if it matches exactly, contains
+    the gold answer on word boundaries, or reaches the F1 threshold. It is lenient: a reply that
+    lists several candidates is credited for any of them, which is why the default grader is
+    :class:`seal.grading.CommittedGrader` and ``any`` is kept only by name (``auditor.grader``)."""
 
     mode: GraderMode = "any"
     f1_threshold: float = 0.5
@@ -223,38 +224,6 @@ class LexicalGrader:
         self, questions: Sequence[str], golds: Sequence[str], predictions: Sequence[str]
     ) -> list[Grade]:
         return [self.grade(gold, prediction) for gold, prediction in zip(golds, predictions, strict=True)]
-
-
-def build_judge_prompt(question: str, gold: str, prediction: str) -> str:
-    return (
-        "You are grading an answer to a question against the gold answer. Reply with exactly "
-        "'yes' if the answer states the same fact as the gold answer, otherwise 'no'.\n"
-        f"Question: {question}\nGold answer: {gold}\nAnswer: {prediction}\nSame fact (yes/no):"
-    )
-
-
-def parse_judge_verdict(text: str) -> bool:
-    words = normalize_answer(text).split()
-    return bool(words) and words[0] in {"yes", "correct", "true"}
-
-
-@dataclass(frozen=True)
-class JudgeGrader:
-    """The paper graded with an LLM judge (GPT-4.1). Any generation function can stand in for it;
-    the lexical scores are still reported beside the judge's verdict."""
-
-    judge: Callable[[list[str]], list[str]]
-
-    def grade_batch(
-        self, questions: Sequence[str], golds: Sequence[str], predictions: Sequence[str]
-    ) -> list[Grade]:
-        prompts = [build_judge_prompt(q, g, p) for q, g, p in zip(questions, golds, predictions, strict=True)]
-        verdicts = self.judge(prompts)
-        lexical = LexicalGrader().grade_batch(questions, golds, predictions)
-        return [
-            Grade(correct=parse_judge_verdict(v), exact_match=g.exact_match, f1=g.f1, contains=g.contains)
-            for v, g in zip(verdicts, lexical, strict=True)
-        ]
 
 
 def accuracy(grades: Sequence[Grade]) -> float:

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from seal.engines import PolicyRef
 from seal.models import Generation, SamplingParams, TransformersEngine
-
-
-def _peft_key(policy: PolicyRef) -> str:
-    # PEFT uses adapter names as module attribute keys: '@' and '.' are not allowed there.
-    return f"{policy.name}-v{policy.version}".replace(".", "_")
+from seal.serving.adapters import PeftAdapterCache, adapter_key
 
 
 class PeftPolicyEngine:
@@ -23,42 +18,25 @@ class PeftPolicyEngine:
 
     def __init__(self, model: Any, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
-        self._base = model
-        self._peft: Any = None
+        # Only the serving policy stays resident: old versions are on disk if needed again.
+        self._adapters = PeftAdapterCache(model, capacity=1)
         self._policy: PolicyRef | None = None
-        # One lock for generation and swaps: a batch never straddles two policies.
-        self._lock = threading.RLock()
 
     @property
     def policy(self) -> PolicyRef | None:
         return self._policy
 
-    @property
-    def model(self) -> Any:
-        return self._peft if self._peft is not None else self._base
-
     def load_policy(self, policy: PolicyRef) -> None:
-        from peft import PeftModel
-
-        key = _peft_key(policy)
-        with self._lock:
+        # The cache's lock also covers generation: a batch never straddles two policies.
+        with self._adapters.lock:
             if self._policy == policy:
                 return
-            if self._peft is None:
-                self._peft = PeftModel.from_pretrained(self._base, str(policy.path), adapter_name=key)
-            else:
-                if key in self._peft.peft_config:
-                    self._peft.delete_adapter(key)  # the same version stored again (e.g. repaired)
-                self._peft.load_adapter(str(policy.path), adapter_name=key)
-            self._peft.set_adapter(key)
-            self._peft.eval()
-            previous, self._policy = self._policy, policy
-            if previous is not None and _peft_key(previous) != key:
-                # Only the serving policy stays resident: old versions are on disk if needed again.
-                self._peft.delete_adapter(_peft_key(previous))
+            # reload: the same version may have been stored again (e.g. repaired) at another path.
+            self._adapters.load(adapter_key(policy.adapter_id), policy.path, reload=True)
+            self._policy = policy
 
     def unload_policy(self) -> None:
-        with self._lock:
+        with self._adapters.lock:
             # The adapter stays resident until the next load replaces it; generation bypasses it.
             self._policy = None
 
@@ -74,9 +52,9 @@ class PeftPolicyEngine:
         batch_size: int = 8,
         on_progress: Callable[[int, int], None] | None = None,
     ) -> list[Generation]:
-        with self._lock:
-            engine = TransformersEngine(self.model, self.tokenizer)
-            if self._peft is not None and self._policy is None:
-                with self._peft.disable_adapter():
-                    return engine.generate(prompts, params, chat=chat, batch_size=batch_size, on_progress=on_progress)
-            return engine.generate(prompts, params, chat=chat, batch_size=batch_size, on_progress=on_progress)
+        with self._adapters.lock:
+            policy = self._policy
+            key, path = (None, None) if policy is None else (adapter_key(policy.adapter_id), policy.path)
+            with self._adapters.use(key, path) as model:
+                engine = TransformersEngine(model, self.tokenizer)
+                return engine.generate(prompts, params, chat=chat, batch_size=batch_size, on_progress=on_progress)

@@ -18,9 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -28,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from seal.domains.knowledge import Question, context_digest
+from seal.durable import JsonLinesLog, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -263,47 +262,6 @@ class RoundConflict(RuntimeError):
 # --- durable round state ------------------------------------------------------------------------
 
 
-class _JsonLines:
-    """Append-only JSON lines, fsynced per record. A torn last line (a kill mid-write) is cut off
-    on open, so the next append starts on a clean line instead of gluing onto the fragment."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.records: list[dict[str, Any]] = []
-        if not path.exists():
-            return
-        data = path.read_bytes()
-        good = 0
-        for line in data.splitlines(keepends=True):
-            if not line.endswith(b"\n"):
-                break
-            try:
-                self.records.append(json.loads(line))
-            except ValueError:
-                break
-            good += len(line)
-        if good != len(data):
-            log.warning("%s: dropping %d bytes of a torn record", path, len(data) - good)
-            with path.open("r+b") as handle:
-                handle.truncate(good)
-
-    def append(self, record: dict[str, Any]) -> None:
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        self.records.append(record)
-
-
-def _write_json_atomically(path: Path, value: dict[str, Any]) -> None:
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with temporary.open("w", encoding="utf-8") as handle:
-        json.dump(value, handle, indent=2, sort_keys=True, default=str)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
 def round_fingerprint(contexts: Sequence[TrainingContext], config: RoundConfig) -> str:
     """What makes two requests the same round: the contexts (with τ) and the settings. Resuming
     under others would mix two experiments in one SFT set. The sampling policy is checked
@@ -323,8 +281,12 @@ class RoundState:
         self.directory = directory
         self.number = number
         self.meta = meta
-        self._samples = _JsonLines(directory / "samples.jsonl")
-        self._scores = _JsonLines(directory / "scores.jsonl")
+        # Fsynced per record, a torn last line cut off on open (see seal.durable); the records
+        # are kept in memory too, since resuming looks them up per context.
+        self._samples_log = JsonLinesLog(directory / "samples.jsonl")
+        self._scores_log = JsonLinesLog(directory / "scores.jsonl")
+        self._samples = self._samples_log.read()
+        self._scores = self._scores_log.read()
 
     @property
     def round_id(self) -> str:
@@ -339,36 +301,35 @@ class RoundState:
         return str(self.meta["status"])
 
     def samples(self, context_id: str) -> list[Sample] | None:
-        for record in reversed(self._samples.records):
+        for record in reversed(self._samples):
             if record["context_id"] == context_id:
                 return [Sample(**s) for s in record["samples"]]
         return None
 
     def record_samples(self, context_id: str, samples: list[Sample]) -> None:
-        self._samples.append({"context_id": context_id, "samples": [asdict(s) for s in samples]})
+        self._samples.append(self._samples_log.append({"context_id": context_id, "samples": [asdict(s) for s in samples]}))
 
     def scores(self, context_id: str) -> dict[tuple[int, int], Scored]:
         found = {}
-        for record in self._scores.records:
+        for record in self._scores:
             if record["context_id"] == context_id:
                 found[(record["edit_index"], record["seed_index"])] = Scored(**record["scored"])
         return found
 
     def record_score(self, context_id: str, edit_index: int, seed_index: int, seed: int, scored: Scored, source: str) -> None:
-        self._scores.append(
-            {
-                "context_id": context_id,
-                "edit_index": edit_index,
-                "seed_index": seed_index,
-                "seed": seed,
-                "scored": asdict(scored),
-                "source": source,
-            }
-        )
+        record = {
+            "context_id": context_id,
+            "edit_index": edit_index,
+            "seed_index": seed_index,
+            "seed": seed,
+            "scored": asdict(scored),
+            "source": source,
+        }
+        self._scores.append(self._scores_log.append(record))
 
     def update(self, **values: Any) -> None:
         self.meta.update(values)
-        _write_json_atomically(self.directory / "round.json", self.meta)
+        atomic_write_json(self.directory / "round.json", self.meta, indent=2, sort_keys=True, default=str)
 
 
 class RoundStore:

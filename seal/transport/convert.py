@@ -46,6 +46,7 @@ OVERRIDE_FIELDS = {
     "alpha": "lora_alpha",
     "batch_size": "batch_size",
     "include_passage": "include_passage",
+    "update_rule": "update_rule",
 }
 
 
@@ -210,6 +211,7 @@ def adapt_result_to_proto(finished: adapt.AdaptFinished) -> teacher_pb2.AdaptRes
         baseline_outcomes=[outcome_to_proto(o) for o in baseline.outcomes],
         decision_reason=finished.reason,
         phase_seconds=finished.phase_seconds,
+        questions_written=finished.written is not None,
     )
     if shown is not None and shown.adapter is not None and shown.score is not None:
         result.adapter_id = shown.adapter.adapter_id
@@ -225,6 +227,12 @@ def adapt_event_to_proto(event: adapt.Event, request_id: str) -> teacher_pb2.Ada
     if isinstance(event, adapt.SelfEditsProposed):
         response.self_edits_proposed.CopyFrom(teacher_pb2.SelfEditsProposed(
             self_edits=[proposal_to_proto(p) for p in event.proposals], seconds=event.seconds))
+    elif isinstance(event, adapt.QuestionsWritten):
+        written = event.questions
+        response.questions_written.CopyFrom(teacher_pb2.QuestionsWritten(
+            held_out=[question_to_proto(q) for q in written.held_out],
+            training_prompts=[q.question for q in written.training],
+            written=written.written, dropped=written.dropped, seconds=event.seconds))
     elif isinstance(event, adapt.BaselineScored):
         response.baseline_scored.CopyFrom(teacher_pb2.BaselineScored(
             accuracy=event.baseline.accuracy, outcomes=[outcome_to_proto(o) for o in event.baseline.outcomes]))

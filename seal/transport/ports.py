@@ -7,10 +7,11 @@ FAILED_PRECONDITION from training. Every other error propagates and ends the ste
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
+from google.protobuf import empty_pb2
 
 from seal import adapt
 from seal.transport import convert
@@ -30,7 +31,14 @@ class GrpcStudentPort:
         self._timeout = timeout
 
     def train(
-        self, task: adapt.Task, proposal: adapt.Proposal, *, adapter_name: str, seed: int, overrides: Mapping[str, Any]
+        self,
+        task: adapt.Task,
+        proposal: adapt.Proposal,
+        *,
+        adapter_name: str,
+        seed: int,
+        overrides: Mapping[str, Any],
+        training_prompts: Sequence[str] = (),
     ) -> Iterator[adapt.TrainingStep | adapt.TrainedAdapter]:
         request = student_pb2.ApplySelfEditRequest(
             adapter_name=adapter_name,
@@ -38,6 +46,7 @@ class GrpcStudentPort:
             self_edit=proposal.text,
             overrides=convert.overrides_to_proto(overrides),
             seed=seed,
+            training_prompts=list(training_prompts),
         )
         try:
             for update in self._stub.ApplySelfEdit(request, timeout=self._timeout()):
@@ -57,6 +66,16 @@ class GrpcStudentPort:
             if exc.code() in _REFUSALS:
                 raise adapt.CandidateRefused(f"({exc.code().name}) {exc.details()}") from None
             raise
+
+    def answer_with_base(self, prompts: Sequence[str], *, max_new_tokens: int) -> list[str]:
+        reply = self._stub.Generate(
+            student_pb2.GenerateRequest(
+                prompts=list(prompts), adapter=student_pb2.AdapterSelector(base_model=empty_pb2.Empty()),
+                max_new_tokens=max_new_tokens, temperature=0.0,
+            ),
+            timeout=self._timeout(),
+        )
+        return [completion.text for completion in reply.completions]
 
     def promote(self, adapter_id: str, reason: str) -> None:
         self._stub.Promote(student_pb2.PromoteRequest(adapter_id=adapter_id, reason=reason), timeout=self._timeout())

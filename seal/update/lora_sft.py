@@ -45,6 +45,13 @@ class LoraSFTConfig:
     max_seq_len: int = 256
     grad_clip: float = 1.0
     seed: int = 0
+    # Retention-aware SFT (see the module docstring). Anchor examples per training sequence added
+    # to every step, trained with cross-entropy on the base model's own answer; 0 = no rehearsal.
+    rehearsal_ratio: float = 0.0
+    # Weight of KL(base ‖ candidate) on the anchor examples' answer tokens; 0 = no penalty.
+    kl_beta: float = 0.0
+    # Anchor examples per step for the KL term when rehearsal adds none of its own.
+    kl_anchors_per_step: int = 4
 
     def __post_init__(self) -> None:
         def require(condition: bool, message: str) -> None:
@@ -81,6 +88,27 @@ class LoraSFTConfig:
             f"grad_clip must be a positive finite max gradient norm (try 1.0), got {self.grad_clip!r}",
         )
         require(is_int(self.seed) and self.seed >= 0, f"seed must be a non-negative integer, got {self.seed!r}")
+        for name in ("rehearsal_ratio", "kl_beta"):
+            value = getattr(self, name)
+            require(
+                isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0,
+                f"{name} must be a finite number >= 0 (0 = off), got {value!r}",
+            )
+        require(
+            is_int(self.kl_anchors_per_step) and self.kl_anchors_per_step >= 1,
+            f"kl_anchors_per_step must be an integer >= 1, got {self.kl_anchors_per_step!r}",
+        )
+
+    @property
+    def uses_anchors(self) -> bool:
+        """Whether training needs anchor examples (rehearsal or the KL penalty is on)."""
+        return self.rehearsal_ratio > 0 or self.kl_beta > 0
+
+    def anchors_per_step(self, batch_rows: int) -> int:
+        """Anchor examples in a step whose training batch has ``batch_rows`` sequences."""
+        if self.rehearsal_ratio > 0:
+            return max(1, math.ceil(self.rehearsal_ratio * batch_rows))
+        return self.kl_anchors_per_step if self.kl_beta > 0 else 0
 
     def target_module_list(self) -> str | list[str]:
         """What PEFT's ``target_modules`` expects: the 'all-linear' shorthand or a list of names."""
@@ -122,6 +150,10 @@ class TrainResult:
     steps: int = 0
     seconds: float = 0.0
     tokens: int = 0  # non-padding tokens seen, summed over all steps
+    # Per step, when anchors were used: cross-entropy on the base model's own anchor answers, and
+    # the KL(base ‖ candidate) penalty before its β. ``losses`` stays the loss on the training texts.
+    rehearsal_losses: list[float] = field(default_factory=list)
+    kl_losses: list[float] = field(default_factory=list)
 
 
 class LoraSFTTrainer:
@@ -190,10 +222,12 @@ class LoraSFTTrainer:
         *,
         on_step: Callable[[int, int, float], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        anchors: Sequence[TokenizedExample] | None = None,
     ) -> TrainResult:
         """Train a fresh adapter. ``on_step(step, total_steps, loss)`` follows every optimizer
-        step; ``should_stop()`` is polled before each one and ends the run with TrainingCancelled."""
-        return self.train_tokenized(self.tokenize(texts), on_step=on_step, should_stop=should_stop)
+        step; ``should_stop()`` is polled before each one and ends the run with TrainingCancelled.
+        ``anchors``: see :meth:`train_tokenized`."""
+        return self.train_tokenized(self.tokenize(texts), on_step=on_step, should_stop=should_stop, anchors=anchors)
 
     def train_tokenized(
         self,
@@ -201,10 +235,17 @@ class LoraSFTTrainer:
         *,
         on_step: Callable[[int, int, float], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        anchors: Sequence[TokenizedExample] | None = None,
     ) -> TrainResult:
         """Like :meth:`train` on already tokenised sequences. A sequence given as ``(input_ids,
         labels)`` is trained only where its label is not -100: that is how a chat example keeps
-        its prompt out of the loss (``seal.update.policy_sft``)."""
+        its prompt out of the loss (``seal.update.policy_sft``).
+
+        ``anchors`` (``seal.anchors.anchor_examples``: the base model's own answers to general
+        prompts, the prompt masked) are required when ``rehearsal_ratio`` or ``kl_beta`` is set.
+        Each step then also takes the next few anchors of a seeded cycle and adds their
+        cross-entropy (rehearsal) and/or ``kl_beta`` × KL(base ‖ candidate) over their answer
+        tokens; the base's logits come from the same model with the adapter disabled."""
         import torch
 
         if not sequences:
@@ -213,11 +254,22 @@ class LoraSFTTrainer:
             if isinstance(item, tuple) and len(item[0]) != len(item[1]):
                 raise ValueError(f"sequence {index}: input_ids and labels differ in length")
         config = self.config
+        anchors = list(anchors or [])
+        if config.uses_anchors and not anchors:
+            raise ValueError(
+                "rehearsal_ratio or kl_beta is set but no anchor examples were given "
+                "(build them with seal.anchors.anchor_examples, or set both to 0)"
+            )
+        for index, item in enumerate(anchors):
+            if not isinstance(item, tuple) or len(item[0]) != len(item[1]):
+                raise ValueError(f"anchor {index}: expected (input_ids, labels) of equal length")
         steps_per_epoch = math.ceil(len(sequences) / config.batch_size)
         total_steps = config.epochs * steps_per_epoch
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         started = time.perf_counter()
         losses: list[float] = []
+        rehearsal_losses: list[float] = []
+        kl_losses: list[float] = []
         tokens = 0
 
         # Forked RNG: LoRA init, dropout and shuffling are seeded without disturbing the caller's
@@ -231,6 +283,7 @@ class LoraSFTTrainer:
             trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
             optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
             shuffler = torch.Generator().manual_seed(config.seed)
+            anchor_order: list[int] = []
             step = 0
             for _epoch in range(config.epochs):
                 order = torch.randperm(len(sequences), generator=shuffler).tolist()
@@ -249,9 +302,27 @@ class LoraSFTTrainer:
                         use_cache=False,
                     )
                     loss = output.loss
-                    if not torch.isfinite(loss):
-                        raise TrainingDiverged(_diverged_message(step, total_steps, "loss", loss.item(), config))
-                    loss.backward()
+                    objective = loss
+                    wanted = config.anchors_per_step(len(batch)) if anchors else 0
+                    if wanted:
+                        picked = []
+                        while len(picked) < wanted:
+                            if not anchor_order:
+                                # A seeded cycle: every anchor is used before any repeats.
+                                anchor_order = torch.randperm(len(anchors), generator=shuffler).tolist()
+                            picked.append(anchors[anchor_order.pop()])
+                        rehearsal, kl = self._anchor_terms(model, picked, pad_id, device)
+                        if config.rehearsal_ratio > 0:
+                            objective = objective + rehearsal
+                            rehearsal_losses.append(rehearsal.item())
+                        if config.kl_beta > 0:
+                            objective = objective + config.kl_beta * kl
+                            kl_losses.append(kl.item())
+                        tokens += sum(len(ids) for ids, _ in picked)
+                    if not torch.isfinite(objective):
+                        value = (loss if not torch.isfinite(loss) else objective).item()
+                        raise TrainingDiverged(_diverged_message(step, total_steps, "loss", value, config))
+                    objective.backward()
                     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
                     if not torch.isfinite(grad_norm):
                         raise TrainingDiverged(
@@ -265,7 +336,44 @@ class LoraSFTTrainer:
                     if on_step is not None:
                         on_step(step, total_steps, loss_value)
         model.eval()
-        return TrainResult(model=model, losses=losses, steps=step, seconds=time.perf_counter() - started, tokens=tokens)
+        return TrainResult(
+            model=model,
+            losses=losses,
+            steps=step,
+            seconds=time.perf_counter() - started,
+            tokens=tokens,
+            rehearsal_losses=rehearsal_losses,
+            kl_losses=kl_losses,
+        )
+
+    def _anchor_terms(self, model: Any, picked: Sequence[TokenizedExample], pad_id: int, device: Any) -> tuple[Any, Any]:
+        """(cross-entropy on the anchors' answers, mean KL(base ‖ candidate) over the positions
+        that predict an answer token). The KL is only built when ``kl_beta`` > 0: the extra base
+        forward pass costs about a third of a training step."""
+        import torch
+
+        input_ids, attention_mask, labels = _right_padded(picked, pad_id)
+        input_ids, attention_mask, labels = input_ids.to(device), attention_mask.to(device), labels.to(device)
+        output = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
+        if self.config.kl_beta <= 0:
+            return output.loss, torch.zeros((), device=device)
+        where = labels[:, 1:] != -100
+        candidate = output.logits[:, :-1][where]
+        with torch.no_grad(), model.disable_adapter():
+            base = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][where]
+        # Forward KL (the distillation direction): the candidate must keep covering what the base
+        # would say, which also keeps the base's greedy answer on top.
+        return output.loss, token_kl(base, candidate).mean()
+
+
+def token_kl(p_logits: Any, q_logits: Any) -> Any:
+    """KL(p ‖ q) per row of two ``(..., vocabulary)`` logit tensors, in nats, computed in float32
+    from log-softmaxes (stable for large logits)."""
+    import torch
+
+    log_p = torch.log_softmax(p_logits.float(), dim=-1)
+    log_q = torch.log_softmax(q_logits.float(), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
 
 
 def linear_module_names(model: Any) -> list[str]:

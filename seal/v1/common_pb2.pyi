@@ -43,20 +43,22 @@ class Question(_message.Message):
     def __init__(self, question: _Optional[str] = ..., answer: _Optional[str] = ...) -> None: ...
 
 class UpdateOverrides(_message.Message):
-    __slots__ = ("learning_rate", "epochs", "lora_rank", "lora_alpha", "batch_size", "include_passage")
+    __slots__ = ("learning_rate", "epochs", "lora_rank", "lora_alpha", "batch_size", "include_passage", "update_rule")
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     LORA_RANK_FIELD_NUMBER: _ClassVar[int]
     LORA_ALPHA_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_PASSAGE_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_RULE_FIELD_NUMBER: _ClassVar[int]
     learning_rate: float
     epochs: int
     lora_rank: int
     lora_alpha: int
     batch_size: int
     include_passage: bool
-    def __init__(self, learning_rate: _Optional[float] = ..., epochs: _Optional[int] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[int] = ..., batch_size: _Optional[int] = ..., include_passage: _Optional[bool] = ...) -> None: ...
+    update_rule: str
+    def __init__(self, learning_rate: _Optional[float] = ..., epochs: _Optional[int] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[int] = ..., batch_size: _Optional[int] = ..., include_passage: _Optional[bool] = ..., update_rule: _Optional[str] = ...) -> None: ...
 
 class TrainingProgress(_message.Message):
     __slots__ = ("step", "total_steps", "loss")

@@ -73,6 +73,20 @@ class CandidateTrained(_message.Message):
     seconds: float
     def __init__(self, index: _Optional[int] = ..., adapter: _Optional[_Union[_common_pb2.AdapterManifest, _Mapping]] = ..., seconds: _Optional[float] = ...) -> None: ...
 
+class QuestionsWritten(_message.Message):
+    __slots__ = ("held_out", "training_prompts", "written", "dropped", "seconds")
+    HELD_OUT_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    held_out: _containers.RepeatedCompositeFieldContainer[_common_pb2.Question]
+    training_prompts: _containers.RepeatedScalarFieldContainer[str]
+    written: int
+    dropped: int
+    seconds: float
+    def __init__(self, held_out: _Optional[_Iterable[_Union[_common_pb2.Question, _Mapping]]] = ..., training_prompts: _Optional[_Iterable[str]] = ..., written: _Optional[int] = ..., dropped: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
 class BaselineScored(_message.Message):
     __slots__ = ("accuracy", "outcomes")
     ACCURACY_FIELD_NUMBER: _ClassVar[int]
@@ -146,7 +160,7 @@ class CandidateSummary(_message.Message):
     def __init__(self, index: _Optional[int] = ..., adapter_id: _Optional[str] = ..., self_edit: _Optional[str] = ..., training_sequences: _Optional[int] = ..., accuracy: _Optional[float] = ..., reward: _Optional[float] = ..., passed_gates: _Optional[bool] = ..., gates: _Optional[_Iterable[_Union[_common_pb2.GateResult, _Mapping]]] = ..., failure: _Optional[str] = ..., train_seconds: _Optional[float] = ..., outcomes: _Optional[_Iterable[_Union[_common_pb2.QuestionOutcome, _Mapping]]] = ...) -> None: ...
 
 class AdaptResult(_message.Message):
-    __slots__ = ("request_id", "context_id", "promoted", "adapter_id", "version", "baseline_accuracy", "adapted_accuracy", "candidates", "baseline_outcomes", "adapted_outcomes", "decision_reason", "phase_seconds")
+    __slots__ = ("request_id", "context_id", "promoted", "adapter_id", "version", "baseline_accuracy", "adapted_accuracy", "candidates", "baseline_outcomes", "adapted_outcomes", "decision_reason", "phase_seconds", "questions_written")
     class PhaseSecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -166,6 +180,7 @@ class AdaptResult(_message.Message):
     ADAPTED_OUTCOMES_FIELD_NUMBER: _ClassVar[int]
     DECISION_REASON_FIELD_NUMBER: _ClassVar[int]
     PHASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    QUESTIONS_WRITTEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     context_id: str
     promoted: bool
@@ -178,10 +193,11 @@ class AdaptResult(_message.Message):
     adapted_outcomes: _containers.RepeatedCompositeFieldContainer[_common_pb2.QuestionOutcome]
     decision_reason: str
     phase_seconds: _containers.ScalarMap[str, float]
-    def __init__(self, request_id: _Optional[str] = ..., context_id: _Optional[str] = ..., promoted: _Optional[bool] = ..., adapter_id: _Optional[str] = ..., version: _Optional[int] = ..., baseline_accuracy: _Optional[float] = ..., adapted_accuracy: _Optional[float] = ..., candidates: _Optional[_Iterable[_Union[CandidateSummary, _Mapping]]] = ..., baseline_outcomes: _Optional[_Iterable[_Union[_common_pb2.QuestionOutcome, _Mapping]]] = ..., adapted_outcomes: _Optional[_Iterable[_Union[_common_pb2.QuestionOutcome, _Mapping]]] = ..., decision_reason: _Optional[str] = ..., phase_seconds: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    questions_written: bool
+    def __init__(self, request_id: _Optional[str] = ..., context_id: _Optional[str] = ..., promoted: _Optional[bool] = ..., adapter_id: _Optional[str] = ..., version: _Optional[int] = ..., baseline_accuracy: _Optional[float] = ..., adapted_accuracy: _Optional[float] = ..., candidates: _Optional[_Iterable[_Union[CandidateSummary, _Mapping]]] = ..., baseline_outcomes: _Optional[_Iterable[_Union[_common_pb2.QuestionOutcome, _Mapping]]] = ..., adapted_outcomes: _Optional[_Iterable[_Union[_common_pb2.QuestionOutcome, _Mapping]]] = ..., decision_reason: _Optional[str] = ..., phase_seconds: _Optional[_Mapping[str, float]] = ..., questions_written: _Optional[bool] = ...) -> None: ...
 
 class AdaptResponse(_message.Message):
-    __slots__ = ("request_id", "self_edits_proposed", "candidate_progress", "candidate_trained", "baseline_scored", "candidate_scored", "candidate_failed", "promotion_decided", "result")
+    __slots__ = ("request_id", "self_edits_proposed", "candidate_progress", "candidate_trained", "baseline_scored", "candidate_scored", "candidate_failed", "promotion_decided", "result", "questions_written")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SELF_EDITS_PROPOSED_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_PROGRESS_FIELD_NUMBER: _ClassVar[int]
@@ -191,6 +207,7 @@ class AdaptResponse(_message.Message):
     CANDIDATE_FAILED_FIELD_NUMBER: _ClassVar[int]
     PROMOTION_DECIDED_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    QUESTIONS_WRITTEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     self_edits_proposed: SelfEditsProposed
     candidate_progress: CandidateProgress
@@ -200,7 +217,8 @@ class AdaptResponse(_message.Message):
     candidate_failed: CandidateFailed
     promotion_decided: PromotionDecided
     result: AdaptResult
-    def __init__(self, request_id: _Optional[str] = ..., self_edits_proposed: _Optional[_Union[SelfEditsProposed, _Mapping]] = ..., candidate_progress: _Optional[_Union[CandidateProgress, _Mapping]] = ..., candidate_trained: _Optional[_Union[CandidateTrained, _Mapping]] = ..., baseline_scored: _Optional[_Union[BaselineScored, _Mapping]] = ..., candidate_scored: _Optional[_Union[CandidateScored, _Mapping]] = ..., candidate_failed: _Optional[_Union[CandidateFailed, _Mapping]] = ..., promotion_decided: _Optional[_Union[PromotionDecided, _Mapping]] = ..., result: _Optional[_Union[AdaptResult, _Mapping]] = ...) -> None: ...
+    questions_written: QuestionsWritten
+    def __init__(self, request_id: _Optional[str] = ..., self_edits_proposed: _Optional[_Union[SelfEditsProposed, _Mapping]] = ..., candidate_progress: _Optional[_Union[CandidateProgress, _Mapping]] = ..., candidate_trained: _Optional[_Union[CandidateTrained, _Mapping]] = ..., baseline_scored: _Optional[_Union[BaselineScored, _Mapping]] = ..., candidate_scored: _Optional[_Union[CandidateScored, _Mapping]] = ..., candidate_failed: _Optional[_Union[CandidateFailed, _Mapping]] = ..., promotion_decided: _Optional[_Union[PromotionDecided, _Mapping]] = ..., result: _Optional[_Union[AdaptResult, _Mapping]] = ..., questions_written: _Optional[_Union[QuestionsWritten, _Mapping]] = ...) -> None: ...
 
 class ProposeSelfEditsRequest(_message.Message):
     __slots__ = ("context", "k", "prompt_style", "seed")
