@@ -671,10 +671,33 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--dry-run", action="store_true", help="recheck: measure only, never roll back")
     audit.add_argument("--address", help="recheck: auditor address (default from settings)")
     audit.add_argument("--timeout", type=float, default=1800.0)
+
+    config = commands.add_parser("config", help="show the effective settings and where each value came from")
+    config.add_argument("action", choices=("show",))
+    config.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
+def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
+    """Print every effective setting with where its value came from."""
+    from seal.config import settings_with_sources
+
+    rows = settings_with_sources(settings)
+    if args.json:
+        print(json.dumps([{"name": n, "value": str(v) if isinstance(v, Path) else v, "source": s} for n, v, s, _ in rows],
+                         indent=1, default=str))
+        return 0
+    table = Table(title="effective settings (defaults < SEAL_CONFIG_FILE < SEAL_* environment)")
+    for column in ("setting", "value", "source", "what"):
+        table.add_column(column, overflow="fold")
+    for name, value, source, description in rows:
+        table.add_row(name, str(value), source, description)
+    console.print(table)
+    return 0
+
+
 HANDLERS = {
+    "config": cmd_config,
     "prepare-model": cmd_prepare_model,
     "serve": cmd_serve,
     "up": cmd_up,

@@ -285,3 +285,40 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+def settings_with_sources(settings: Settings | None = None) -> list[tuple[str, object, str, str]]:
+    """``(dotted name, effective value, source, description)`` for every leaf setting, where the
+    source is ``env`` (a ``SEAL_…`` variable), ``file`` (the TOML named by ``SEAL_CONFIG_FILE``)
+    or ``default``. What ``seal config show`` prints."""
+    import tomllib
+
+    settings = settings or Settings()
+    file_values: dict[str, object] = {}
+    config_file = os.environ.get("SEAL_CONFIG_FILE")
+    if config_file and Path(config_file).is_file():
+        file_values = tomllib.loads(Path(config_file).read_text(encoding="utf-8"))
+
+    def in_file(path: list[str]) -> bool:
+        node: object = file_values
+        for part in path:
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return True
+
+    rows: list[tuple[str, object, str, str]] = []
+
+    def walk(model: BaseModel, path: list[str]) -> None:
+        for name, field in type(model).model_fields.items():
+            value = getattr(model, name)
+            if isinstance(value, BaseModel):
+                walk(value, [*path, name])
+                continue
+            dotted = [*path, name]
+            env_name = "SEAL_" + "__".join(part.upper() for part in dotted)
+            source = "env" if env_name in os.environ else "file" if in_file(dotted) else "default"
+            rows.append((".".join(dotted), value, source, field.description or ""))
+
+    walk(settings, [])
+    return rows
