@@ -31,6 +31,7 @@ from seal.continual import (  # noqa: E402
     write_json,
 )
 from seal.domains.knowledge import load_squad, parse_self_edit  # noqa: E402
+from seal.grading import build_grader  # noqa: E402
 from seal.models import TransformersEngine, load_model_and_tokenizer, resolve_model_path  # noqa: E402
 from seal.teacher import SelfEditProposer  # noqa: E402
 from seal.update.lora_sft import lora_sft_config  # noqa: E402
@@ -96,7 +97,8 @@ def main() -> int:
     generation_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
-    baseline = closed_book_accuracy(model, tokenizer, contexts, max_new_tokens=args.answer_tokens, batch_size=8)
+    grader = build_grader(settings.auditor)
+    baseline = closed_book_accuracy(model, tokenizer, contexts, max_new_tokens=args.answer_tokens, batch_size=8, grader=grader)
     baseline_seconds = time.perf_counter() - started
     log(f"baseline {[round(a, 2) for a in baseline[0]]} ({baseline_seconds:.0f}s)")
 
@@ -104,6 +106,7 @@ def main() -> int:
         "command": " ".join([".venv/bin/python", *sys.argv]),
         "machine": {"torch_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
         "model": model_path.name,
+        "grader": settings.auditor.grader,
         "passages": [{"index": i, "title": c.title, "questions": len(c.questions), "chars": len(c.passage)}
                      for i, c in zip(indices, contexts, strict=True)],
         "self_edits": self_edits,
@@ -123,7 +126,7 @@ def main() -> int:
             log(f"{name}: after step {last.step}: {[None if v is None else round(v, 2) for v in partial.matrix[-1]]} "
                 f"(train {last.train_seconds:.0f}s, eval {last.eval_seconds:.0f}s, loss {last.final_loss:.3f})")
 
-        result = run_continual(model, tokenizer, steps, config, baseline=baseline, on_step=save_partial)
+        result = run_continual(model, tokenizer, steps, config, baseline=baseline, on_step=save_partial, grader=grader)
         report["runs"][name] = result.to_dict()
         report["seconds"][name] = time.perf_counter() - started
     report["seconds"]["total"] = time.perf_counter() - started_all

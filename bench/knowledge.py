@@ -26,8 +26,9 @@ sys.path.insert(0, str(ROOT))
 
 from seal.auditor import Auditor  # noqa: E402
 from seal.config import Settings  # noqa: E402
-from seal.domains.knowledge import LexicalGrader, load_squad  # noqa: E402
+from seal.domains.knowledge import load_squad  # noqa: E402
 from seal.evaluation import EvalConfig, evaluate_policy, summarize  # noqa: E402
+from seal.grading import build_grader  # noqa: E402
 from seal.models import TransformersEngine, load_model_and_tokenizer  # noqa: E402
 from seal.student import Student  # noqa: E402
 from seal.teacher import SelfEditProposer  # noqa: E402
@@ -55,7 +56,7 @@ def main() -> int:
         temperature=settings.teacher.temperature,
         top_p=settings.teacher.top_p,
     )
-    auditor = Auditor(LexicalGrader(mode=settings.auditor.grader), settings.gates)
+    auditor = Auditor(build_grader(settings.auditor), settings.gates)
     load_seconds = time.perf_counter() - started
     config = EvalConfig(
         k=args.k,
@@ -109,7 +110,7 @@ def markdown(report: dict) -> str:
         f"# Knowledge incorporation, {s['passages']} passages of seal_eval_200 ({s['questions']} questions), k={s['k']}",
         "",
         f"Command: `{report['command']}`  ",
-        f"Model: {report['model']}; grader: lexical ({report['settings']['auditor']['grader']}); "
+        f"Model: {report['model']}; grader: {report['settings']['auditor']['grader']}; "
         f"LoRA lr {report['settings']['lora']['learning_rate']}, {report['settings']['lora']['epochs']} epochs, "
         f"rank {report['settings']['lora']['rank']}; torch threads {report['machine']['torch_threads']}."
         + ("" if report["complete"] else " **Partial: the run was cut short; these passages are all it measured.**"),

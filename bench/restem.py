@@ -160,7 +160,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Command: `{result['command']}`  ",
         f"Model: {result['model']}, teacher engine transformers, torch threads "
-        f"{result['machine']['threads']}; grader lexical ({result['settings']['auditor']['grader']}).  ",
+        f"{result['machine']['threads']}; grader {result['settings']['auditor']['grader']}.  ",
         f"Round: k={report['k']}, {report['seeds_per_edit']} seed(s) per self-edit, keep rule {restem['keep_rule']}; "
         f"policy SFT: LoRA rank {restem['policy_rank']}, lr {restem['policy_learning_rate']}, "
         f"{restem['policy_epochs']} epochs, from the base model.",

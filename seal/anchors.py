@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from seal.domains.knowledge import build_question_prompt
+from seal.durable import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +253,7 @@ class AnchorStore:
     def save(self, anchors: AnchorSet) -> Path:
         path = self.path_for(anchors.fingerprint)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_json(path, anchors.to_dict())
+        atomic_write_json(path, anchors.to_dict(), indent=1)
         return path
 
     def load_or_build(
@@ -266,23 +267,6 @@ class AnchorStore:
             path = self.save(anchors)
             log.info("anchor set for %s: %d base-model answers → %s", fingerprint[:12], len(anchors), path)
         return anchors
-
-
-def _atomic_write_json(path: Path, value: dict[str, Any]) -> None:
-    try:
-        from seal.durable import atomic_write_json
-    except ImportError:  # pragma: no cover - only before seal.durable existed
-        import json
-        import os
-        import tempfile
-
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".anchors-", delete=False, encoding="utf-8") as handle:
-            json.dump(value, handle, indent=1, ensure_ascii=False)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-        return
-    atomic_write_json(path, value, indent=1)
 
 
 # --- tokenisation --------------------------------------------------------------------------------

@@ -30,7 +30,8 @@ from typing import Any, Self
 from seal.gates import CandidateScores, Decision
 
 GENESIS_HASH = "0" * 64
-SCHEMA_VERSION = 1
+# 2: the audit_events index (idempotent reported events); a version-1 file is migrated on open.
+SCHEMA_VERSION = 2
 PAYLOAD_VERSION = 1
 
 KIND_CANDIDATE = "candidate"
@@ -63,6 +64,17 @@ CREATE TRIGGER IF NOT EXISTS audit_records_no_update BEFORE UPDATE ON audit_reco
 BEGIN SELECT RAISE(ABORT, 'audit_records is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_records_no_delete BEFORE DELETE ON audit_records
 BEGIN SELECT RAISE(ABORT, 'audit_records is append-only'); END;
+-- One row per reported event (``append_once``): the PRIMARY KEY on event_id is what makes a
+-- retried delivery land once, however many writers race. Written in the same transaction as its
+-- record; not part of the hash chain, which it only indexes.
+CREATE TABLE IF NOT EXISTS audit_events (
+    event_id TEXT PRIMARY KEY,
+    seq      INTEGER NOT NULL UNIQUE
+);
+CREATE TRIGGER IF NOT EXISTS audit_events_no_update BEFORE UPDATE ON audit_events
+BEGIN SELECT RAISE(ABORT, 'audit_events is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_events_no_delete BEFORE DELETE ON audit_events
+BEGIN SELECT RAISE(ABORT, 'audit_events is append-only'); END;
 """
 
 
@@ -76,6 +88,13 @@ def record_hash(prev_hash: str, seq: int, at: str, kind: str, adapter_id: str | 
     body = canonical_json({"seq": seq, "at": at, "kind": kind, "adapter_id": adapter_id, "payload": payload})
     # prev_hash is fixed-length hex, so plain concatenation is unambiguous.
     return hashlib.sha256((prev_hash + body).encode("utf-8")).hexdigest()
+
+
+_SELECT = "SELECT seq, at, kind, adapter_id, payload, prev_hash, hash FROM audit_records"
+
+
+class EventIdReused(ValueError):
+    """A reported event's id is already on record for a different event."""
 
 
 @dataclass(frozen=True)
@@ -144,15 +163,56 @@ class AuditLog:
                 for statement in _SCHEMA.split(";\n"):
                     if statement.strip():
                         self._conn.execute(statement)
+                if version < 2:
+                    self._index_reported_events()
                 self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
 
+    def _index_reported_events(self) -> None:
+        """Migration to version 2: index the events a version-1 log already holds, so a delivery
+        retried across the upgrade is still recognised. Reads payloads in Python rather than with
+        SQLite's JSON functions, which not every build has; the first record of an id wins, as
+        the old scan returned the first match."""
+        rows = self._conn.execute("SELECT seq, payload FROM audit_records ORDER BY seq").fetchall()
+        for seq, payload_text in rows:
+            try:
+                event_id = json.loads(payload_text).get("event_id")
+            except (ValueError, AttributeError):
+                continue  # an unreadable payload is verify()'s to report, not the migration's
+            if isinstance(event_id, str) and event_id:
+                self._conn.execute("INSERT OR IGNORE INTO audit_events (event_id, seq) VALUES (?, ?)", (event_id, seq))
+
     # -- writing ------------------------------------------------------------------------------
 
     def append(self, kind: str, adapter_id: str | None, payload: Mapping[str, Any]) -> AuditRecord:
+        record, _ = self._append(kind, adapter_id, payload, event_id=None)
+        return record
+
+    def append_once(
+        self, event_id: str, kind: str, adapter_id: str | None, payload: Mapping[str, Any]
+    ) -> tuple[AuditRecord, bool]:
+        """Append a reported event at most once: (its record, False) the first time, (the record
+        already written, True) for every later delivery of the same ``event_id``.
+
+        The UNIQUE key on ``audit_events.event_id`` decides, inside the writing transaction, so
+        concurrent deliveries (threads or processes) cannot both get through. An id reused for a
+        different kind or adapter is refused rather than answered with someone else's record."""
+        if not isinstance(event_id, str) or not event_id:
+            raise ValueError("event_id must be a non-empty string")
+        record, duplicate = self._append(kind, adapter_id, payload, event_id=event_id)
+        if duplicate and (record.kind, record.adapter_id) != (kind, adapter_id):
+            raise EventIdReused(
+                f"event_id {event_id!r} was already recorded as {record.kind} of {record.adapter_id!r} "
+                f"(seq {record.seq}), not {kind} of {adapter_id!r}"
+            )
+        return record, duplicate
+
+    def _append(
+        self, kind: str, adapter_id: str | None, payload: Mapping[str, Any], *, event_id: str | None
+    ) -> tuple[AuditRecord, bool]:
         if not isinstance(kind, str) or not _KIND.fullmatch(kind):
             raise ValueError(f"kind {kind!r} must match {_KIND.pattern}")
         if adapter_id is not None and not isinstance(adapter_id, str):
@@ -175,6 +235,24 @@ class AuditLog:
                 head = self._conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
                 prev_seq, prev_hash = head if head else (0, GENESIS_HASH)
                 seq = prev_seq + 1
+                if event_id is not None:
+                    claimed = self._conn.execute(
+                        "INSERT INTO audit_events (event_id, seq) VALUES (?, ?) ON CONFLICT (event_id) DO NOTHING",
+                        (event_id, seq),
+                    ).rowcount
+                    if not claimed:
+                        # Already recorded: nothing is written, the chain and head stay as they were.
+                        (existing,) = self._conn.execute(
+                            "SELECT seq FROM audit_events WHERE event_id = ?", (event_id,)
+                        ).fetchone()
+                        row = self._conn.execute(f"{_SELECT} WHERE seq = ?", (existing,)).fetchone()
+                        self._conn.execute("ROLLBACK")
+                        if row is None:
+                            raise RuntimeError(
+                                f"{self.path}: event {event_id!r} is indexed at seq {existing}, which is missing"
+                                " (run verify)"
+                            )
+                        return self._record(row), True
                 digest = record_hash(prev_hash, seq, at, kind, adapter_id, stored_payload)
                 self._conn.execute(
                     "INSERT INTO audit_records (seq, at, kind, adapter_id, payload, prev_hash, hash)"
@@ -188,9 +266,10 @@ class AuditLog:
                 )
                 self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
                 raise
-        return AuditRecord(seq, at, kind, adapter_id, stored_payload, prev_hash, digest)
+        return AuditRecord(seq, at, kind, adapter_id, stored_payload, prev_hash, digest), False
 
     # -- reading ------------------------------------------------------------------------------
 

@@ -7,22 +7,47 @@ import json
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
+from seal.audit import (
+    KIND_CANDIDATE,
+    KIND_REJECT,
+    PAYLOAD_VERSION,
+    AuditLog,
+    candidate_payload,
+    cause_payload,
+)
 from seal.domains.knowledge import (
     Grade,
     Grader,
     Question,
     build_question_prompt,
+    context_digest,
     extract_answer,
 )
 from seal.durable import JsonLinesLog
 from seal.gates import CandidateScores, Decision, GateSettings, decide, reward
-from seal.guardrails import GuardrailResult
-from seal.retention import RetentionProbe, build_probe
+from seal.guardrails import GuardrailResult, GuardrailSettings, check_self_edit
+from seal.retention import (
+    CanarySignal,
+    ProbeStore,
+    RetentionProbe,
+    RetentionSettings,
+    build_probe,
+    candidate_questions,
+    check_fingerprint,
+    load_explicit_probe,
+    recheck_verdict,
+)
+
+if TYPE_CHECKING:
+    from seal.config import Settings
+
+log = logging.getLogger(__name__)
 
 # prompts, adapter_id ("" = base model) → completions
 AnswerFunction = Callable[[list[str], str], list[str]]
@@ -142,9 +167,11 @@ class Auditor:
         *,
         probe: RetentionProbe | None = None,
         probe_answer: AnswerFunction | None = None,
+        retention_kl: float | None = None,
     ) -> ScoreReport:
         """``probe`` (with ``probe_answer``, e.g. shorter answers) adds the retention measurement
-        to a candidate's scores; the base model alone is never asked it."""
+        to a candidate's scores; the base model alone is never asked it. ``retention_kl`` is the
+        candidate's KL drift from the base, measured by the student when it trained it."""
         baseline_outcomes = self.baseline(answer, questions)
         baseline_accuracy = accuracy_of(baseline_outcomes)
         if adapter_id:
@@ -164,6 +191,7 @@ class Auditor:
             retention_accuracy=retention_accuracy,
             baseline_retention_accuracy=baseline_retention_accuracy,
             guardrails=tuple(guardrails),
+            retention_kl=retention_kl if adapter_id else None,
         )
         decision = decide(scores, self._gate_settings)
         return ScoreReport(
@@ -179,6 +207,394 @@ class Auditor:
             retention_outcomes=retention_outcomes,
             probe_id=probe.probe_id if probe is not None and probe.questions else "",
         )
+
+
+# --- the auditing service's work, transport-free -------------------------------------------------
+
+KIND_RECHECK = "recheck"
+KIND_PROBE = "retention_probe"
+
+
+@dataclass(frozen=True)
+class AdapterFacts:
+    """What the auditor needs to know of an adapter version (a projection of its manifest)."""
+
+    adapter_id: str
+    base_model_fingerprint: str
+    self_edit_sha256: str = ""
+    hyperparameters: Mapping[str, Any] = field(default_factory=dict)
+    # The KL drift from the base the student measured after training (manifest metric
+    # ``retention_kl``); None when it was not measured.
+    retention_kl: float | None = None
+
+
+class AuditedStudent(Protocol):
+    """The student as the auditor uses it: asked closed book, looked up, and rolled back.
+
+    The auditor service implements it over the student's gRPC stub, ``seal.local`` over an
+    in-process :class:`seal.student.Student`; tests may pass a small fake."""
+
+    def answer(self, prompts: list[str], adapter_id: str, *, max_new_tokens: int) -> list[str]:
+        """Greedy completions with adapter ``adapter_id`` ("" = the base model), in prompt order."""
+        ...
+
+    def adapter(self, adapter_id: str) -> AdapterFacts: ...
+
+    def promoted(self, adapter_name: str) -> AdapterFacts | None:
+        """The promoted version of the lineage, None when nothing is promoted."""
+        ...
+
+    def rollback(self, adapter_name: str, reason: str) -> str:
+        """Roll the lineage's promoted version back (to the base model if nothing earlier is
+        left); returns the adapter id served now ("" = the base model)."""
+        ...
+
+
+@dataclass(frozen=True)
+class GuardrailVerdict:
+    results: list[GuardrailResult]
+    audit_sequence: int = 0  # the reject record of a refused self-edit; 0 when it passed
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.results)
+
+    @property
+    def failed_rules(self) -> list[str]:
+        return [r.rule for r in self.results if not r.passed]
+
+
+@dataclass(frozen=True)
+class ScoredCandidate:
+    report: ScoreReport
+    probe_size: int = 0
+    # Set only when an adapter was scored (a baseline-only request records nothing).
+    reward_sequence: int = 0
+    audit_sequence: int = 0
+
+
+@dataclass(frozen=True)
+class RecheckResult:
+    """One retention re-check. ``outcome`` names what happened, for metrics and logs:
+    nothing_promoted, ok, not_measured, rollback_needed_dry_run, superseded or rolled_back."""
+
+    adapter_name: str
+    floor: float
+    reason: str
+    outcome: str
+    adapter_id: str = ""
+    retention_accuracy: float | None = None
+    baseline_retention_accuracy: float | None = None
+    probe_size: int = 0
+    rollback_needed: bool = False
+    rolled_back: bool = False
+    now_serving_adapter_id: str = ""
+    signals: tuple[CanarySignal, ...] = ()
+    audit_sequence: int = 0
+
+
+class Auditing:
+    """Everything the auditor service does, minus gRPC: guardrails with their refusal record,
+    scoring with its reward and audit records, the retention probe of each base model (built
+    once, then reused), idempotent recording of reported events, and the re-check that rolls a
+    promoted version back when it has forgotten too much.
+
+    Each call takes the :class:`AuditedStudent` to ask, because its deadline is the caller's
+    (a gRPC request's remaining time, or the scheduled re-check's own timeout)."""
+
+    def __init__(
+        self,
+        auditor: Auditor,
+        *,
+        reward_log: RewardLog,
+        audit: AuditLog,
+        probe_store: ProbeStore,
+        retention: RetentionSettings,
+        guardrails: GuardrailSettings,
+        answer_max_new_tokens: int,
+        on_append: Callable[[str], None] = lambda kind: None,
+        probe_base_dir: Path | None = None,
+    ) -> None:
+        self.auditor = auditor
+        self.reward_log = reward_log
+        self.audit = audit
+        self._probe_store = probe_store
+        self._retention = retention
+        self._guardrails = guardrails
+        self._answer_tokens = answer_max_new_tokens
+        # Called with the kind of every audit record appended (the service counts them).
+        self._on_append = on_append
+        # Where a relative retention.squad_file is looked up; None: the working directory at
+        # the time the probe is built, as an operator starting the service would expect.
+        self._probe_base_dir = probe_base_dir
+        self._probes: dict[str, RetentionProbe] = {}
+        self._probe_lock = threading.Lock()
+        # Hook for live serving signals (the Triton canary): adapter_id → signals with minimums.
+        # They join the retention probe in every re-check's rollback verdict.
+        self.canary_signals: Callable[[str], Sequence[CanarySignal]] = lambda adapter_id: ()
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, auditor: Auditor, *, on_append: Callable[[str], None] = lambda kind: None
+    ) -> Auditing:
+        """The files the settings name under ``home``: rewards, the audit log, the probe store."""
+        return cls(
+            auditor,
+            reward_log=RewardLog(settings.home / "auditor" / "rewards.jsonl"),
+            audit=AuditLog(settings.audit_log_path),
+            probe_store=ProbeStore(settings.home / "auditor" / "retention"),
+            retention=settings.retention,
+            guardrails=settings.guardrails,
+            answer_max_new_tokens=settings.auditor.answer_max_new_tokens,
+            on_append=on_append,
+        )
+
+    def close(self) -> None:
+        self.reward_log.close()
+        self.audit.close()
+
+    def _append(self, kind: str, adapter_id: str | None, payload: dict[str, Any]) -> int:
+        record = self.audit.append(kind, adapter_id, payload)
+        self._on_append(kind)
+        return record.seq
+
+    # --- guardrails before training ----------------------------------------------------------
+
+    def check_self_edit(
+        self, title: str, passage: str, self_edit: str, *, prompt: str = "", seed: int = 0, request_id: str = ""
+    ) -> GuardrailVerdict:
+        results = check_self_edit(self_edit, f"{title}\n{passage}", self._guardrails)
+        verdict = GuardrailVerdict(results)
+        if verdict.passed:
+            return verdict
+        failed = verdict.failed_rules
+        # A refused self-edit never becomes an adapter, so this is its only trace.
+        sequence = self._append(
+            KIND_REJECT,
+            None,
+            cause_payload(
+                f"guardrails failed before training: {', '.join(failed)}",
+                stage="guardrails",
+                failed_rules=failed,
+                context_digest=context_digest(title, passage),
+                prompt=prompt,
+                self_edit=self_edit,
+                seed=seed,
+                request_id=request_id,
+                gates=[r.to_dict() for r in results],
+            ),
+        )
+        return replace(verdict, audit_sequence=sequence)
+
+    # --- retention probe -----------------------------------------------------------------------
+
+    def _answers(self, student: AuditedStudent, max_new_tokens: int) -> AnswerFunction:
+        def answer(prompts: list[str], adapter_id: str) -> list[str]:
+            return student.answer(prompts, adapter_id, max_new_tokens=max_new_tokens)
+
+        return answer
+
+    def probe_for(self, fingerprint: str, student: AuditedStudent) -> RetentionProbe | None:
+        """The retention probe of this base model: cached, else loaded from disk, else built now
+        (once per fingerprint; the build asks the base model up to max_candidates questions)."""
+        settings = self._retention
+        if not settings.enabled:
+            return None
+        try:
+            check_fingerprint(fingerprint)
+        except ValueError:
+            log.warning("no retention probe: the adapter's base model fingerprint %r is unusable", fingerprint)
+            return None
+        # Held through the build, so concurrent first requests build one probe, not several.
+        with self._probe_lock:
+            probe = self._probes.get(fingerprint)
+            if probe is not None:
+                return probe
+            if settings.probe_file:
+                probe = load_explicit_probe(settings.probe_file, fingerprint)
+            else:
+                probe = self._probe_store.load(fingerprint)
+            if probe is None:
+                candidates, notes = candidate_questions(settings, base_dir=self._probe_base_dir or Path.cwd())
+                answer = self._answers(student, settings.max_new_tokens)
+                probe = self.auditor.build_probe(answer, fingerprint, candidates, size=settings.probe_size, notes=notes)
+                path = self._probe_store.save(probe)
+                log.info("retention probe for %s: %d of %d screened questions kept (%s) → %s",
+                         fingerprint[:12], len(probe), probe.screened, notes, path)
+                self._append(KIND_PROBE, None, {
+                    "payload_version": PAYLOAD_VERSION, "fingerprint": fingerprint, "probe_id": probe.probe_id,
+                    "size": len(probe), "screened": probe.screened, "notes": notes, "path": str(path),
+                })
+            if not probe.questions:
+                log.warning("the retention probe of %s is empty: retention will be reported as not measured", fingerprint[:12])
+            self._probes[fingerprint] = probe
+            return probe
+
+    # --- scoring -------------------------------------------------------------------------------
+
+    def score(
+        self,
+        student: AuditedStudent,
+        *,
+        adapter_id: str,
+        questions: Sequence[Question],
+        title: str,
+        passage: str,
+        guardrails: Sequence[GuardrailResult] = (),
+        prompt: str = "",
+        self_edit: str = "",
+        seed: int = 0,
+        request_id: str = "",
+        measure_retention: bool = True,
+    ) -> ScoredCandidate:
+        """Score ``adapter_id`` on τ (and the retention probe); without an adapter, the base
+        model's baseline only. A scored adapter gets a reward record (what ReST^EM subscribes
+        to) and a candidate audit record with everything needed to explain and re-run it."""
+        if not questions:
+            raise ValueError("no questions: scoring needs τ, at least one question with its gold answer")
+        answer = self._answers(student, self._answer_tokens)
+        probe_answer = self._answers(student, self._retention.max_new_tokens)
+        manifest: AdapterFacts | None = None
+        probe: RetentionProbe | None = None
+        if adapter_id:
+            manifest = student.adapter(adapter_id)
+            if measure_retention:
+                probe = self.probe_for(manifest.base_model_fingerprint, student)
+        report = self.auditor.score(
+            answer, adapter_id, questions, guardrails, probe=probe, probe_answer=probe_answer,
+            retention_kl=manifest.retention_kl if manifest is not None and measure_retention else None,
+        )
+        probe_size = len(probe) if probe is not None else 0
+        if manifest is None:
+            return ScoredCandidate(report, probe_size)
+        assert report.scores is not None
+        digest = context_digest(title, passage)
+        record = self.reward_log.append(
+            context_id=digest,
+            adapter_id=adapter_id,
+            prompt=prompt,
+            self_edit=self_edit,
+            reward=report.reward,
+            baseline_accuracy=report.baseline_accuracy,
+            adapted_accuracy=report.adapted_accuracy,
+            outcomes=report.adapted_outcomes,
+            seed=seed,
+        )
+        from seal.student import self_edit_digest  # here: seal.student loads the model stack
+
+        edit_sha256 = self_edit_digest(self_edit)
+        payload = candidate_payload(
+            context_digest=digest,
+            prompt=prompt,
+            self_edit=self_edit,
+            hyperparameters=manifest.hyperparameters,
+            seed=seed,
+            scores=report.scores,
+            decision=report.decision,
+        )
+        payload.update(
+            request_id=request_id,
+            reward=report.reward,
+            reward_sequence=record.sequence,
+            base_model_fingerprint=manifest.base_model_fingerprint,
+            retention_probe_id=report.probe_id,
+            retention_probe_size=probe_size,
+            self_edit_sha256=edit_sha256,
+            # The adapter must have been trained on the text being scored; a mismatch is
+            # kept on record rather than refused, since scoring itself is still valid.
+            self_edit_matches_manifest=manifest.self_edit_sha256 == edit_sha256,
+        )
+        sequence = self._append(KIND_CANDIDATE, adapter_id, payload)
+        return ScoredCandidate(report, probe_size, record.sequence, sequence)
+
+    # --- reported status changes ---------------------------------------------------------------
+
+    def record_event(
+        self,
+        *,
+        event_id: str,
+        kind: str,
+        adapter_id: str,
+        cause: str,
+        details: Mapping[str, Any] | None = None,
+        source: str = "",
+        reported_at: str = "",
+    ) -> tuple[int, bool]:
+        """A promote/reject/rollback another service reports: (its sequence, duplicate). A
+        redelivered ``event_id`` returns the first delivery's sequence and writes nothing."""
+        payload = cause_payload(
+            cause,
+            event_id=event_id,
+            source=source or "unknown",
+            reported_at=reported_at,
+            **{k: v for k, v in (details or {}).items() if k not in ("cause", "payload_version", "event_id", "source", "reported_at")},
+        )
+        record, duplicate = self.audit.append_once(event_id, kind, adapter_id, payload)
+        if not duplicate:
+            self._on_append(kind)
+        return record.seq, duplicate
+
+    # --- re-check ------------------------------------------------------------------------------
+
+    def recheck(self, student: AuditedStudent, adapter_name: str, *, dry_run: bool) -> RecheckResult:
+        """Measure the promoted version on the retention probe and roll it back on a failed verdict."""
+        floor = self._retention.recheck_floor
+        manifest = student.promoted(adapter_name)
+        if manifest is None:
+            return RecheckResult(adapter_name, floor, f"nothing is promoted in lineage {adapter_name!r}", "nothing_promoted")
+        probe = self.probe_for(manifest.base_model_fingerprint, student)
+        accuracy = baseline = None
+        if probe is not None:
+            answer = self._answers(student, self._retention.max_new_tokens)
+            accuracy, baseline, _ = self.auditor.retention(answer, probe, manifest.adapter_id)
+        signals = tuple(self.canary_signals(manifest.adapter_id))
+        verdict = recheck_verdict(accuracy, baseline, floor, signals)
+        probe_size = len(probe) if probe is not None else 0
+        # Recorded before acting, so the rollback record that follows can point at it.
+        sequence = self._append(KIND_RECHECK, manifest.adapter_id, {
+            "payload_version": PAYLOAD_VERSION,
+            "retention_accuracy": accuracy,
+            "baseline_retention_accuracy": baseline,
+            "floor": floor,
+            "retention_probe_id": probe.probe_id if probe is not None else "",
+            "retention_probe_size": probe_size,
+            "signals": [{"name": s.name, "value": s.value, "minimum": s.minimum} for s in signals],
+            "rollback_needed": verdict.rollback,
+            "dry_run": dry_run,
+            "reason": verdict.reason,
+        })
+        result = RecheckResult(
+            adapter_name,
+            floor,
+            verdict.reason,
+            outcome="ok" if accuracy is not None else "not_measured",
+            adapter_id=manifest.adapter_id,
+            retention_accuracy=accuracy,
+            baseline_retention_accuracy=baseline,
+            probe_size=probe_size,
+            rollback_needed=verdict.rollback,
+            now_serving_adapter_id=manifest.adapter_id,
+            signals=signals,
+            audit_sequence=sequence,
+        )
+        if not verdict.rollback:
+            return result
+        if dry_run:
+            return replace(result, outcome="rollback_needed_dry_run")
+        # Narrows (does not close) the window in which a newer promotion could be rolled back
+        # instead of the version just measured; the student's rollback takes no expected version.
+        current = student.promoted(adapter_name)
+        if current is None or current.adapter_id != manifest.adapter_id:
+            return replace(
+                result, outcome="superseded",
+                reason=result.reason + "; not rolled back: the promoted version changed during the check",
+            )
+        now_serving = student.rollback(
+            adapter_name,
+            f"automatic rollback by the auditor's retention re-check (audit #{sequence}): {verdict.reason}",
+        )
+        log.warning("rolled back %s: %s", manifest.adapter_id, verdict.reason)
+        return replace(result, outcome="rolled_back", rolled_back=True, now_serving_adapter_id=now_serving)
 
 
 @dataclass(frozen=True)

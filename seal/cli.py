@@ -559,7 +559,7 @@ def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
         except RegistryError as exc:
             console.print(f"[red]cannot load the teacher policy:[/] {exc}")
             return 1
-    policy_name = evaluation["policy"] if evaluation["policy"] != "base" else "base policy"
+    policy_name = evaluation["policy"]
     summary = evaluation["summary"]
 
     def percent(value: float | None) -> str:

@@ -93,6 +93,44 @@ class UpdateSettings(BaseModel):
     )
 
 
+class SdftSettings(BaseModel):
+    """SDFT (``update.rule = "sdft"``): TRL's on-policy self-distillation with a LoRA adapter.
+    A request's overrides of learning_rate, epochs and rank apply here too."""
+
+    # --- the adapter and the optimiser ---
+    learning_rate: float = Field(5e-4, gt=0, le=1.0, description="AdamW learning rate of the LoRA matrices (constant)")
+    epochs: int = Field(2, ge=1, le=100, description="passes over the training prompts")
+    rank: int = Field(16, ge=1, le=256, description="LoRA rank r")
+    alpha: int = Field(32, ge=1, description="LoRA alpha; the update is scaled by alpha / rank")
+    target_modules: str = Field("all-linear", description="'all-linear', or layer names separated by commas")
+    grad_clip: float = Field(1.0, gt=0, description="max gradient norm per step")
+    # --- on-policy sampling (the cost: on CPU, generation dominates an SDFT step) ---
+    prompts_per_step: int = Field(4, ge=1, le=256, description="distinct prompts per optimizer step")
+    num_generations: int = Field(
+        2, ge=1, le=64, description="answers the student samples per prompt per step; the batch is prompts x generations"
+    )
+    max_completion_length: int = Field(
+        24, ge=1, le=4096, description="tokens per sampled answer (the closed-book answers seal grades are short)"
+    )
+    max_prompt_length: int = Field(1024, ge=16, le=32768, description="prompt tokens kept (cut from the left)")
+    temperature: float = Field(1.0, gt=0, le=2, description="sampling temperature of the student's answers")
+    # --- the teacher and the loss ---
+    teacher_model_kind: Literal["base", "live", "ema"] = Field(
+        "base",
+        description="base = the base model with the passage in context (the adapter disabled); live = the student "
+        "being trained; ema = an exponential moving average of it",
+    )
+    teacher_update_rate: float = Field(0.05, gt=0, le=1, description="EMA rate when teacher_model_kind is ema")
+    distillation_mode: Literal["topk_logits", "full_logits", "sampled_token"] = Field(
+        "topk_logits", description="what is matched: the teacher's top-k logits, all logits, or the sampled token only"
+    )
+    distillation_topk: int = Field(20, ge=1, le=1000, description="k of topk_logits")
+    distillation_alpha: float = Field(
+        0.5, ge=0, le=1, description="0 = forward KL, 1 = reverse KL, between = their mix (sampled_token needs 1)"
+    )
+    num_loss_tokens_to_skip: int = Field(0, ge=0, description="first answer tokens left out of the loss")
+
+
 class TeacherSettings(BaseModel):
     prompt_style: Literal["implications", "rewrite", "self_qa"] = "implications"
     # Adapt from a document alone (seal/domains/self_qa.py): when a request sends no τ, or the
@@ -248,6 +286,7 @@ class Settings(BaseSettings):
     model: ModelSettings = Field(default_factory=ModelSettings)
     update: UpdateSettings = Field(default_factory=UpdateSettings)
     lora: LoraSettings = Field(default_factory=LoraSettings)
+    sdft: SdftSettings = Field(default_factory=SdftSettings)
     teacher: TeacherSettings = Field(default_factory=TeacherSettings)
     restem: RestemSettings = Field(default_factory=RestemSettings)
     auditor: AuditorSettings = Field(default_factory=AuditorSettings)

@@ -19,7 +19,6 @@ into its own sequences — rehearsal, the simplest remedy against forgetting.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -29,12 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from seal.domains.knowledge import (
+    Grader,
     KnowledgeContext,
-    LexicalGrader,
     build_question_prompt,
     build_training_sequences,
     extract_answer,
 )
+from seal.durable import atomic_write_json
+from seal.grading import CommittedGrader
 from seal.update.lora_sft import LoraSFTConfig, LoraSFTTrainer
 
 
@@ -157,12 +158,13 @@ def closed_book_accuracy(
     *,
     max_new_tokens: int,
     batch_size: int,
-    grader: LexicalGrader | None = None,
+    grader: Grader | None = None,
 ) -> tuple[list[float], list[list[str]]]:
-    """Accuracy per passage on its own questions, asked closed-book in one batched pass."""
+    """Accuracy per passage on its own questions, asked closed-book in one batched pass.
+    ``grader`` None = the default committed-answer grader (pass ``build_grader(settings.auditor)``)."""
     from seal.models import SamplingParams, TransformersEngine
 
-    grader = grader or LexicalGrader()
+    grader = grader or CommittedGrader()
     questions = [(index, q) for index, context in enumerate(contexts) for q in context.questions]
     if not questions:
         return [], []
@@ -190,6 +192,7 @@ def run_continual(
     *,
     baseline: tuple[list[float], list[list[str]]] | None = None,
     on_step: Callable[[ContinualResult], None] | None = None,
+    grader: Grader | None = None,
 ) -> ContinualResult:
     """Adapt ``model`` to each step's passage in turn. ``model`` itself is left untouched (each
     update trains on a copy); the merged model after the last step is discarded.
@@ -220,7 +223,8 @@ def run_continual(
     def ask(current: Any, upto: int) -> tuple[list[float | None], list[list[str] | None]]:
         asked = contexts if config.evaluate_future else contexts[:upto]
         accuracies, said = closed_book_accuracy(
-            current, tokenizer, asked, max_new_tokens=config.answer_max_new_tokens, batch_size=config.batch_size
+            current, tokenizer, asked, max_new_tokens=config.answer_max_new_tokens, batch_size=config.batch_size,
+            grader=grader,
         )
         row: list[float | None] = [*accuracies, *([None] * (n - len(accuracies)))]
         texts: list[list[str] | None] = [*said, *([None] * (n - len(said)))]
@@ -228,7 +232,8 @@ def run_continual(
 
     if baseline is None:
         baseline = closed_book_accuracy(
-            model, tokenizer, contexts, max_new_tokens=config.answer_max_new_tokens, batch_size=config.batch_size
+            model, tokenizer, contexts, max_new_tokens=config.answer_max_new_tokens, batch_size=config.batch_size,
+            grader=grader,
         )
     if len(baseline[0]) != n:
         raise ValueError(f"baseline has {len(baseline[0])} passages, the run has {n}")
@@ -312,7 +317,5 @@ def save_heatmaps(
 def write_json(data: dict[str, Any], path: Path | str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_json(path, data, indent=2, default=str)
     return path

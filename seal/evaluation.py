@@ -164,7 +164,7 @@ def evaluate_stored_policy(
     import tempfile
     from pathlib import Path
 
-    from seal.domains.knowledge import LexicalGrader
+    from seal.grading import build_grader
     from seal.rl.policy import open_teacher_policy
 
     started = time.perf_counter()
@@ -175,7 +175,7 @@ def evaluate_stored_policy(
     proposer = SelfEditProposer(
         policy.engine, max_new_tokens=teacher.max_new_tokens, temperature=teacher.temperature, top_p=teacher.top_p
     )
-    auditor = Auditor(LexicalGrader(mode=settings.auditor.grader, f1_threshold=settings.auditor.f1_threshold), settings.gates)
+    auditor = Auditor(build_grader(settings.auditor), settings.gates)
     try:
         result = evaluate_policy(
             contexts, student=student, proposer=proposer, auditor=auditor, config=config,
@@ -184,7 +184,7 @@ def evaluate_stored_policy(
     finally:
         student.close()
         policy.engine.close()
-    result["policy"] = manifest.adapter_id if manifest else "base"
+    result["policy"] = manifest.adapter_id if manifest else "base policy"
     result["wall_seconds"] = time.perf_counter() - started
     del policy, student, proposer
     gc.collect()

@@ -40,7 +40,18 @@ class GateSettings(BaseModel):
         0.05, ge=0.0, le=1.0, description="largest allowed fall in retention accuracy (a drop exactly this big passes)"
     )
     require_guardrails: bool = Field(True, description="a failed guardrail blocks promotion (off: advisory only)")
-    require_retention: bool = Field(False, description="block promotion when retention was not measured")
+    require_retention: bool = Field(
+        False, description="block promotion when retention (the QA probe, or the KL drift if max_retention_kl is set) was not measured"
+    )
+    # None leaves the KL gate out entirely, so decisions recorded before it existed recompute to
+    # the same gates. The QA probe stays the interpretable gate; the KL is cheaper and catches
+    # drift the probe's greedy answers do not show yet (seal.anchors.kl_drift).
+    max_retention_kl: float | None = Field(
+        None,
+        ge=0.0,
+        description="largest allowed mean token KL(candidate ‖ base) in nats on the never-trained drift "
+        "texts (a KL exactly this big passes); None = no KL gate",
+    )
 
 
 def _check_accuracy(name: str, value: object) -> float:
@@ -50,6 +61,15 @@ def _check_accuracy(name: str, value: object) -> float:
     if math.isnan(value) or not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be within [0, 1], got {value!r}")
     return float(value)
+
+
+def _check_kl(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"retention_kl must be a number >= 0, got {value!r}")  # noqa: TRY004
+    # A KL is never negative; a tiny negative one is float noise from the log-softmax difference.
+    if not math.isfinite(value) or value < -TOLERANCE:
+        raise ValueError(f"retention_kl must be a finite number >= 0 (nats), got {value!r}")
+    return max(0.0, float(value))
 
 
 def reward(adapted_accuracy: float, baseline_accuracy: float) -> float:
@@ -66,6 +86,8 @@ class CandidateScores:
     retention_accuracy: float | None = None
     baseline_retention_accuracy: float | None = None
     guardrails: Sequence[GuardrailResult] = field(default=())
+    # Mean token KL(candidate ‖ base) on general texts never trained on; None = not measured.
+    retention_kl: float | None = None
 
     def __post_init__(self) -> None:
         _check_accuracy("tau_accuracy", self.tau_accuracy)
@@ -73,6 +95,8 @@ class CandidateScores:
         for name in ("retention_accuracy", "baseline_retention_accuracy"):
             if getattr(self, name) is not None:
                 _check_accuracy(name, getattr(self, name))
+        if self.retention_kl is not None:
+            _check_kl(self.retention_kl)
         # A tuple, so the scores a decision was made on cannot change afterwards.
         object.__setattr__(self, "guardrails", tuple(self.guardrails))
 
@@ -94,13 +118,14 @@ class CandidateScores:
             "tau_gain": self.tau_gain,
             "retention_accuracy": self.retention_accuracy,
             "baseline_retention_accuracy": self.baseline_retention_accuracy,
+            "retention_kl": self.retention_kl,
             "guardrails": [g.to_dict() for g in self.guardrails],
         }
 
 
 @dataclass(frozen=True)
 class GateResult:
-    gate: str  # "tau_gain" | "retention" | "guardrails" | "guardrail:<rule>"
+    gate: str  # "tau_gain" | "retention" | "retention_kl" | "guardrails" | "guardrail:<rule>"
     passed: bool
     value: float | None
     threshold: float | None
@@ -183,6 +208,24 @@ def _retention_gate(scores: CandidateScores, settings: GateSettings) -> GateResu
     return GateResult("retention", passed, drop, allowed, reason)
 
 
+def _kl_gate(scores: CandidateScores, settings: GateSettings) -> list[GateResult]:
+    allowed = settings.max_retention_kl
+    if allowed is None:
+        return []
+    if scores.retention_kl is None:
+        if settings.require_retention:
+            return [GateResult("retention_kl", False, None, allowed, "KL drift not measured but require_retention is set")]
+        return [GateResult("retention_kl", True, None, allowed, "KL drift not measured")]
+    kl = _check_kl(scores.retention_kl)
+    passed = kl <= allowed + TOLERANCE
+    shown_kl, shown_allowed = _fmt(kl, allowed)
+    if passed:
+        reason = f"KL drift {shown_kl} nats is within the allowed {shown_allowed}"
+    else:
+        reason = f"KL drift {shown_kl} nats > allowed {shown_allowed}: the candidate moved too far from the base model on general text"
+    return [GateResult("retention_kl", passed, kl, allowed, reason)]
+
+
 def _guardrail_gates(scores: CandidateScores, settings: GateSettings) -> list[GateResult]:
     if not scores.guardrails:
         if not settings.require_guardrails:
@@ -226,7 +269,14 @@ def decide(scores: CandidateScores, settings: GateSettings) -> Decision:
     for name in ("retention_accuracy", "baseline_retention_accuracy"):
         if getattr(scores, name) is not None:
             _check_accuracy(name, getattr(scores, name))
-    gates = (_tau_gate(scores, settings), _retention_gate(scores, settings), *_guardrail_gates(scores, settings))
+    if scores.retention_kl is not None:
+        _check_kl(scores.retention_kl)
+    gates = (
+        _tau_gate(scores, settings),
+        _retention_gate(scores, settings),
+        *_kl_gate(scores, settings),
+        *_guardrail_gates(scores, settings),
+    )
     return Decision(promote=all(g.passed for g in gates), gates=gates)
 
 

@@ -36,7 +36,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from seal.domains.knowledge import Grade, Grader, LexicalGrader, normalize_answer, token_f1
+from seal.domains.knowledge import (
+    Grade,
+    Grader,
+    LexicalGrader,
+    normalize_answer,
+    token_f1,
+)
 
 if TYPE_CHECKING:
     from seal.config import AuditorSettings
@@ -64,7 +70,10 @@ _LEADING_MARKUP = re.compile(r"^[\s*_\"'`“‘>#-]+")
 # A period ends the sentence unless it closes an initial ("D.C.", "J. Smith") or one of these
 # abbreviations; decimals ("3.5") never match because a sentence end needs whitespace after it.
 _ABBREVIATIONS = frozenset(
-    "mr mrs ms dr st mt jr sr prof gen col lt sgt capt rev no vs etc inc ltd co corp approx ca est fig".split()
+    [
+        "mr", "mrs", "ms", "dr", "st", "mt", "jr", "sr", "prof", "gen", "col", "lt", "sgt", "capt",
+        "rev", "vs", "etc", "inc", "ltd", "co", "corp", "approx", "ca", "est", "fig",
+    ]
 )
 _SENTENCE_END = re.compile(r"[.!?;…]+(?=\s|$)|…")
 # Where a list or a hedge continues: ", " (not the digit-grouping comma of "1,000"), "/",

@@ -130,6 +130,7 @@ class LocalAuditorPort:
             [adapt.guardrail_from_gate(g) for g in guardrails.gates],
             probe=self._probe if measure_retention else None,
             probe_answer=self._probe_answer,
+            retention_kl=_retention_kl(adapter) if measure_retention else None,
         )
         return adapt.Score(
             accuracy=report.adapted_accuracy,
@@ -141,3 +142,10 @@ class LocalAuditorPort:
             retention_accuracy=report.retention_accuracy,
             baseline_retention_accuracy=report.baseline_retention_accuracy,
         )
+
+
+def _retention_kl(adapter: adapt.TrainedAdapter) -> float | None:
+    """The KL drift the student measured after training, from the candidate's manifest."""
+    manifest = adapter.manifest
+    value = getattr(manifest, "metrics", {}).get("retention_kl") if manifest is not None else None
+    return float(value) if isinstance(value, (int, float)) else None

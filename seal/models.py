@@ -9,7 +9,6 @@ ordinary safetensors directory (fp32) that then reloads in a few seconds and tha
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -26,6 +25,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+
+from seal.durable import atomic_write_json, file_lock, fsync_directory, fsync_file
 
 if TYPE_CHECKING:
     from seal.config import ModelSettings
@@ -226,36 +227,8 @@ def _publishable(root: Path) -> None:
 def _fsync_tree(root: Path) -> None:
     for directory, _subdirs, files in os.walk(root):
         for name in files:
-            descriptor = os.open(os.path.join(directory, name), os.O_RDONLY)
-            try:
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
-        _fsync_directory(Path(directory))
-
-
-def _fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-@contextmanager
-def _exclusive_lock(lock_path: Path) -> Iterator[None]:
-    # The lock file is never deleted: removing it would let a third process lock a new inode
-    # while a second still holds the old one.
-    descriptor = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for another process preparing %s", lock_path.name.removesuffix(".lock"))
-            fcntl.flock(descriptor, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(descriptor)
+            fsync_file(os.path.join(directory, name))
+        fsync_directory(directory)
 
 
 def _temporary_prefix(target: Path) -> str:
@@ -272,7 +245,8 @@ def prepare_atomically(
     target.parent.mkdir(parents=True, exist_ok=True)
     if not force and is_prepared(target, identity):
         return target
-    with _exclusive_lock(target.parent / f".{target.name}.lock"):
+    lock_path = target.parent / f".{target.name}.lock"
+    with file_lock(lock_path, on_wait=lambda: log.info("waiting for another process preparing %s", target.name)):
         if not force and is_prepared(target, identity):
             return target  # another process finished while this one waited for the lock
         # Only a lock holder creates temporary siblings, so any left over are from a crash.
@@ -292,7 +266,7 @@ def prepare_atomically(
                 os.replace(target, retired / target.name)
                 shutil.rmtree(retired, ignore_errors=True)
             os.replace(staging, target)
-            _fsync_directory(target.parent)
+            fsync_directory(target.parent)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -452,9 +426,7 @@ def model_fingerprint(path: Path | str) -> str:
                 digest.update(chunk)
     fingerprint = digest.hexdigest()
     try:
-        with tempfile.NamedTemporaryFile("w", dir=path, prefix=FINGERPRINT_CACHE, delete=False) as handle:
-            json.dump({"files": stats, "sha256": fingerprint}, handle)
-        os.replace(handle.name, cache_file)
+        atomic_write_json(cache_file, {"files": stats, "sha256": fingerprint}, indent=None)
     except OSError as exc:
         log.debug("fingerprint of %s not cached: %s", path, exc)
     return fingerprint

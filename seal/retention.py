@@ -43,6 +43,13 @@ class RetentionSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = Field(True, description="measure retention in Score (off: the gate reports 'not measured')")
+    # Measured by the student right after training, where the trained adapter and its base are
+    # both in memory (about a second on CPU for SmolLM2); the auditor reads it from the manifest.
+    measure_kl: bool = Field(
+        True,
+        description="record each candidate's KL drift from the base (mean token KL on never-trained texts, "
+        "seal.anchors.kl_drift) in its manifest metrics as retention_kl; gates.max_retention_kl gates on it",
+    )
     # Relative paths are resolved against the working directory of the auditor process.
     squad_file: str = Field(
         "../shared/data/squad/squad_val_passages.json",
@@ -52,10 +59,14 @@ class RetentionSettings(BaseModel):
     probe_file: str = Field(
         "", description="an explicit probe (JSON list of {question, answer}) used instead of building one"
     )
-    # Each probe question costs one generation per candidate; 24 questions of 24 tokens is about
-    # as much again as scoring a typical τ of 4-5 questions with SmolLM2 on 2 CPU cores.
-    probe_size: int = Field(24, ge=1, le=1024, description="questions kept in a built probe")
-    max_candidates: int = Field(96, ge=1, description="questions screened at most while building")
+    # 60, so that the gate's default 0.05 allows three lost questions, not one: with 24, a single
+    # flipped greedy answer (0.042) sat at the threshold and two failed any candidate. Each probe
+    # question costs one generation per candidate (60 x 24 tokens is ~3x scoring a τ of 4-5
+    # questions with SmolLM2 on 2 CPU cores); the screen keeps the first 60 the base model gets right.
+    probe_size: int = Field(60, ge=1, le=1024, description="questions kept in a built probe")
+    max_candidates: int = Field(
+        160, ge=1, description="questions screened at most while building (built-in list first, then SQuAD)"
+    )
     max_new_tokens: int = Field(24, ge=1, le=512, description="answer length for probe questions")
     seed: int = Field(0, ge=0, description="which SQuAD questions are screened")
     recheck_floor: float = Field(
@@ -120,6 +131,59 @@ BUILTIN_QUESTIONS: tuple[Question, ...] = tuple(
         ("What is the capital of Canada?", "Ottawa"),
         ("Who was the first person to walk on the Moon?", "Neil Armstrong"),
         ("In which city is the Eiffel Tower?", "Paris"),
+        # Added when the default probe grew from 24 to 60 questions: SmolLM2-135M-Instruct got 33
+        # of the 48 above right and 2 of 96 screened SQuAD questions, too few for a probe on
+        # which a 0.05 drop means three questions rather than one.
+        ("What is the capital of India?", "New Delhi"),
+        ("Who painted The Starry Night?", "van Gogh"),
+        ("What is the chemical symbol for iron?", "Fe"),
+        ("What is the largest continent?", "Asia"),
+        ("What language is spoken in Germany?", "German"),
+        ("What is the capital of South Korea?", "Seoul"),
+        ("Who wrote War and Peace?", "Tolstoy"),
+        ("What is the fastest land animal?", "cheetah"),
+        ("What is the currency of the United States?", "dollar"),
+        ("What is the capital of Ireland?", "Dublin"),
+        ("Who was the first President of the United States?", "George Washington"),
+        ("What is the name of our galaxy?", "Milky Way"),
+        ("What language is spoken in Italy?", "Italian"),
+        ("What is the capital of Austria?", "Vienna"),
+        ("Who invented the light bulb?", "Edison"),
+        ("What is the center of an atom called?", "nucleus"),
+        ("In which country is the Taj Mahal?", "India"),
+        ("What is the capital of Poland?", "Warsaw"),
+        ("Who composed the Fifth Symphony?", "Beethoven"),
+        ("What is the largest organ of the human body?", "skin"),
+        ("What is the currency of the United Kingdom?", "pound"),
+        ("What is the capital of Thailand?", "Bangkok"),
+        ("Which famous ship sank in 1912 after hitting an iceberg?", "Titanic"),
+        ("What is the longest river in South America?", "Amazon"),
+        ("What is the main language spoken in France?", "French"),
+        ("What is the capital of Cuba?", "Havana"),
+        ("Who wrote the Harry Potter books?", "Rowling"),
+        ("What is the largest desert in Africa?", "Sahara"),
+        ("What is the tallest animal in the world?", "giraffe"),
+        ("What is the capital of Peru?", "Lima"),
+        ("Who discovered the law of universal gravitation?", "Isaac Newton"),
+        ("What is the chemical symbol for silver?", "Ag"),
+        ("What is the capital of the Netherlands?", "Amsterdam"),
+        ("What is a baby cat called?", "kitten"),
+        ("In which city is the Colosseum?", "Rome"),
+        ("What is the capital of Kenya?", "Nairobi"),
+        ("What is the study of living things called?", "biology"),
+        ("What is the capital of Denmark?", "Copenhagen"),
+        ("Which planet do we live on?", "Earth"),
+        ("What is the capital of Hungary?", "Budapest"),
+        ("What is the capital of Belgium?", "Brussels"),
+        ("What is the capital of Finland?", "Helsinki"),
+        ("What is the capital of Mexico?", "Mexico City"),
+        ("What is the capital of Vietnam?", "Hanoi"),
+        ("What is the capital of the Philippines?", "Manila"),
+        ("What is the capital of Scotland?", "Edinburgh"),
+        ("What is the capital of Saudi Arabia?", "Riyadh"),
+        ("What is the capital of Indonesia?", "Jakarta"),
+        ("What is the capital of Pakistan?", "Islamabad"),
+        ("What is the capital of Nigeria?", "Abuja"),
     )
 )
 

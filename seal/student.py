@@ -11,8 +11,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from seal.anchors import AnchorSet, AnchorStore, anchor_examples, kl_drift
 from seal.config import Settings
-from seal.domains.knowledge import build_training_sequences, parse_self_edit
+from seal.domains.knowledge import build_question_prompt, build_training_sequences, parse_self_edit
 from seal.models import (
     Generation,
     SamplingParams,
@@ -23,7 +24,8 @@ from seal.models import (
 from seal.registry import AdapterRegistry, Manifest, parse_adapter_id
 from seal.serving import ROUTED, BackendKind, ServingBackend, Target
 from seal.serving.in_process import InProcessBackend
-from seal.update.lora_sft import LoraSFTConfig, LoraSFTTrainer, lora_sft_config, save_adapter
+from seal.update.lora_sft import LoraSFTConfig, LoraSFTTrainer, TrainResult, lora_sft_config, save_adapter
+from seal.update.sdft import SDFTUpdate, privileged_context, sdft_config
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,8 @@ class Student:
         )
         # One training run at a time: on a CPU node two runs only slow each other down.
         self._train_lock = threading.Lock()
+        self._anchors: AnchorSet | None = None
+        self._anchor_set_id = ""
         self.registry = AdapterRegistry(settings.registry_dir)
         self.serving: ServingBackend = (
             serving if serving is not None else InProcessBackend(settings, self.registry, self.model_path)
@@ -152,30 +156,94 @@ class Student:
         on_step: Callable[[int, int, float], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> CandidateResult:
-        """One LoRA SFT run on ready training sequences, saved as a new candidate version."""
+        """One LoRA SFT run on ready training sequences, saved as a new candidate version.
+        With ``lora.rehearsal_ratio`` or ``lora.kl_beta`` set, every step also rehearses the
+        base model's own answers to the anchor prompts (``seal.anchors``)."""
         config = self.lora_config(overrides or {}, self.settings.seed if seed is None else seed)
         with self._train_lock:
             started = time.perf_counter()
+            anchors = self._anchor_examples(config.max_seq_len) if config.uses_anchors else None
             result = LoraSFTTrainer(self._train_base, self.tokenizer, config).train(
-                sequences, on_step=on_step, should_stop=should_stop
+                sequences, on_step=on_step, should_stop=should_stop, anchors=anchors
             )
             hyperparameters = {
+                "update_rule": "lora_sft",
                 **asdict(config),
                 **(extra_hyperparameters or {}),
                 "training_sequences": len(sequences),
             }
-            manifest = self.registry.create_version(
-                adapter_name,
-                lambda directory: save_adapter(result.model, directory),
-                base_model=self.base_model_name,
-                base_model_fingerprint=self.fingerprint,
-                context_id=context_id,
-                self_edit_sha256=self_edit_sha256,
-                seed=config.seed,
-                hyperparameters=hyperparameters,
-                metrics={"final_loss": result.losses[-1], "train_seconds": result.seconds},
-            )
+            if anchors:
+                hyperparameters["anchor_set_id"] = self._anchor_set_id
+            manifest = self._save_candidate(adapter_name, result, context_id, self_edit_sha256, config.seed, hyperparameters)
         return CandidateResult(manifest, len(sequences), result.losses, time.perf_counter() - started)
+
+    def train_sdft(
+        self,
+        *,
+        adapter_name: str,
+        title: str,
+        passage: str,
+        self_edit: str,
+        context_id: str,
+        prompts: Sequence[str],
+        overrides: dict[str, Any] | None = None,
+        seed: int | None = None,
+        on_step: Callable[[int, int, float], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> CandidateResult:
+        """One SDFT run (``seal.update.sdft``): the student answers ``prompts`` (questions about
+        the passage, asked closed-book) on policy and learns to match itself reading the passage
+        and the self-edit. The self-edit still shapes the candidate: it is the teacher's notes."""
+        if not prompts:
+            raise UnusableSelfEdit(
+                "the sdft update rule distils on questions about the passage, and none were sent; "
+                "send training_prompts (the teacher writes them when Adapt runs with update_rule sdft)"
+            )
+        config = sdft_config(self.settings.sdft, seed=self.settings.seed if seed is None else seed, overrides=overrides)
+        asked = [build_question_prompt(p) for p in prompts]
+        with self._train_lock:
+            started = time.perf_counter()
+            result = SDFTUpdate(self._train_base, self.tokenizer, config).train(
+                asked, privileged_context(title, passage, self_edit), on_step=on_step, should_stop=should_stop
+            )
+            hyperparameters = {"update_rule": "sdft", **asdict(config), "training_prompts": len(asked)}
+            manifest = self._save_candidate(
+                adapter_name, result, context_id, self_edit_digest(self_edit), config.seed, hyperparameters
+            )
+        return CandidateResult(manifest, len(asked), result.losses, time.perf_counter() - started)
+
+    def _save_candidate(
+        self, adapter_name: str, result: TrainResult, context_id: str, self_edit_sha256: str, seed: int,
+        hyperparameters: dict[str, Any],
+    ) -> Manifest:
+        metrics = {"final_loss": result.losses[-1], "train_seconds": result.seconds}
+        if self.settings.retention.measure_kl:
+            # Measured here, where the trained model and its base are both in memory: one batched
+            # forward pass with the adapter on and off, no generation (seal.anchors.kl_drift).
+            metrics["retention_kl"] = kl_drift(result.model, self.tokenizer)
+        return self.registry.create_version(
+            adapter_name,
+            lambda directory: save_adapter(result.model, directory),
+            base_model=self.base_model_name,
+            base_model_fingerprint=self.fingerprint,
+            context_id=context_id,
+            self_edit_sha256=self_edit_sha256,
+            seed=seed,
+            hyperparameters=hyperparameters,
+            metrics=metrics,
+        )
+
+    def _anchor_examples(self, max_seq_len: int) -> list[tuple[list[int], list[int]]]:
+        """The base model's own answers to the anchor prompts, built once per base model and
+        cached on disk (``<home>/student/anchors``); called under the training lock."""
+        if self._anchors is None:
+            store = AnchorStore(self.settings.home / "student" / "anchors")
+            self._anchors = store.load_or_build(
+                self.fingerprint, self._train_base, self.tokenizer,
+                max_new_tokens=self.settings.lora.anchor_max_new_tokens,
+            )
+            self._anchor_set_id = self._anchors.anchor_set_id
+        return anchor_examples(self.tokenizer, self._anchors, max_seq_len=max_seq_len)
 
     # --- serving ---------------------------------------------------------------------------
 

@@ -9,7 +9,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from seal.domains.knowledge import (
-    JudgeGrader,
     KnowledgeContext,
     LexicalGrader,
     Question,
@@ -128,15 +127,6 @@ def test_lexical_grader_modes() -> None:
     assert not strict.grade("1911", "It opened in 1911").correct
     assert lenient.grade("1911", "It opened in 1911").correct
     assert not lenient.grade("1911", "It opened in 1912").correct
-
-
-def test_judge_grader_uses_the_judge_verdict() -> None:
-    def judge(prompts: list[str]) -> list[str]:
-        return ["Yes." if "Paris" in p.split("Answer:")[-1] else "no" for p in prompts]
-
-    grades = JudgeGrader(judge).grade_batch(["Capital?", "Capital?"], ["Paris", "Paris"], ["It is Paris", "Lyon"])
-    assert [g.correct for g in grades] == [True, False]
-    assert grades[0].contains and not grades[1].contains
 
 
 def test_accuracy_and_empty_tau() -> None:

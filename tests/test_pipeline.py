@@ -142,7 +142,9 @@ def test_rewards_stream_into_the_teachers_buffer(stack: LocalStack) -> None:
     [
         (lambda r: setattr(r.context, "passage", ""), grpc.StatusCode.INVALID_ARGUMENT, "passage is empty"),
         (lambda r: setattr(r.context, "passage", "x" * 20_001), grpc.StatusCode.INVALID_ARGUMENT, "above the limit"),
-        (lambda r: r.ClearField("questions"), grpc.StatusCode.INVALID_ARGUMENT, "no questions"),
+        # Without τ the teacher writes questions about C; the random tiny teacher writes none
+        # that verify open-book, so the call is refused with what to do about it.
+        (lambda r: r.ClearField("questions"), grpc.StatusCode.FAILED_PRECONDITION, "min_written_questions"),
         (lambda r: setattr(r, "k", 99), grpc.StatusCode.INVALID_ARGUMENT, "between 1 and"),
         (lambda r: setattr(r, "prompt_style", "poem"), grpc.StatusCode.INVALID_ARGUMENT, "prompt_style"),
         (lambda r: setattr(r, "adapter_name", "Bad Name!"), grpc.StatusCode.INVALID_ARGUMENT, "adapter_name"),

@@ -285,8 +285,14 @@ def _start_subscriber(buffer_path: Path, address: str) -> subprocess.Popen[str]:
         [sys.executable, "-c", _SUBSCRIBER, str(buffer_path), address],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO_ROOT,
     )
-    assert child.stdout is not None and child.stdout.readline().strip() == "subscribed"
-    return child
+    assert child.stdout is not None
+    # Log lines may come first (a buffer left torn by the previous kill is repaired with a warning).
+    seen = []
+    for line in child.stdout:
+        if line.strip() == "subscribed":
+            return child
+        seen.append(line)
+    raise AssertionError(f"the subscriber exited before subscribing: {''.join(seen)}")
 
 
 def _buffered_lines(path: Path) -> list[str]:

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from seal.durable import fsync_file
+
 if TYPE_CHECKING:
     from seal.config import LoraSettings
 
@@ -450,9 +452,5 @@ def save_adapter(model: Any, out_dir: Path) -> list[Path]:
     for path in written:
         if not path.is_file():
             raise RuntimeError(f"PEFT did not write {path}")
-        descriptor = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        fsync_file(path)
     return written

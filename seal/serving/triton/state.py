@@ -12,16 +12,16 @@ Triton without this package installed: keep the two in step.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from seal.durable import atomic_write_text, file_lock
 
 #: Version name a request uses to ask for the base model explicitly; never a registry version.
 BASE_VERSION = "base"
@@ -156,33 +156,12 @@ def write_state(path: str | os.PathLike[str], state: ServingState) -> None:
     """Replace the state file atomically: readers see the old or the new file, never a mix."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(state.to_json())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    # The rename must survive a crash too, or a restarted server could read the old routing.
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    # The rename is fsynced too (in the directory), or a restarted server could read the old routing.
+    atomic_write_text(target, state.to_json())
 
 
 @contextlib.contextmanager
 def state_lock(path: str | os.PathLike[str]) -> Iterator[None]:
     """Serialise read-modify-write cycles of the state between writers (threads or processes)."""
-    lock_path = Path(f"{os.fspath(path)}.lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    with file_lock(f"{os.fspath(path)}.lock"):
+        yield
