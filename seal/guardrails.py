@@ -55,7 +55,7 @@ class _Rule(BaseModel):
     # Typos in a governance setting must fail loudly instead of silently leaving a default.
     model_config = ConfigDict(extra="forbid")
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="run this rule (off: it neither reports nor blocks)")
 
 
 def _compile_all(patterns: Sequence[str], flags: int) -> list[re.Pattern[str]]:
@@ -92,7 +92,9 @@ class SecretsRule(_Rule):
     max_word_share: float = Field(0.6, gt=0, le=1, description="share of word-like characters that marks an identifier")
     # The entropy check cannot tell a key from a content digest or a commit id that the passage
     # itself states; known credential formats are refused wherever they came from.
-    allow_high_entropy_from_context: bool = True
+    allow_high_entropy_from_context: bool = Field(
+        True, description="let random-looking tokens through when the context contains them verbatim"
+    )
     extra_patterns: list[str] = Field(default_factory=list, description="more regexes that count as secrets")
 
     @field_validator("extra_patterns")
@@ -103,11 +105,17 @@ class SecretsRule(_Rule):
 
 
 class PersonalDataRule(_Rule):
-    emails: bool = True
-    phones: bool = True
+    emails: bool = Field(True, description="refuse e-mail addresses, even ones the context contains")
+    phones: bool = Field(
+        True,
+        description="refuse phone numbers (international, North American, trunk-prefixed national, or 7-15 "
+        "digits after a word like 'phone'), even ones the context contains",
+    )
     # Luhn-valid 13-19 digit numbers with a card-network prefix; such numbers are rare in
     # encyclopaedic text, and a leaked card number is costly.
-    credit_cards: bool = True
+    credit_cards: bool = Field(
+        True, description="refuse Luhn-valid 13-19 digit numbers with a card-network prefix"
+    )
 
 
 # Role and chat-template markers are listed separately from phrases only for readability;
@@ -147,7 +155,9 @@ class PromptInjectionRule(_Rule):
         description="regexes (case-insensitive, ^/$ per line); replacing the list drops the defaults",
     )
     extra_patterns: list[str] = Field(default_factory=list, description="added to `patterns`")
-    flag_invisible_characters: bool = True
+    flag_invisible_characters: bool = Field(
+        True, description="refuse zero-width and bidirectional-override characters (invisible to a reviewer)"
+    )
 
     @field_validator("patterns", "extra_patterns")
     @classmethod
@@ -173,7 +183,9 @@ class UnknownEntitiesRule(_Rule):
 
     max_unknown_entity_ratio: float = Field(0.5, ge=0, le=1, description="fail above this share of unknown entities")
     min_unknown_entities: int = Field(3, ge=1, description="…and only with at least this many unknown")
-    include_numbers: bool = True
+    include_numbers: bool = Field(
+        True, description="count numbers the context does not state as unknown entities too"
+    )
     # Single digits are mostly counts and enumerations ("3 towers", "step 2") rather than facts
     # that identify something.
     min_number_digits: int = Field(2, ge=1, description="numbers with fewer digits are ignored")
@@ -185,12 +197,18 @@ class GuardrailSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    length: LengthRule = Field(default_factory=LengthRule)
-    secrets: SecretsRule = Field(default_factory=SecretsRule)
-    personal_data: PersonalDataRule = Field(default_factory=PersonalDataRule)
-    prompt_injection: PromptInjectionRule = Field(default_factory=PromptInjectionRule)
-    urls: UrlRule = Field(default_factory=UrlRule)
-    unknown_entities: UnknownEntitiesRule = Field(default_factory=UnknownEntitiesRule)
+    length: LengthRule = Field(default_factory=LengthRule, description="bounds on a self-edit's size")
+    secrets: SecretsRule = Field(default_factory=SecretsRule, description="credentials and random-looking tokens")
+    personal_data: PersonalDataRule = Field(
+        default_factory=PersonalDataRule, description="e-mail addresses, phone numbers and card numbers"
+    )
+    prompt_injection: PromptInjectionRule = Field(
+        default_factory=PromptInjectionRule, description="instructions and chat-template markers aimed at the model"
+    )
+    urls: UrlRule = Field(default_factory=UrlRule, description="links the context does not contain")
+    unknown_entities: UnknownEntitiesRule = Field(
+        default_factory=UnknownEntitiesRule, description="names and numbers the context never mentions"
+    )
 
 
 # Adding a rule means adding both a section and a RULES entry; fail at import, not in production.

@@ -6,11 +6,9 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
-from datetime import datetime
 from typing import Any
 
 import grpc
-from google.protobuf import struct_pb2, timestamp_pb2
 from prometheus_client import Gauge
 
 from seal.audit_outbox import AuditOutbox
@@ -21,63 +19,8 @@ from seal.registry import Manifest, parse_adapter_id
 from seal.rpc import RpcMetrics, RunningService, deadline_checker, map_errors, start_configured_service
 from seal.serving import resolve_backend
 from seal.student import AdapterChoice, Student
+from seal.transport import convert
 from seal.v1 import auditor_pb2, auditor_pb2_grpc, common_pb2, student_pb2, student_pb2_grpc
-
-_STATUS = {
-    "candidate": common_pb2.ADAPTER_STATUS_CANDIDATE,
-    "promoted": common_pb2.ADAPTER_STATUS_PROMOTED,
-    "superseded": common_pb2.ADAPTER_STATUS_SUPERSEDED,
-    "rejected": common_pb2.ADAPTER_STATUS_REJECTED,
-    "rolled_back": common_pb2.ADAPTER_STATUS_ROLLED_BACK,
-}
-_STATUS_NAME = {value: key for key, value in _STATUS.items()}
-
-
-def _timestamp(iso: str) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(datetime.fromisoformat(iso))
-    return stamp
-
-
-def _struct(values: dict[str, Any]) -> struct_pb2.Struct:
-    message = struct_pb2.Struct()
-    message.update({key: value for key, value in values.items() if value is not None})
-    return message
-
-
-def manifest_to_proto(manifest: Manifest, path: str) -> common_pb2.AdapterManifest:
-    return common_pb2.AdapterManifest(
-        adapter_id=manifest.adapter_id,
-        adapter_name=manifest.adapter_name,
-        version=manifest.version,
-        status=_STATUS[manifest.status],
-        base_model=manifest.base_model,
-        base_model_fingerprint=manifest.base_model_fingerprint,
-        context_id=manifest.context_id,
-        self_edit_sha256=manifest.self_edit_sha256,
-        files=dict(manifest.files),
-        seed=manifest.seed,
-        hyperparameters=_struct(dict(manifest.hyperparameters)),
-        metrics=_struct(dict(manifest.metrics)),
-        created_at=_timestamp(manifest.created_at),
-        history=[
-            common_pb2.StatusChange(status=_STATUS[change.status], at=_timestamp(change.at), reason=change.reason)
-            for change in manifest.history
-        ],
-        path=path,
-    )
-
-
-def overrides_from_proto(overrides: common_pb2.UpdateOverrides) -> dict[str, Any]:
-    fields = {
-        "learning_rate": "learning_rate",
-        "epochs": "epochs",
-        "lora_rank": "rank",
-        "lora_alpha": "alpha",
-        "batch_size": "batch_size",
-    }
-    return {ours: getattr(overrides, theirs) for theirs, ours in fields.items() if overrides.HasField(theirs)}
-
 
 def choice_from_proto(selector: student_pb2.AdapterSelector) -> AdapterChoice:
     target = selector.WhichOneof("target")
@@ -97,15 +40,14 @@ class AuditorEventSender:
         self._stub = auditor_pb2_grpc.AuditorServiceStub(self._channel)
 
     def __call__(self, event: dict[str, Any]) -> None:
-        at = timestamp_pb2.Timestamp()
-        at.FromDatetime(datetime.fromisoformat(event["at"]))
+        at = convert.timestamp(event["at"])
         self._stub.RecordEvent(
             auditor_pb2.RecordEventRequest(
                 event_id=event["event_id"],
                 kind=event["kind"],
                 adapter_id=event["adapter_id"],
                 cause=event["cause"],
-                details=_struct(event["details"]),
+                details=convert.struct(event["details"]),
                 at=at,
                 source=event["source"],
             ),
@@ -164,7 +106,7 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
                 self._served_info.labels(version, role).set(1)
 
     def _proto(self, manifest: Manifest) -> common_pb2.AdapterManifest:
-        return manifest_to_proto(manifest, str(self._student.registry.path_of(manifest)))
+        return convert.manifest_to_proto(manifest, str(self._student.registry.path_of(manifest)))
 
     def _report(self, kind: str, adapter_id: str, cause: str, context: grpc.ServicerContext, **details: Any) -> None:
         if self._audit is None:
@@ -186,10 +128,8 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
                 f"self_edit has {len(request.self_edit)} characters, above the limit of "
                 f"{limits.max_self_edit_chars}; shorten it or raise limits.max_self_edit_chars"
             )
-        overrides = overrides_from_proto(request.overrides)
-        include_passage = (
-            request.overrides.include_passage if request.overrides.HasField("include_passage") else True
-        )
+        overrides = convert.overrides_from_proto(request.overrides)
+        include_passage = overrides.pop("include_passage", True)
         events: queue.Queue[Any] = queue.Queue()
         finished = object()
         outcome: dict[str, Any] = {}
@@ -262,7 +202,7 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
 
     @map_errors
     def ListAdapters(self, request: student_pb2.ListAdaptersRequest, context: grpc.ServicerContext) -> student_pb2.ListAdaptersResponse:
-        status = _STATUS_NAME.get(request.status) if request.status else None
+        status = convert.STATUS_FROM_PROTO.get(request.status) if request.status else None
         manifests = self._student.registry.list(adapter_name=request.adapter_name or None, status=status)
         return student_pb2.ListAdaptersResponse(adapters=[self._proto(m) for m in manifests])
 
