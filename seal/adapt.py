@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from seal.auditor import QuestionOutcome
 from seal.domains.knowledge import Question, context_digest
-from seal.domains.self_qa import WrittenQuestions
+from seal.domains.self_qa import NotEnoughQuestions, WrittenQuestions
 from seal.gates import GateResult, choose_best
 from seal.guardrails import GuardrailResult
 
@@ -499,6 +499,13 @@ def run_adapt(
         else:
             task = Task(task.title, task.passage, written.require_held_out())
             training_prompts = tuple(q.question for q in written.training)
+        if needs_training_prompts and not training_prompts:
+            # Every candidate would be refused alike by the student: say why once, up front.
+            raise NotEnoughQuestions(
+                f"the update rule distils on questions about the passage, and of the {written.written} the "
+                "teacher wrote none besides τ survived open-book verification; use update_rule lora_sft, "
+                "or raise teacher.questions_to_write"
+            )
 
     started = time.perf_counter()
     proposals = tuple(propose(task, k, seed))

@@ -22,6 +22,7 @@ from seal.audit import (
     cause_payload,
 )
 from seal.domains.knowledge import (
+    QUESTION_REPHRASINGS,
     Grade,
     Grader,
     Question,
@@ -101,11 +102,16 @@ class Auditor:
         self._retention_baselines: dict[str, list[QuestionOutcome]] = {}
 
     def closed_book(
-        self, answer: AnswerFunction, questions: Sequence[Question], adapter_id: str
+        self,
+        answer: AnswerFunction,
+        questions: Sequence[Question],
+        adapter_id: str,
+        *,
+        prompt: Callable[[str], str] = build_question_prompt,
     ) -> list[QuestionOutcome]:
         if not questions:
             raise ValueError("τ is empty: send at least one question with its gold answer")
-        prompts = [build_question_prompt(q.question) for q in questions]
+        prompts = [prompt(q.question) for q in questions]
         predictions = [extract_answer(text) for text in answer(prompts, adapter_id)]
         grades = self._grader.grade_batch(
             [q.question for q in questions], [q.answer for q in questions], predictions
@@ -125,12 +131,28 @@ class Auditor:
     # --- retention ---------------------------------------------------------------------------
 
     def build_probe(
-        self, answer: AnswerFunction, fingerprint: str, candidates: Sequence[Question], *, size: int, notes: str = ""
+        self,
+        answer: AnswerFunction,
+        fingerprint: str,
+        candidates: Sequence[Question],
+        *,
+        size: int,
+        notes: str = "",
+        rephrasings: Sequence[Callable[[str], str]] = QUESTION_REPHRASINGS,
     ) -> RetentionProbe:
-        """Screen candidates closed-book with the base model; keep the ones it gets right."""
+        """Screen candidates closed-book with the base model; keep the ones it gets right, in the
+        usual wording and in every one of ``rephrasings`` (asked only of the questions still kept)."""
 
         def grade(batch: Sequence[Question]) -> list[bool]:
-            return [outcome.correct for outcome in self.closed_book(answer, batch, "")]
+            flags = [outcome.correct for outcome in self.closed_book(answer, batch, "")]
+            for rephrase in rephrasings:
+                still = [i for i, ok in enumerate(flags) if ok]
+                if not still:
+                    break
+                again = self.closed_book(answer, [batch[i] for i in still], "", prompt=rephrase)
+                for i, outcome in zip(still, again, strict=True):
+                    flags[i] = outcome.correct
+            return flags
 
         return build_probe(fingerprint, candidates, grade, size=size, notes=notes)
 
@@ -417,7 +439,10 @@ class Auditing:
             if probe is None:
                 candidates, notes = candidate_questions(settings, base_dir=self._probe_base_dir or Path.cwd())
                 answer = self._answers(student, settings.max_new_tokens)
-                probe = self.auditor.build_probe(answer, fingerprint, candidates, size=settings.probe_size, notes=notes)
+                probe = self.auditor.build_probe(
+                    answer, fingerprint, candidates, size=settings.probe_size, notes=notes,
+                    rephrasings=QUESTION_REPHRASINGS if settings.screen_rephrasings else (),
+                )
                 path = self._probe_store.save(probe)
                 log.info("retention probe for %s: %d of %d screened questions kept (%s) → %s",
                          fingerprint[:12], len(probe), probe.screened, notes, path)
@@ -480,7 +505,9 @@ class Auditing:
             outcomes=report.adapted_outcomes,
             seed=seed,
         )
-        from seal.student import self_edit_digest  # here: seal.student loads the model stack
+        from seal.student import (
+            self_edit_digest,  # here: seal.student loads the model stack
+        )
 
         edit_sha256 = self_edit_digest(self_edit)
         payload = candidate_payload(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -35,7 +36,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from seal.domains.knowledge import Question, load_squad, normalize_answer
 from seal.durable import atomic_write_json
 
-PROBE_FORMAT = 1
+log = logging.getLogger(__name__)
+
+# 2: questions are also screened in other wordings (retention.screen_rephrasings); a stored
+# probe of format 1 is rebuilt rather than used.
+PROBE_FORMAT = 2
 _FINGERPRINT = re.compile(r"[0-9a-f]{16,128}")
 
 
@@ -66,6 +71,12 @@ class RetentionSettings(BaseModel):
     probe_size: int = Field(60, ge=1, le=1024, description="questions kept in a built probe")
     max_candidates: int = Field(
         160, ge=1, description="questions screened at most while building (built-in list first, then SQuAD)"
+    )
+    screen_rephrasings: bool = Field(
+        True,
+        description="keep a screened question only if the base model also answers it right in two other "
+        "wordings (seal.domains.knowledge.QUESTION_REPHRASINGS): what it knows only by a hair would count "
+        "as forgotten after any update",
     )
     max_new_tokens: int = Field(24, ge=1, le=512, description="answer length for probe questions")
     seed: int = Field(0, ge=0, description="which SQuAD questions are screened")
@@ -370,7 +381,11 @@ class ProbeStore:
         path = self.path_for(fingerprint)
         if not path.is_file():
             return None
-        probe = RetentionProbe.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("format") != PROBE_FORMAT:
+            log.info("%s was built by an older screening (format %s); building it again", path, data.get("format"))
+            return None
+        probe = RetentionProbe.from_dict(data)
         if probe.fingerprint != fingerprint:
             raise ValueError(f"{path} holds the probe of {probe.fingerprint}, not {fingerprint}")
         return probe

@@ -349,3 +349,18 @@ def test_an_on_policy_rule_gets_written_prompts_but_keeps_the_callers_tau() -> N
     assert events[-1].task == TASK and events[-1].written is None
     # τ's own question never becomes a training prompt.
     assert student.prompts_seen == [("train 1?", "held 0?")]
+
+
+def test_an_on_policy_rule_with_no_prompts_left_fails_before_any_training() -> None:
+    from seal.rpc import status_code_for
+
+    student = PromptRecordingStudent({0: "ok"})
+    asked_only = self_qa.WrittenQuestions((), tuple(Question(q.question, q.answer) for q in TASK.questions), 3, 2)
+    with pytest.raises(self_qa.NotEnoughQuestions, match="none besides τ") as raised:
+        list(adapt.run_adapt(
+            TASK, propose=lambda task, k, seed: _proposals(k), student=student, auditor=ScriptedAuditor({}),
+            k=1, seed=0, adapter_name="default", write_questions=lambda task, seed: asked_only,
+            needs_training_prompts=True,
+        ))
+    assert status_code_for(raised.value) == grpc.StatusCode.FAILED_PRECONDITION
+    assert student.trained == 0

@@ -15,7 +15,7 @@ import re
 import string
 import unicodedata
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
@@ -140,6 +140,16 @@ def build_training_sequences(
 def build_question_prompt(question: str) -> str:
     """Closed book: the passage is deliberately absent, the adapter must carry the knowledge."""
     return f"Answer with a short phrase.\nQuestion: {question}"
+
+
+# Two more ways to ask a closed-book question. The retention probe keeps a question only if the
+# base model answers it right in every phrasing: an answer the model gets right in one wording
+# only is known by a hair, flips under almost any update, and would be counted as forgetting
+# (measured: such questions were lost 5x as often as the others; bench/results/forgetting.md).
+QUESTION_REPHRASINGS: tuple[Callable[[str], str], ...] = (
+    lambda question: question,
+    lambda question: f"Question: {question}\nAnswer briefly.",
+)
 
 
 def build_open_book_prompt(title: str, passage: str, question: str) -> str:
