@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SQUAD_FILE ?= ../shared/data/squad/seal_eval_200.json
 PASSAGE_INDEX ?= 127
-DEMO_K ?= 2
+DEMO_K ?= 4
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: install demo test test-fast protos lint-protos check-protos model clean venv-vllm test-vllm

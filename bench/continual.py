@@ -32,7 +32,8 @@ from seal.continual import (  # noqa: E402
 )
 from seal.domains.knowledge import load_squad, parse_self_edit  # noqa: E402
 from seal.grading import build_grader  # noqa: E402
-from seal.models import TransformersEngine, load_model_and_tokenizer, resolve_model_path  # noqa: E402
+from seal.anchors import AnchorStore, anchor_examples  # noqa: E402
+from seal.models import TransformersEngine, load_model_and_tokenizer, model_fingerprint, resolve_model_path  # noqa: E402
 from seal.teacher import SelfEditProposer  # noqa: E402
 from seal.update.lora_sft import lora_sft_config  # noqa: E402
 
@@ -72,6 +73,13 @@ def main() -> int:
                                   overrides={key: value for key, value in overrides.items() if value})
     model_path = resolve_model_path(settings.model)
     model, tokenizer = load_model_and_tokenizer(model_path)
+    anchors = []
+    if lora_config.uses_anchors:
+        # The base model's own answers, as the student rehearses them (cached per fingerprint).
+        anchor_set = AnchorStore(settings.home / "student" / "anchors").load_or_build(
+            model_fingerprint(model_path), model, tokenizer, max_new_tokens=settings.lora.anchor_max_new_tokens
+        )
+        anchors = anchor_examples(tokenizer, anchor_set, max_seq_len=lora_config.max_seq_len)
     all_contexts = load_squad(args.squad_file)
     if args.pick == "shortest":
         indices = sorted(range(len(all_contexts)), key=lambda i: (len(all_contexts[i].passage), i))[: args.n]
@@ -117,7 +125,8 @@ def main() -> int:
     runs = {"no replay": 0, f"replay {args.replay_size}": args.replay_size}
     for name, replay_size in runs.items():
         started = time.perf_counter()
-        config = ContinualConfig(lora=lora_config, replay_size=replay_size, replay_seed=args.seed, answer_max_new_tokens=args.answer_tokens)
+        config = ContinualConfig(lora=lora_config, replay_size=replay_size, replay_seed=args.seed,
+                                 answer_max_new_tokens=args.answer_tokens, anchors=anchors)
 
         def save_partial(partial, name=name) -> None:  # noqa: ANN001
             report["runs"][name] = partial.to_dict()

@@ -134,7 +134,8 @@ def measure(arch: str, device: str, dtype: torch.dtype, tokenizer: Any, settings
     prompt = build_self_edit_prompt(TITLE, PASSAGE, settings.teacher.prompt_style)
     sampling = SamplingParams(max_new_tokens=settings.teacher.max_new_tokens, temperature=settings.teacher.temperature,
                               top_p=settings.teacher.top_p, seed=0)
-    config = lora_sft_config(settings.lora, seed=0)
+    # Plain SFT, as in the committed results: the round's cost without the retention terms.
+    config = lora_sft_config(settings.lora, seed=0, overrides={"rehearsal_ratio": 0.0, "kl_beta": 0.0})
     sequences = build_training_sequences(TITLE, PASSAGE, SELF_EDIT_LINES)
     answers = SamplingParams(max_new_tokens=settings.auditor.answer_max_new_tokens)
     questions = [build_question_prompt(q) for q in QUESTIONS]

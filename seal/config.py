@@ -61,7 +61,9 @@ class LoraSettings(BaseModel):
     alpha: int = Field(32, ge=1, description="LoRA alpha; the update is scaled by alpha / rank")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
     target_modules: str = Field(
-        "all-linear", description="'all-linear', or layer names separated by commas (e.g. 'gate_proj,up_proj,down_proj')"
+        "mlp",
+        description="'mlp' (the feed-forward blocks' linear layers), 'all-linear' (every linear layer but the "
+        "output head), or layer names separated by commas (e.g. 'q_proj,v_proj')",
     )
     batch_size: int = Field(8, ge=1, le=256, description="training sequences per optimizer step")
     max_seq_len: int = Field(256, ge=16, le=8192, description="tokens kept per training sequence (longer ones are cut)")
@@ -69,14 +71,17 @@ class LoraSettings(BaseModel):
     max_examples: int = Field(64, ge=1, description="training sequences kept per self-edit")
     # Retention-aware SFT: anchors are the base model's own greedy answers to a fixed built-in set
     # of general prompts (seal.anchors), generated once per base-model fingerprint and cached in
-    # <home>/student/anchors/<fingerprint>.json.
+    # <home>/student/anchors/<fingerprint>.json. Defaults (mlp targets, rehearsal 1.0, β 5) chosen
+    # by bench/forgetting.py: with SmolLM2-135M the old all-linear SFT lost 55-93% of the retention
+    # probe; this keeps the loss near the gate's 0.05 while still learning the passage
+    # (bench/results/forgetting.md).
     rehearsal_ratio: float = Field(
-        0.0, ge=0, le=16,
+        1.0, ge=0, le=16,
         description="anchor examples per training sequence added to every step, trained on the base model's "
         "own answers (rehearsal); 0 = off",
     )
     kl_beta: float = Field(
-        0.0, ge=0, le=100,
+        5.0, ge=0, le=100,
         description="weight of a KL(base ‖ candidate) penalty on the anchor answers' tokens (base logits from "
         "the same model with the adapter disabled); 0 = off",
     )

@@ -36,7 +36,7 @@ from seal.domains.knowledge import (
 )
 from seal.durable import atomic_write_json
 from seal.grading import CommittedGrader
-from seal.update.lora_sft import LoraSFTConfig, LoraSFTTrainer
+from seal.update.lora_sft import LoraSFTConfig, LoraSFTTrainer, TokenizedExample
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,10 @@ class ContinualConfig:
     # Also ask the questions of passages not yet learned (the upper triangle): a control that
     # costs generation time, so off by default.
     evaluate_future: bool = False
+    # The original base model's anchor examples (seal.anchors.anchor_examples), required when
+    # ``lora`` rehearses or pays a KL penalty: every step rehearses what the model knew before
+    # the first passage, and the KL is taken against the model as it was before that step.
+    anchors: Sequence[TokenizedExample] = ()
 
 
 @dataclass
@@ -248,7 +252,9 @@ def run_continual(
         )
         replayed = buffer.sample(config.replay_size, index)
         started = time.perf_counter()
-        trained = LoraSFTTrainer(current, tokenizer, config.lora).train([*new, *replayed])
+        trained = LoraSFTTrainer(current, tokenizer, config.lora).train(
+            [*new, *replayed], anchors=config.anchors or None
+        )
         # The merged weights become the model every later step trains on and is measured with.
         merged = trained.model.merge_and_unload()
         merged.eval()

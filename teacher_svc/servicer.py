@@ -227,7 +227,7 @@ class RewardSubscriber:
                     auditor_pb2.SubscribeRewardsRequest(after_sequence=self._buffer.last_sequence)
                 )
                 for reply in self._call:
-                    self._buffer.add(_event_dict(reply.event))
+                    self._buffer.add(convert.reward_event_to_dict(reply.event))
                     backoff = 0.5
             except grpc.RpcError as exc:
                 if self._stop.is_set():
@@ -241,26 +241,6 @@ class RewardSubscriber:
         if self._call is not None:
             self._call.cancel()
         self._thread.join(timeout=5)
-
-
-def _event_dict(event: auditor_pb2.RewardEvent) -> dict[str, object]:
-    return {
-        "sequence": event.sequence,
-        "event_id": event.event_id,
-        "context_id": event.context_id,
-        "adapter_id": event.adapter_id,
-        "prompt": event.prompt,
-        "self_edit": event.self_edit,
-        "reward": event.reward,
-        "baseline_accuracy": event.baseline_accuracy,
-        "adapted_accuracy": event.adapted_accuracy,
-        "seed": event.seed,
-        "at": event.at.ToJsonString(),
-        "outcomes": [
-            {"question": o.question, "gold_answer": o.gold_answer, "prediction": o.prediction, "correct": o.correct}
-            for o in event.outcomes
-        ],
-    }
 
 
 def build_teacher_policy(settings: Settings) -> TeacherPolicy:

@@ -19,7 +19,7 @@ from seal.gates import GateResult
 from seal.adapt import guardrail_from_gate, guardrail_to_gate
 from seal.guardrails import GuardrailResult
 from seal.registry import Manifest
-from seal.v1 import common_pb2, teacher_pb2
+from seal.v1 import auditor_pb2, common_pb2, teacher_pb2
 
 # --- small values -----------------------------------------------------------------------------
 
@@ -259,3 +259,26 @@ def adapt_event_to_proto(event: adapt.Event, request_id: str) -> teacher_pb2.Ada
     else:  # pragma: no cover - a new event type must be mapped here
         raise TypeError(f"no proto for pipeline event {type(event).__name__}")
     return response
+
+
+def reward_event_to_dict(event: auditor_pb2.RewardEvent) -> dict[str, object]:
+    """A reward event as the teacher's durable buffer stores it (``seal.teacher.RewardBuffer``).
+    Written out rather than ``MessageToDict``: that renders the uint64 seed as a string and
+    camel-cases the keys, and the buffer's records are read back by the ReST^EM driver."""
+    return {
+        "sequence": event.sequence,
+        "event_id": event.event_id,
+        "context_id": event.context_id,
+        "adapter_id": event.adapter_id,
+        "prompt": event.prompt,
+        "self_edit": event.self_edit,
+        "reward": event.reward,
+        "baseline_accuracy": event.baseline_accuracy,
+        "adapted_accuracy": event.adapted_accuracy,
+        "seed": event.seed,
+        "at": event.at.ToJsonString(),
+        "outcomes": [
+            {"question": o.question, "gold_answer": o.gold_answer, "prediction": o.prediction, "correct": o.correct}
+            for o in event.outcomes
+        ],
+    }

@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Literal
 
-from seal.update.lora_sft import TrainingCancelled, TrainingDiverged, TrainResult, linear_module_names
+from seal.update.lora_sft import SHORTHANDS, TrainingCancelled, TrainingDiverged, TrainResult, resolve_target_modules
 
 if TYPE_CHECKING:
     from seal.config import SdftSettings
@@ -177,10 +177,9 @@ class SDFTUpdate:
         if device.type == "cpu" and model.dtype != torch.float32:
             model = model.float()  # bf16 matmuls are emulated on most CPUs (see lora_sft)
         targets = config.target_modules
-        if targets == "all-linear":
-            targets = linear_module_names(model)
-        elif isinstance(targets, str):
-            targets = [name.strip() for name in targets.split(",") if name.strip()]
+        if isinstance(targets, str):
+            targets = targets.strip() if targets.strip() in SHORTHANDS else [n.strip() for n in targets.split(",") if n.strip()]
+        targets = resolve_target_modules(model, targets)
         lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, target_modules=list(targets),
                           bias="none", task_type="CAUSAL_LM")
         dataset = Dataset.from_list(
