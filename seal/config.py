@@ -26,6 +26,7 @@ from pydantic_settings import (
 
 from seal.gates import GateSettings
 from seal.guardrails import GuardrailSettings
+from seal.registry import ADAPTER_NAME_PATTERN
 from seal.retention import RetentionSettings
 
 
@@ -231,7 +232,7 @@ class RestemSettings(BaseModel):
         "mean reward, ties to the shorter self-edit",
     )
     candidate_adapter_name: str = Field(
-        "restem", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$",
+        "restem", pattern=ADAPTER_NAME_PATTERN,
         description="student lineage the scored candidates are registered under, away from the served one; "
         "each is rejected right after scoring",
     )
@@ -242,7 +243,7 @@ class RestemSettings(BaseModel):
     )
     # --- the teacher's policy adapter (LoRA SFT on each round's kept self-edits) ---
     policy_adapter_name: str = Field(
-        "teacher-policy", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$",
+        "teacher-policy", pattern=ADAPTER_NAME_PATTERN,
         description="lineage of the teacher's policy adapter in <home>/teacher/registry",
     )
     policy_learning_rate: float = Field(3e-4, gt=0, le=1.0, description="AdamW learning rate of the policy's LoRA matrices")
@@ -393,7 +394,7 @@ class Settings(BaseSettings):
         "rounds, seal eval and the vLLM and Triton engines",
     )
     adapter_name: str = Field(
-        "default", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$",
+        "default", pattern=ADAPTER_NAME_PATTERN,
         description="the lineage the student serves to requests that name no version, and the adapter name of "
         "requests that name none",
     )

@@ -72,7 +72,9 @@ STAGING_PREFIX = ".staging-"
 # A staging directory this old belongs to a writer that died; younger ones may still be filling.
 DEFAULT_STALE_STAGING_SECONDS = 15 * 60
 
-_ADAPTER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+# The one spelling of a lineage name: settings validate their adapter names with it too.
+ADAPTER_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+_ADAPTER_NAME = re.compile(ADAPTER_NAME_PATTERN)
 _ADAPTER_ID = re.compile(r"^(?P<name>[^@]*)@v(?P<version>[1-9][0-9]*)$")
 _VERSION_DIR = re.compile(r"^v(?P<version>[0-9]{6,})$")
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")

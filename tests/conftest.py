@@ -42,3 +42,22 @@ def embedded_model_dir() -> Path:
     from seal.models import prepare_embedded_model
 
     return prepare_embedded_model(_test_cache_dir())
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for the module: ~10x faster for tiny matrices on a shared machine."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir: Path):
+    """The tiny random model and its tokenizer, loaded once per module."""
+    from seal.models import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(tiny_model_dir)

@@ -9,7 +9,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from seal.anchors import (
     ANCHOR_PROMPTS,
@@ -24,7 +23,7 @@ from seal.auditor import Auditor
 from seal.config import Settings
 from seal.domains.knowledge import QUESTION_REPHRASINGS, LexicalGrader, Question, build_question_prompt
 from seal.gates import CandidateScores, GateSettings, decide
-from seal.models import load_model_and_tokenizer, model_fingerprint
+from seal.models import model_fingerprint
 from seal.retention import BUILTIN_QUESTIONS
 from seal.student import Student
 from seal.update.lora_sft import LoraSFTConfig, LoraSFTTrainer
@@ -37,17 +36,7 @@ TEXTS = [
 FAST = {"rank": 8, "alpha": 16, "batch_size": 3, "epochs": 4, "learning_rate": 1e-2, "seed": 0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir: Path):
-    return load_model_and_tokenizer(tiny_model_dir)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

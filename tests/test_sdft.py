@@ -10,7 +10,6 @@ import torch
 from peft import PeftModel
 
 from seal.config import SdftSettings, Settings
-from seal.models import load_model_and_tokenizer
 from seal.student import Student, UnusableSelfEdit
 from seal.update.lora_sft import TrainingCancelled
 from seal.update.sdft import SDFTUpdate, SDFTUpdateConfig, privileged_context, sdft_config
@@ -21,17 +20,7 @@ FAST = {"rank": 4, "alpha": 8, "prompts_per_step": 2, "num_generations": 2, "max
         "epochs": 1, "distillation_topk": 8}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir: Path):
-    return load_model_and_tokenizer(tiny_model_dir)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_sdft_trains_an_adapter_and_leaves_the_base_untouched(tiny) -> None:
@@ -121,3 +110,33 @@ def test_student_trains_an_sdft_candidate_with_its_kl_drift(tiny_model_dir: Path
             )
     finally:
         student.close()
+
+
+def test_apply_self_edit_over_grpc_trains_with_the_requested_rule(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The per-request rule crosses the wire: UpdateOverrides.update_rule and training_prompts
+    reach the student service, which trains an SDFT candidate (the setting says lora_sft)."""
+    import grpc
+
+    from seal.stack import local_stack
+    from seal.v1 import common_pb2, student_pb2, student_pb2_grpc
+
+    settings = Settings(home=tmp_path, model={"path": str(tiny_model_dir)}, sdft=FAST,
+                        lora={"epochs": 1, "batch_size": 4, "max_seq_len": 64})
+    with local_stack(settings) as stack, grpc.insecure_channel(stack.student.address) as channel:
+        stub = student_pb2_grpc.StudentServiceStub(channel)
+
+        def apply(**extra) -> list:
+            return list(stub.ApplySelfEdit(student_pb2.ApplySelfEditRequest(
+                context=common_pb2.Context(title="Velmora", passage=PASSAGE), self_edit="Ilse Marrow founded Velmora.",
+                seed=1, **extra), timeout=300))
+
+        events = apply(overrides=common_pb2.UpdateOverrides(update_rule="sdft"), training_prompts=PROMPTS)
+        manifest = events[-1].candidate
+        assert manifest.hyperparameters["update_rule"] == "sdft"
+        assert [e.progress.step for e in events[:-1]] == [1, 2]
+        assert manifest.metrics["retention_kl"] >= 0.0
+        with pytest.raises(grpc.RpcError) as refused:
+            apply(overrides=common_pb2.UpdateOverrides(update_rule="sdft"))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "training_prompts" in refused.value.details()
+        assert apply()[-1].candidate.hyperparameters["update_rule"] == "lora_sft"
