@@ -30,18 +30,8 @@ TEXTS = [
 FAST = {"rank": 8, "alpha": 16, "batch_size": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # See tests/test_models.py: one thread is ~10x faster for tiny matrices on a shared machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir: Path):
-    return load_model_and_tokenizer(tiny_model_dir)
+# One torch thread and the tiny model: fixtures in tests/conftest.py.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:

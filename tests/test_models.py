@@ -39,19 +39,8 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # Tiny matrices gain nothing from a second thread, and on a shared 2-core machine OpenMP
-    # threads waiting on each other made the tiny-model steps ~10x slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir: Path):
-    return load_model_and_tokenizer(tiny_model_dir)
+# One torch thread and the tiny model: fixtures in tests/conftest.py.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
