@@ -49,6 +49,7 @@ from seal.anchors import AnchorStore, anchor_examples, kl_drift  # noqa: E402
 from seal.auditor import Auditor, accuracy_of  # noqa: E402
 from seal.config import LoraSettings, Settings  # noqa: E402
 from seal.domains.knowledge import (  # noqa: E402
+    QUESTION_REPHRASINGS,
     Question,
     build_question_prompt,
     build_training_sequences,
@@ -317,7 +318,8 @@ def main() -> int:
         candidates, notes = candidate_questions(settings.retention, base_dir=ROOT)
         log(f"building the retention probe: screening up to {len(candidates)} questions ({notes})")
         probe = auditor.build_probe(answerer(model, settings.retention.max_new_tokens), fingerprint, candidates,
-                                    size=settings.retention.probe_size, notes=notes)
+                                    size=settings.retention.probe_size, notes=notes,
+                                    rephrasings=QUESTION_REPHRASINGS if settings.retention.screen_rephrasings else ())
         probe_store.save(probe)
     base_probe = accuracy_of(auditor.closed_book(answerer(model, settings.retention.max_new_tokens), probe.questions, ""))
     log(f"probe {probe.probe_id}: {len(probe)} questions (of {probe.screened} screened), base accuracy {base_probe:.3f}")

@@ -73,8 +73,9 @@ class Student:
         )
         # One training run at a time: on a CPU node two runs only slow each other down.
         self._train_lock = threading.Lock()
+        # The base model's anchor answers (built on first use) and their examples per max_seq_len.
         self._anchors: AnchorSet | None = None
-        self._anchor_set_id = ""
+        self._anchor_examples_by_len: dict[int, list[tuple[list[int], list[int]]]] = {}
         self.registry = AdapterRegistry(settings.registry_dir)
         self.serving: ServingBackend = (
             serving if serving is not None else InProcessBackend(settings, self.registry, self.model_path)
@@ -173,7 +174,8 @@ class Student:
                 "training_sequences": len(sequences),
             }
             if anchors:
-                hyperparameters["anchor_set_id"] = self._anchor_set_id
+                assert self._anchors is not None
+                hyperparameters["anchor_set_id"] = self._anchors.anchor_set_id
             manifest = self._save_candidate(adapter_name, result, context_id, self_edit_sha256, config.seed, hyperparameters)
         return CandidateResult(manifest, len(sequences), result.losses, time.perf_counter() - started)
 
@@ -235,15 +237,19 @@ class Student:
 
     def _anchor_examples(self, max_seq_len: int) -> list[tuple[list[int], list[int]]]:
         """The base model's own answers to the anchor prompts, built once per base model and
-        cached on disk (``<home>/student/anchors``); called under the training lock."""
+        cached on disk (``<home>/student/anchors``), tokenised once per ``max_seq_len``; called
+        under the training lock."""
         if self._anchors is None:
             store = AnchorStore(self.settings.home / "student" / "anchors")
             self._anchors = store.load_or_build(
                 self.fingerprint, self._train_base, self.tokenizer,
                 max_new_tokens=self.settings.lora.anchor_max_new_tokens,
             )
-            self._anchor_set_id = self._anchors.anchor_set_id
-        return anchor_examples(self.tokenizer, self._anchors, max_seq_len=max_seq_len)
+        if max_seq_len not in self._anchor_examples_by_len:
+            self._anchor_examples_by_len[max_seq_len] = anchor_examples(
+                self.tokenizer, self._anchors, max_seq_len=max_seq_len
+            )
+        return self._anchor_examples_by_len[max_seq_len]
 
     # --- serving ---------------------------------------------------------------------------
 
