@@ -1,11 +1,16 @@
 """Continual self-edits: adapt a sequence of SQuAD passages one after another into the same
 weights (each step's LoRA merged in), measuring after every step the closed-book accuracy on
-every passage seen so far — once without and once with a replay buffer.
+every passage seen so far — once per update rule (``--runs``):
+
+- ``sft``: LoRA SFT at the student's defaults (retention-aware: MLP targets, anchor rehearsal, KL);
+- ``sft+replay``: the same, mixing ``--replay-size`` earlier training sequences into each update;
+- ``sdft``: self-distillation (TRL's SDFTTrainer) on questions about the passage's subject, the
+  passage and self-edit as the teacher's privileged context.
 
 Self-edits are written once per passage by the base model acting as teacher (k=1, the
-"implications" prompt) and reused by both runs, so the two differ only in replay.
+"implications" prompt) and reused by every run, so runs differ only in the update rule.
 
-    .venv/bin/python bench/continual.py --n 4 --out bench/results/continual
+    .venv/bin/python bench/continual.py --n 4 --runs sft,sdft --out bench/results/continual
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ from seal.anchors import AnchorStore, anchor_examples  # noqa: E402
 from seal.models import TransformersEngine, load_model_and_tokenizer, model_fingerprint, resolve_model_path  # noqa: E402
 from seal.teacher import SelfEditProposer  # noqa: E402
 from seal.update.lora_sft import lora_sft_config  # noqa: E402
+from seal.update.sdft import sdft_config  # noqa: E402
+from bench.forgetting import SDFT_PROMPTS  # noqa: E402
+
+RUNS = ("sft", "sft+replay", "sdft")
 
 
 def log(message: str) -> None:
@@ -51,7 +60,8 @@ def main() -> int:
     # 1,000-character passage took ~60 s; short passages keep the run in budget and are the ones
     # a 135M model can absorb in 10 epochs, so the diagonal (and hence forgetting) is measurable.
     parser.add_argument("--pick", choices=("first", "shortest"), default="first")
-    parser.add_argument("--replay-size", type=int, default=8, help="earlier sequences mixed into each update")
+    parser.add_argument("--runs", default="sft,sdft", help=f"comma-separated, from {', '.join(RUNS)}")
+    parser.add_argument("--replay-size", type=int, default=8, help="earlier sequences mixed into each sft+replay update")
     parser.add_argument("--epochs", type=int, default=None, help="LoRA epochs (default: settings)")
     parser.add_argument("--learning-rate", type=float, default=None)
     parser.add_argument("--max-lines", type=int, default=12, help="self-edit lines kept per passage")
@@ -63,6 +73,10 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "bench/results/continual"))
     args = parser.parse_args()
+    run_names = [name.strip() for name in args.runs.split(",") if name.strip()]
+    unknown = sorted(set(run_names) - set(RUNS))
+    if unknown or not run_names:
+        parser.error(f"--runs: unknown {unknown}; choose from {', '.join(RUNS)}")
 
     started_all = time.perf_counter()
     if args.threads:
@@ -99,7 +113,8 @@ def main() -> int:
     for index, context in enumerate(contexts):
         edit = proposer.propose(context.title, context.passage, 1, "implications", args.seed + index)[0]
         lines = tuple(parse_self_edit(edit.text, max_lines=args.max_lines))
-        steps.append(ContinualStep(context, lines))
+        prompts = tuple(template.format(title=context.title) for template in SDFT_PROMPTS)
+        steps.append(ContinualStep(context, lines, training_prompts=prompts))
         self_edits.append({"title": context.title, "text": edit.text, "lines": list(lines)})
         log(f"self-edit {index + 1}/{len(contexts)} ({context.title}): {len(lines)} lines")
     generation_seconds = time.perf_counter() - started
@@ -122,11 +137,16 @@ def main() -> int:
         "runs": {},
     }
     out = Path(args.out)
-    runs = {"no replay": 0, f"replay {args.replay_size}": args.replay_size}
-    for name, replay_size in runs.items():
+    sdft = sdft_config(settings.sdft, seed=args.seed)
+    configs = {
+        "sft": ContinualConfig(update=lora_config, answer_max_new_tokens=args.answer_tokens, anchors=anchors),
+        "sft+replay": ContinualConfig(update=lora_config, replay_size=args.replay_size, replay_seed=args.seed,
+                                      answer_max_new_tokens=args.answer_tokens, anchors=anchors),
+        "sdft": ContinualConfig(update=sdft, answer_max_new_tokens=args.answer_tokens),
+    }
+    for name in run_names:
         started = time.perf_counter()
-        config = ContinualConfig(lora=lora_config, replay_size=replay_size, replay_seed=args.seed,
-                                 answer_max_new_tokens=args.answer_tokens, anchors=anchors)
+        config = configs[name]
 
         def save_partial(partial, name=name) -> None:  # noqa: ANN001
             report["runs"][name] = partial.to_dict()
@@ -153,22 +173,20 @@ def _cell(value: float | None) -> str:
 def markdown(report: dict) -> str:
     titles = [p["title"] for p in report["passages"]]
     n = len(titles)
-    first = next(iter(report["runs"].values()))
-    lora = first["config"]["lora"]
     lines = [
-        f"# Continual self-edits: {n} passages of seal_eval_200 into one model, with and without replay",
+        f"# Continual self-edits: {n} passages of seal_eval_200 into one model, one run per update rule",
         "",
         f"Command: `{report['command']}`  ",
         f"Model: {report['model']}; teacher: the same base model, k=1 self-edit per passage (implications prompt), "
-        f"reused by both runs; LoRA lr {lora['learning_rate']}, {lora['epochs']} epochs, rank {lora['rank']}, "
-        "merged into the weights after every step; closed-book answers graded lexically (\"any\"); "
-        f"torch threads {report['machine']['torch_threads']}.",
+        "reused by every run; each step's adapter merged into the weights; closed-book answers graded "
+        f"lexically (\"{report['grader']}\"); torch threads {report['machine']['torch_threads']}.",
         "",
         "Passages: " + "; ".join(f"P{i + 1} = #{p['index']} {p['title']} ({p['questions']} q)" for i, p in enumerate(report["passages"])),
         "",
     ]
     for name, run in report["runs"].items():
-        lines += [f"## {name}", "", "| after | " + " | ".join(f"P{j + 1}" for j in range(n)) + " |", "|---" * (n + 1) + "|"]
+        lines += [f"## {name}", "", _describe(run["config"]), "",
+                  "| after | " + " | ".join(f"P{j + 1}" for j in range(n)) + " |", "|---" * (n + 1) + "|"]
         for i, row in enumerate(run["matrix"]):
             label = "base" if i == 0 else f"step {i}"
             lines.append(f"| {label} | " + " | ".join(_cell(v) for v in row) + " |")
@@ -188,13 +206,27 @@ def markdown(report: dict) -> str:
         "learning it − accuracy after the last step). Heatmap: `continual.png`.",
         "",
         "Choices, to fit a shared 2-core CPU: passages picked by length (`--pick shortest`: short passages "
-        "train fastest and are the ones a 135M model can absorb in 10 epochs, so the diagonal, and with it "
+        "train fastest and are the ones a 135M model can absorb, so the diagonal, and with it "
         "forgetting, is measurable at all); one self-edit per passage (k=1) sampled once by the base model "
-        "and reused by both runs, so they differ only in replay; each step trains on the self-edit lines "
-        "plus the passage, and the replay run adds a seeded sample of up to `replay_size` sequences drawn "
-        "from every earlier step's training sequences (self-edit lines and passages).",
+        "and reused by every run, so runs differ only in the update rule. SFT steps train on the self-edit "
+        "lines plus the passage (sft+replay adds a seeded sample of up to `replay_size` sequences from every "
+        "earlier step); SDFT steps distil on questions about the passage's subject (`SDFT_PROMPTS` in "
+        "`bench/forgetting.py`, never the measured questions), the passage and self-edit shown only to the teacher.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _describe(config: dict) -> str:
+    update = config["update"]
+    if config["update_rule"] == "sdft":
+        return (f"SDFT: lr {update['learning_rate']}, {update['epochs']} epochs, rank {update['rank']}, "
+                f"{update['num_generations']} generations of ≤{update['max_completion_length']} tokens, "
+                f"teacher {update['teacher_model_kind']}, {update['distillation_mode']}.")
+    targets = update["target_modules"]
+    targets = targets if isinstance(targets, str) else ", ".join(targets)
+    return (f"LoRA SFT: lr {update['learning_rate']}, {update['epochs']} epochs, rank {update['rank']}, "
+            f"targets {targets}, rehearsal ratio {update['rehearsal_ratio']}, "
+            f"KL β {update['kl_beta']}, replay {config['replay_size']}.")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,12 @@ asked, closed-book, the questions of every passage seen so far, giving a matrix
 whose lower triangle shows retention of earlier passages and whose diagonal shows the passage
 just learned.
 
-Mitigation: a replay buffer. Every training sequence of every earlier step (self-edit lines and,
+The update at each step is either rule of the student: LoRA SFT on the passage and its self-edit
+(optionally rehearsing the base model's own answers and paying a KL penalty, see
+:mod:`seal.update.lora_sft`), or SDFT (:mod:`seal.update.sdft`), distilling on the step's training
+prompts with the passage and self-edit as the teacher's privileged context.
+
+Mitigation for SFT: a replay buffer. Every training sequence of every earlier step (self-edit lines and,
 when trained on, the passage) goes into a buffer, and each new update mixes a seeded sample of it
 into its own sequences — rehearsal, the simplest remedy against forgetting.
 """
@@ -37,18 +42,23 @@ from seal.domains.knowledge import (
 from seal.durable import atomic_write_json
 from seal.grading import CommittedGrader
 from seal.update.lora_sft import LoraSFTConfig, LoraSFTTrainer, TokenizedExample
+from seal.update.sdft import SDFTUpdate, SDFTUpdateConfig, privileged_context
 
 
 @dataclass(frozen=True)
 class ContinualStep:
     context: KnowledgeContext
     self_edit_lines: tuple[str, ...]
+    # Questions about the passage the SDFT student answers on policy (never the passage's own τ,
+    # which measures the step); unused by LoRA SFT.
+    training_prompts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class ContinualConfig:
-    lora: LoraSFTConfig
-    # Earlier training sequences mixed into each update; 0 = no replay.
+    # The update rule of every step, with its settings.
+    update: LoraSFTConfig | SDFTUpdateConfig
+    # LoRA SFT only: earlier training sequences mixed into each update; 0 = no replay.
     replay_size: int = 0
     replay_seed: int = 0
     include_passage: bool = True
@@ -206,16 +216,22 @@ def run_continual(
     every step, so a long run can save as it goes."""
     if not steps:
         raise ValueError("no steps: continual adaptation needs at least one passage")
+    sdft = isinstance(config.update, SDFTUpdateConfig)
+    if sdft and config.replay_size:
+        raise ValueError("replay mixes earlier SFT sequences into an update; SDFT distils on prompts, use replay_size=0")
     for step in steps:
         if not step.context.questions:
             raise ValueError(f"passage {step.context.title!r} has no questions to measure retention with")
+        if sdft and not step.training_prompts:
+            raise ValueError(f"passage {step.context.title!r} has no training prompts for SDFT to distil on")
     contexts = [s.context for s in steps]
     n = len(steps)
     result = ContinualResult(
         titles=[c.title for c in contexts],
         matrix=[],
         config={
-            "lora": asdict(config.lora),
+            "update_rule": "sdft" if sdft else "lora_sft",
+            "update": asdict(config.update),
             "replay_size": config.replay_size,
             "replay_seed": config.replay_seed,
             "include_passage": config.include_passage,
@@ -252,9 +268,15 @@ def run_continual(
         )
         replayed = buffer.sample(config.replay_size, index)
         started = time.perf_counter()
-        trained = LoraSFTTrainer(current, tokenizer, config.lora).train(
-            [*new, *replayed], anchors=config.anchors or None
-        )
+        if isinstance(config.update, SDFTUpdateConfig):
+            context = privileged_context(step.context.title, step.context.passage, "\n".join(step.self_edit_lines))
+            trained = SDFTUpdate(current, tokenizer, config.update).train(
+                [build_question_prompt(q) for q in step.training_prompts], context
+            )
+        else:
+            trained = LoraSFTTrainer(current, tokenizer, config.update).train(
+                [*new, *replayed], anchors=config.anchors or None
+            )
         # The merged weights become the model every later step trains on and is measured with.
         merged = trained.model.merge_and_unload()
         merged.eval()
@@ -272,7 +294,7 @@ def run_continual(
             StepRecord(
                 step=index,
                 title=step.context.title,
-                new_sequences=len(new),
+                new_sequences=len(step.training_prompts) if sdft else len(new),
                 replayed_sequences=len(replayed),
                 final_loss=trained.losses[-1] if trained.losses else math.nan,
                 train_seconds=train_seconds,

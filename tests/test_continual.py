@@ -43,7 +43,7 @@ def tiny(tiny_model_dir: Path):
 
 def config(replay: int) -> ContinualConfig:
     return ContinualConfig(
-        lora=LoraSFTConfig(learning_rate=5e-3, epochs=2, rank=4, alpha=8, batch_size=4, max_seq_len=64),
+        update=LoraSFTConfig(learning_rate=5e-3, epochs=2, rank=4, alpha=8, batch_size=4, max_seq_len=64),
         replay_size=replay,
         answer_max_new_tokens=6,
         evaluate_future=True,
@@ -88,7 +88,7 @@ def test_merged_steps_change_what_the_model_says(tiny) -> None:
     # to the weights that are measured, not discarded.
     model, tokenizer = tiny
     cfg = ContinualConfig(
-        lora=LoraSFTConfig(learning_rate=5e-2, epochs=3, rank=8, alpha=16, batch_size=4, max_seq_len=64),
+        update=LoraSFTConfig(learning_rate=5e-2, epochs=3, rank=8, alpha=16, batch_size=4, max_seq_len=64),
         answer_max_new_tokens=6,
         evaluate_future=True,
     )
@@ -98,7 +98,7 @@ def test_merged_steps_change_what_the_model_says(tiny) -> None:
 
 def test_lower_triangle_only_by_default(tiny) -> None:
     model, tokenizer = tiny
-    cfg = ContinualConfig(lora=LoraSFTConfig(epochs=1, rank=2, alpha=4, max_seq_len=32), answer_max_new_tokens=4)
+    cfg = ContinualConfig(update=LoraSFTConfig(epochs=1, rank=2, alpha=4, max_seq_len=32), answer_max_new_tokens=4)
     result = run_continual(model, tokenizer, steps()[:2], cfg)
     assert result.matrix[1][1] is None and result.matrix[1][0] is not None
     assert result.matrix[0][1] is not None  # the baseline row asks every passage
@@ -128,3 +128,36 @@ def test_replay_buffer_is_seeded_and_bounded() -> None:
     assert buffer.sample(4, 2) == again.sample(4, 2)
     assert len(set(buffer.sample(4, 2))) == 4
     assert len(buffer.sample(50, 2)) == 10
+
+
+def test_sdft_steps_distil_on_their_prompts_and_merge(tiny) -> None:
+    import torch
+
+    from seal.update.sdft import SDFTUpdateConfig
+
+    model, tokenizer = tiny
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    prompted = [ContinualStep(s.context, s.self_edit_lines, (f"What is {s.context.title}?", "Tell me a fact."))
+                for s in steps()[:2]]
+    cfg = ContinualConfig(
+        update=SDFTUpdateConfig(epochs=1, rank=2, alpha=4, num_generations=2, prompts_per_step=2,
+                                max_completion_length=4, distillation_topk=8, learning_rate=5e-2),
+        answer_max_new_tokens=4, evaluate_future=True,
+    )
+    result = run_continual(model, tokenizer, prompted, cfg)
+    assert result.config["update_rule"] == "sdft"
+    assert [s.new_sequences for s in result.steps] == [2, 2]
+    assert len(result.matrix) == 3 and all(v is not None for row in result.matrix for v in row)
+    for name, parameter in model.named_parameters():
+        assert torch.equal(parameter, before[name]), name
+
+
+def test_sdft_refuses_replay_and_missing_prompts(tiny) -> None:
+    from seal.update.sdft import SDFTUpdateConfig
+
+    model, tokenizer = tiny
+    sdft = SDFTUpdateConfig(epochs=1, rank=2, alpha=4)
+    with pytest.raises(ValueError, match="replay"):
+        run_continual(model, tokenizer, steps()[:1], ContinualConfig(update=sdft, replay_size=2))
+    with pytest.raises(ValueError, match="no training prompts"):
+        run_continual(model, tokenizer, steps()[:1], ContinualConfig(update=sdft))
