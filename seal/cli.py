@@ -673,10 +673,39 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--address", help="recheck: auditor address (default from settings)")
     audit.add_argument("--timeout", type=float, default=1800.0)
 
+    health = commands.add_parser("health", help="ask each service's gRPC health service; exit 1 unless all serve")
+    health.add_argument("--address", action="append", metavar="NAME=HOST:PORT",
+                        help="check this address (repeatable); default: the three services from settings")
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds per check")
+
     config = commands.add_parser("config", help="show the effective settings and where each value came from")
     config.add_argument("action", choices=("show",))
     config.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
+
+
+def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
+    """The standard gRPC health check (the service a Kubernetes probe asks) of every service;
+    what the chart's `helm test` pod runs."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    targets = [t.partition("=")[::2] for t in args.address] if args.address else \
+        [(name, settings.services.address_of(name)) for name in SERVICES]
+    healthy = True
+    for name, address in targets:
+        if not address:
+            console.print(f"[red]{name}[/]: no address (use NAME=HOST:PORT)")
+            healthy = False
+            continue
+        with grpc.insecure_channel(address) as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=args.timeout)
+                status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            except grpc.RpcError as exc:
+                status = f"{exc.code().name}: {exc.details()}"
+        healthy = healthy and status == "SERVING"
+        console.print(f"{name} {address}: {'[green]' if status == 'SERVING' else '[red]'}{status}[/]")
+    return 0 if healthy else 1
 
 
 def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
@@ -700,6 +729,7 @@ def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
 
 HANDLERS = {
     "config": cmd_config,
+    "health": cmd_health,
     "prepare-model": cmd_prepare_model,
     "serve": cmd_serve,
     "up": cmd_up,

@@ -1,8 +1,10 @@
 """One typed settings object for every seal process.
 
-Values come, in increasing priority, from the defaults below, an optional TOML file named by
-``SEAL_CONFIG_FILE``, and environment variables ``SEAL_<SECTION>__<FIELD>`` (for example
-``SEAL_LORA__LEARNING_RATE=5e-4``). The Helm chart's ConfigMap fills the same variables.
+Values come, in increasing priority, from the defaults below, an optional TOML or JSON file
+named by ``SEAL_CONFIG_FILE`` (by its suffix: ``.json`` is JSON, anything else TOML), and
+environment variables ``SEAL_<SECTION>__<FIELD>`` (for example ``SEAL_LORA__LEARNING_RATE=5e-4``).
+The Helm chart renders its ``settings`` values as that JSON file (a ConfigMap); its
+values.yaml and schema are generated from this module (``python -m seal.deploy``).
 
 CPU defaults were chosen by measurement on a 2-core machine with SmolLM2-135M-Instruct: LoRA on
 all linear layers at lr 1e-3 for 10 epochs moved closed-book accuracy on an invented passage,
@@ -19,6 +21,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 from pydantic_settings import (
     BaseSettings,
+    JsonConfigSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -362,6 +365,11 @@ class StudentServingSettings(BaseModel):
     )
     grpc_port: int = Field(0, ge=0, le=65535, description="0 = a free port")
     metrics_port: int = Field(0, ge=0, le=65535, description="Triton's own /metrics; 0 = a free port")
+    metrics_address: str = Field(
+        "127.0.0.1",
+        description="address Triton's /metrics binds to (its gRPC port stays on loopback); the Helm chart sets "
+        "0.0.0.0 so Prometheus can scrape nv_inference_* metrics",
+    )
     extra_args: list[str] = Field(default_factory=list, description="appended to the tritonserver command line")
     # Share of requests that name no version which go to the candidate under evaluation.
     canary_fraction: float = Field(
@@ -436,7 +444,11 @@ class Settings(BaseSettings):
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         config_file = os.environ.get("SEAL_CONFIG_FILE")
         if config_file:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+            # JSON is what the Helm chart writes (Helm's toToml cannot render nested tables).
+            if config_file.endswith(".json"):
+                sources.append(JsonConfigSettingsSource(settings_cls, json_file=config_file))
+            else:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
         return tuple(sources)
 
 
@@ -449,13 +461,15 @@ def settings_with_sources(settings: Settings | None = None) -> list[tuple[str, o
     """``(dotted name, effective value, source, description)`` for every leaf setting, where the
     source is ``env`` (a ``SEAL_…`` variable), ``file`` (the TOML named by ``SEAL_CONFIG_FILE``)
     or ``default``. What ``seal config show`` prints."""
+    import json
     import tomllib
 
     settings = settings or Settings()
     file_values: dict[str, object] = {}
     config_file = os.environ.get("SEAL_CONFIG_FILE")
     if config_file and Path(config_file).is_file():
-        file_values = tomllib.loads(Path(config_file).read_text(encoding="utf-8"))
+        text = Path(config_file).read_text(encoding="utf-8")
+        file_values = json.loads(text) if config_file.endswith(".json") else tomllib.loads(text)
 
     def in_file(path: list[str]) -> bool:
         node: object = file_values

@@ -80,3 +80,23 @@ def test_config_show_prints_every_setting(monkeypatch) -> None:
     # The injection patterns contain "[/?inst\]", which rich would read as a closing markup tag.
     assert "guardrails.prompt_injection.patterns" in text and "[/?inst" in text
     assert "retention-aware options of [lora]" in text
+
+
+def test_the_config_file_is_json_or_toml_by_suffix_and_env_wins(tmp_path, monkeypatch) -> None:
+    import json
+
+    as_json = tmp_path / "seal.json"
+    as_json.write_text(json.dumps({"lora": {"epochs": 7, "learning_rate": 2e-4}, "services": {"student_port": 6000}}))
+    as_toml = tmp_path / "seal.toml"
+    as_toml.write_text("[lora]\nepochs = 5\n")
+    monkeypatch.setenv("SEAL_LORA__LEARNING_RATE", "3e-4")
+
+    monkeypatch.setenv("SEAL_CONFIG_FILE", str(as_json))
+    from_json = Settings()
+    assert (from_json.lora.epochs, from_json.services.student_port) == (7, 6000)
+    assert from_json.lora.learning_rate == 3e-4  # the environment wins over the file
+    sources = {name: source for name, _value, source, _description in settings_with_sources(from_json)}
+    assert (sources["lora.epochs"], sources["lora.learning_rate"], sources["lora.rank"]) == ("file", "env", "default")
+
+    monkeypatch.setenv("SEAL_CONFIG_FILE", str(as_toml))
+    assert Settings().lora.epochs == 5

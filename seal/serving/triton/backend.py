@@ -44,6 +44,7 @@ class TritonBackend:
             install=cfg.tritonserver or None,
             grpc_port=cfg.grpc_port or None,
             metrics_port=cfg.metrics_port or None,
+            metrics_address=cfg.metrics_address,
             instance_count=cfg.instance_count,
             max_batch_size=cfg.max_batch_size,
             kind=cfg.kind,

@@ -192,6 +192,7 @@ class TritonSupervisor:
         grpc_port: int | None = None,
         http_port: int | None = None,
         metrics_port: int | None = None,
+        metrics_address: str | None = None,
         instance_count: int = 1,
         max_batch_size: int = 16,
         kind: str = "KIND_CPU",
@@ -211,6 +212,9 @@ class TritonSupervisor:
             TritonInstall.from_binary(install)
         self.python_executable = python_executable or sys.executable
         self.address = address
+        # Triton's own /metrics may listen wider than its gRPC port (0.0.0.0 in a pod, so that
+        # Prometheus can scrape it) while seal keeps talking to it on ``address``.
+        self.metrics_address = metrics_address or address
         self.grpc_port = grpc_port
         self.http_port = http_port  # None: HTTP endpoint off, nothing here uses it
         self.metrics_port = metrics_port
@@ -312,7 +316,7 @@ class TritonSupervisor:
             f"--grpc-address={self.address}",
             f"--grpc-port={self.grpc_port}",
             "--allow-metrics=true",
-            f"--metrics-address={self.address}",
+            f"--metrics-address={self.metrics_address}",
             f"--metrics-port={self.metrics_port}",
             f"--exit-timeout-secs={int(self.exit_timeout_s)}",
             "--strict-readiness=true",
