@@ -25,7 +25,15 @@ from seal.auditor import (
 from seal.config import Settings
 from seal.domains.knowledge import Question
 from seal.grading import build_grader
-from seal.rpc import RpcMetrics, RunningService, map_errors, remaining_timeout, start_configured_service
+from seal.rpc import (
+    RpcMetrics,
+    RunningService,
+    map_errors,
+    remaining_timeout,
+    start_configured_service,
+    traced_channel,
+)
+from seal.tracing import Tracing, build_tracing
 from seal.transport import convert
 from seal.v1 import auditor_pb2, auditor_pb2_grpc, common_pb2, student_pb2, student_pb2_grpc
 
@@ -163,6 +171,14 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServiceServicer):
         self._guardrail_failures = metrics.counter(
             "guardrail_failures_total", "Self-edits failing a guardrail rule.", ("rule",)
         )
+        # Series of the label values known up front exist at 0 from the start: Prometheus'
+        # increase() cannot see a counter's first event when its series appears already at 1, and
+        # the alerts (automatic rollback, retention gate failures) rely on seeing it.
+        self._auto_rollbacks.labels(settings.adapter_name)
+        for gate in ("tau_gain", "retention", "retention_kl"):
+            self._gate_failures.labels(gate)
+        for decision in ("pass", "fail"):
+            self._scored.labels(decision)
 
     def _student_for(self, context: grpc.ServicerContext) -> GrpcAuditedStudent:
         ceiling = self._settings.services.rpc_timeout_s
@@ -270,17 +286,27 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServiceServicer):
             yield auditor_pb2.SubscribeRewardsResponse(event=record_to_proto(record))
 
 
-def serve_auditor(settings: Settings, *, port: int | None = None, metrics_port: int | None = None) -> RunningService:
+def serve_auditor(
+    settings: Settings, *, port: int | None = None, metrics_port: int | None = None, tracing: Tracing | None = None
+) -> RunningService:
+    """``tracing``: this service's spans (tests pass one with an in-memory exporter); None = as
+    ``settings.tracing`` says."""
     services = settings.services
+    tracing = tracing if tracing is not None else build_tracing("auditor", settings.tracing)
     student_channel = grpc.insecure_channel(services.address_of("student"))
     metrics = RpcMetrics("auditor")
-    servicer = AuditorServicer(settings, student_channel, metrics)
+    # Traced: scoring's Generate calls to the student join the trace of the Score that made them.
+    servicer = AuditorServicer(settings, traced_channel(student_channel, tracing), metrics)
 
     def register(server: grpc.Server) -> list[str]:
         auditor_pb2_grpc.add_AuditorServiceServicer_to_server(servicer, server)
         return [auditor_pb2.DESCRIPTOR.services_by_name["AuditorService"].full_name]
 
-    running = start_configured_service("auditor", register, services, metrics, port=port, metrics_port=metrics_port)
+    # SubscribeRewards is the teacher's standing subscription, not part of any request's trace.
+    running = start_configured_service(
+        "auditor", register, services, metrics, port=port, metrics_port=metrics_port, tracing=tracing,
+        untraced_methods=("SubscribeRewards",),
+    )
     stop_rechecks = threading.Event()
     interval = settings.retention.recheck_interval_s
     if interval > 0:

@@ -22,14 +22,19 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from opentelemetry import trace
+from opentelemetry.util.types import AttributeValue
 
 from seal.auditor import QuestionOutcome
 from seal.domains.knowledge import Question, context_digest
 from seal.domains.self_qa import NotEnoughQuestions, WrittenQuestions
 from seal.gates import GateResult, choose_best
 from seal.guardrails import GuardrailResult
+from seal.registry import parse_adapter_id
 
 # --- what flows through the step --------------------------------------------------------------
 
@@ -294,6 +299,61 @@ class PhaseClock:
         return elapsed
 
 
+# --- tracing (docs/tracing.md) ---------------------------------------------------------------
+# Spans through the OpenTelemetry API only; the caller hands in its service's tracer. None means
+# tracing is off: then no span is made and the context is not touched, so the step costs the same
+# as before tracing existed.
+
+Attributes = dict[str, AttributeValue]
+
+
+def _span(
+    tracer: trace.Tracer | None, name: str, attributes: Attributes | None = None
+) -> AbstractContextManager[trace.Span]:
+    """``name`` as the current span for the block (gRPC calls made inside it become its children).
+
+    Held across the step's ``yield``s: the whole Adapt runs as nested generators driven by one
+    gRPC thread, so context is entered and left in order, as the gRPC instrumentation's own
+    stream spans are."""
+    if tracer is None:
+        return nullcontext(trace.INVALID_SPAN)
+    return tracer.start_as_current_span(name, attributes=attributes)
+
+
+def _adapter_attributes(adapter: TrainedAdapter) -> Attributes:
+    attributes: Attributes = {"seal.adapter.id": adapter.adapter_id}
+    try:
+        attributes["seal.adapter.version"] = parse_adapter_id(adapter.adapter_id)[1]
+    except ValueError:  # an id this registry did not mint (a test double's): the id says enough
+        pass
+    return attributes
+
+
+def _score_attributes(score: Score) -> Attributes:
+    attributes: Attributes = {
+        "seal.reward": score.reward,
+        "seal.accuracy": score.accuracy,
+        "seal.baseline_accuracy": score.baseline_accuracy,
+        "seal.gates.passed": score.passed_gates,
+        "seal.gates.failed": [gate.gate for gate in score.gates if not gate.passed],
+    }
+    if score.retention_accuracy is not None:
+        attributes["seal.retention_accuracy"] = score.retention_accuracy
+    return attributes
+
+
+def _outcome_attributes(outcome: CandidateOutcome) -> Attributes:
+    attributes: Attributes = {"seal.candidate.scored": outcome.scored}
+    if outcome.failure:
+        attributes["seal.candidate.failure"] = outcome.failure
+        attributes["seal.gates.failed"] = [gate.gate for gate in outcome.gates if not gate.passed]
+    if outcome.adapter is not None:
+        attributes.update(_adapter_attributes(outcome.adapter))
+    if outcome.score is not None:
+        attributes.update(_score_attributes(outcome.score))
+    return attributes
+
+
 def score_candidate(
     task: Task,
     proposal: Proposal,
@@ -307,57 +367,94 @@ def score_candidate(
     training_prompts: Sequence[str] = (),
     measure_retention: bool = True,
     clock: PhaseClock | None = None,
+    tracer: trace.Tracer | None = None,
 ) -> Iterator[Event]:
     """One candidate: guardrails → train → score. Yields its events; returns its outcome
     (``outcome = yield from score_candidate(...)``). The adapter is left as a candidate: what
-    happens to it next is the caller's decision."""
+    happens to it next is the caller's decision.
+
+    With a ``tracer``, the candidate is a ``seal.candidate`` span with ``seal.check``,
+    ``seal.train`` and ``seal.score`` children (each the parent of the gRPC call it makes)."""
     clock = clock or PhaseClock()
     outcome = CandidateOutcome(proposal, seed)
+    with _span(tracer, "seal.candidate", {"seal.candidate.index": proposal.index, "seal.seed": seed}) as span:
+        yield from _candidate_steps(
+            outcome, task, student=student, auditor=auditor, adapter_name=adapter_name, request_id=request_id,
+            overrides=overrides or {}, training_prompts=training_prompts, measure_retention=measure_retention,
+            clock=clock, tracer=tracer,
+        )
+        span.set_attributes(_outcome_attributes(outcome))
+    return outcome
+
+
+def _candidate_steps(
+    outcome: CandidateOutcome,
+    task: Task,
+    *,
+    student: StudentPort,
+    auditor: AuditorPort,
+    adapter_name: str,
+    request_id: str,
+    overrides: Mapping[str, Any],
+    training_prompts: Sequence[str],
+    measure_retention: bool,
+    clock: PhaseClock,
+    tracer: trace.Tracer | None,
+) -> Iterator[Event]:
+    """:func:`score_candidate`'s steps, filling in ``outcome`` as they go."""
+    proposal, seed = outcome.proposal, outcome.seed
+    index = {"seal.candidate.index": proposal.index}
     started = time.perf_counter()
-    check = auditor.check(task, proposal, seed=seed, request_id=request_id)
+    with _span(tracer, "seal.check", index) as span:
+        check = auditor.check(task, proposal, seed=seed, request_id=request_id)
+        span.set_attributes({"seal.gates.passed": check.passed, "seal.gates.failed": check.failed_rules})
     clock.add("scoring", started)
     outcome.gates = check.gates
     if not check.passed:
         outcome.failure = f"guardrails failed before training: {', '.join(check.failed_rules)}"
         yield CandidateFailed(proposal.index, outcome.failure, check.gates)
-        return outcome
+        return
 
     started = time.perf_counter()
     adapter: TrainedAdapter | None = None
-    try:
-        updates = student.train(
-            task, proposal, adapter_name=adapter_name, seed=seed, overrides=overrides or {},
-            training_prompts=training_prompts,
-        )
-        for update in updates:
-            if isinstance(update, TrainingStep):
-                yield CandidateProgress(proposal.index, update.step, update.total_steps, update.loss)
-            else:
-                adapter = update
-    except CandidateRefused as exc:
-        outcome.train_seconds = clock.add("training", started)
-        outcome.failure = f"training failed: {exc}"
-        yield CandidateFailed(proposal.index, outcome.failure)
-        return outcome
-    if adapter is None:
-        # Never score anything in its place (an earlier candidate's adapter least of all).
-        raise RuntimeError(
-            f"the student's training stream for self-edit #{proposal.index} ended without an adapter"
-        )
+    with _span(tracer, "seal.train", index) as span:
+        try:
+            updates = student.train(
+                task, proposal, adapter_name=adapter_name, seed=seed, overrides=overrides,
+                training_prompts=training_prompts,
+            )
+            for update in updates:
+                if isinstance(update, TrainingStep):
+                    yield CandidateProgress(proposal.index, update.step, update.total_steps, update.loss)
+                else:
+                    adapter = update
+        except CandidateRefused as exc:
+            outcome.train_seconds = clock.add("training", started)
+            outcome.failure = f"training failed: {exc}"
+            span.set_status(trace.StatusCode.ERROR, outcome.failure)
+            yield CandidateFailed(proposal.index, outcome.failure)
+            return
+        if adapter is None:
+            # Never score anything in its place (an earlier candidate's adapter least of all).
+            raise RuntimeError(
+                f"the student's training stream for self-edit #{proposal.index} ended without an adapter"
+            )
+        span.set_attributes(_adapter_attributes(adapter))
     outcome.train_seconds = clock.add("training", started)
     outcome.adapter = adapter
     yield CandidateTrained(proposal.index, adapter)
 
     started = time.perf_counter()
-    score = auditor.score(
-        task, proposal, adapter, seed=seed, guardrails=check, request_id=request_id,
-        measure_retention=measure_retention,
-    )
+    with _span(tracer, "seal.score", {**index, **_adapter_attributes(adapter)}) as span:
+        score = auditor.score(
+            task, proposal, adapter, seed=seed, guardrails=check, request_id=request_id,
+            measure_retention=measure_retention,
+        )
+        span.set_attributes(_score_attributes(score))
     outcome.score_seconds = clock.add("scoring", started)
     outcome.score = score
     outcome.gates = score.gates
     yield CandidateScored(proposal.index, adapter.adapter_id, score, outcome.score_seconds)
-    return outcome
 
 
 def drain(events: Iterator[Event]) -> Any:
@@ -460,6 +557,27 @@ def update_rule(overrides: Mapping[str, Any], default: str) -> str:
     return str(overrides.get("update_rule") or default)
 
 
+def _decide(
+    candidates: Sequence[CandidateOutcome], student: StudentPort, *, k: int, request_id: str
+) -> tuple[CandidateOutcome | None, str]:
+    """Promote the best candidate that passed every gate, reject every other trained one; returns
+    the promoted candidate (None if none) and the reason, in words."""
+    best = choose_promotion(candidates)
+    if best is not None:
+        assert best.score is not None and best.adapter is not None
+        student.promote(
+            best.adapter.adapter_id,
+            f"Adapt {request_id}: best of {k}, reward {best.score.reward:+.3f}, all gates passed",
+        )
+        reason = f"promoted {best.adapter.adapter_id}: reward {best.score.reward:+.3f}, every gate passed"
+    else:
+        reason = no_promotion_reason(candidates)
+    for candidate in candidates:
+        if candidate.adapter is not None and candidate is not best:
+            student.reject(candidate.adapter.adapter_id, f"Adapt {request_id}: {reason}")
+    return best, reason
+
+
 def run_adapt(
     task: Task,
     *,
@@ -473,6 +591,8 @@ def run_adapt(
     request_id: str | None = None,
     write_questions: WriteQuestionsFn | None = None,
     needs_training_prompts: bool = False,
+    tracer: trace.Tracer | None = None,
+    trace_attributes: Attributes | None = None,
 ) -> Iterator[Event]:
     """One Adapt call: k self-edits, a candidate per edit, the best passing candidate promoted,
     every other scored candidate rejected. Yields events as they happen; the last is
@@ -480,8 +600,41 @@ def run_adapt(
 
     A task without τ gets questions written by ``write_questions`` (held out for τ, the rest
     training prompts); so does an update rule that distils on prompts
-    (``needs_training_prompts``), whose prompts then exclude the caller's τ."""
+    (``needs_training_prompts``), whose prompts then exclude the caller's τ.
+
+    With a ``tracer`` the call is one ``seal.adapt`` span (with ``trace_attributes``, the
+    caller's facts such as the update rule) whose children are ``seal.write_questions`` (when τ
+    is written), ``seal.propose``, ``seal.baseline``, a ``seal.candidate`` per self-edit (see
+    :func:`score_candidate`) and ``seal.decide``."""
     request_id = request_id or uuid.uuid4().hex[:12]
+    attributes: Attributes = {
+        "seal.request_id": request_id, "seal.k": k, "seal.adapter.name": adapter_name, "seal.seed": seed,
+        **(trace_attributes or {}),
+    }
+    with _span(tracer, "seal.adapt", attributes):
+        yield from _adapt_steps(
+            task, propose=propose, student=student, auditor=auditor, k=k, seed=seed, adapter_name=adapter_name,
+            overrides=overrides, request_id=request_id, write_questions=write_questions,
+            needs_training_prompts=needs_training_prompts, tracer=tracer,
+        )
+
+
+def _adapt_steps(
+    task: Task,
+    *,
+    propose: ProposeFn,
+    student: StudentPort,
+    auditor: AuditorPort,
+    k: int,
+    seed: int,
+    adapter_name: str,
+    overrides: Mapping[str, Any] | None,
+    request_id: str,
+    write_questions: WriteQuestionsFn | None,
+    needs_training_prompts: bool,
+    tracer: trace.Tracer | None,
+) -> Iterator[Event]:
+    """:func:`run_adapt`'s steps, inside its span."""
     clock, started_total = PhaseClock(), time.perf_counter()
 
     written: WrittenQuestions | None = None
@@ -490,7 +643,12 @@ def run_adapt(
         if write_questions is None:
             raise ValueError("no questions: τ needs at least one held-out question with its gold answer")
         started = time.perf_counter()
-        written = write_questions(task, seed)
+        with _span(tracer, "seal.write_questions") as span:
+            written = write_questions(task, seed)
+            span.set_attributes({
+                "seal.questions.written": written.written,
+                "seal.questions.kept": len(written.training) + len(written.held_out),
+            })
         yield QuestionsWritten(written, clock.add("generation", started))
         if task.questions:
             asked = {q.question.casefold() for q in task.questions}
@@ -508,11 +666,18 @@ def run_adapt(
             )
 
     started = time.perf_counter()
-    proposals = tuple(propose(task, k, seed))
+    with _span(tracer, "seal.propose", {"seal.k": k}) as span:
+        proposals = tuple(propose(task, k, seed))
+        span.set_attributes({
+            "seal.proposals": len(proposals),
+            "seal.completion_tokens": sum(p.completion_tokens for p in proposals),
+        })
     yield SelfEditsProposed(proposals, clock.add("generation", started))
 
     started = time.perf_counter()
-    baseline = auditor.baseline(task)
+    with _span(tracer, "seal.baseline") as span:
+        baseline = auditor.baseline(task)
+        span.set_attribute("seal.baseline_accuracy", baseline.accuracy)
     clock.add("scoring", started)
     yield BaselineScored(baseline)
 
@@ -521,23 +686,15 @@ def run_adapt(
         outcome = yield from score_candidate(
             task, proposal, student=student, auditor=auditor, adapter_name=adapter_name,
             seed=seed + proposal.index, request_id=request_id, overrides=overrides,
-            training_prompts=training_prompts, clock=clock,
+            training_prompts=training_prompts, clock=clock, tracer=tracer,
         )
         candidates.append(outcome)
 
-    best = choose_promotion(candidates)
-    if best is not None:
-        assert best.score is not None and best.adapter is not None
-        student.promote(
-            best.adapter.adapter_id,
-            f"Adapt {request_id}: best of {k}, reward {best.score.reward:+.3f}, all gates passed",
-        )
-        reason = f"promoted {best.adapter.adapter_id}: reward {best.score.reward:+.3f}, every gate passed"
-    else:
-        reason = no_promotion_reason(candidates)
-    for candidate in candidates:
-        if candidate.adapter is not None and candidate is not best:
-            student.reject(candidate.adapter.adapter_id, f"Adapt {request_id}: {reason}")
+    with _span(tracer, "seal.decide") as span:
+        best, reason = _decide(candidates, student, k=k, request_id=request_id)
+        span.set_attributes({"seal.decision.promoted": best is not None, "seal.decision.reason": reason})
+        if best is not None and best.adapter is not None:
+            span.set_attributes(_adapter_attributes(best.adapter))
     yield PromotionDecided(best is not None, best.adapter.adapter_id if best and best.adapter else "", reason)
 
     scored = [c for c in candidates if c.score is not None]

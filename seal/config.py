@@ -16,9 +16,9 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints
 from pydantic_settings import (
     BaseSettings,
     JsonConfigSettingsSource,
@@ -386,6 +386,194 @@ class StudentServingSettings(BaseModel):
     )
 
 
+class TracingSettings(BaseModel):
+    """OpenTelemetry traces of the three services (``seal.tracing``, docs/tracing.md), sent over
+    OTLP/gRPC to a collector. Off unless ``otlp_endpoint`` is set: then no provider, no exporter
+    and no interceptor exist, and the pipeline opens no span.
+
+    The standard ``OTEL_EXPORTER_OTLP_ENDPOINT`` does not turn tracing on (this setting is the one
+    switch, shown by ``seal config show``); in Kubernetes pass it through with
+    ``SEAL_TRACING__OTLP_ENDPOINT=$(OTEL_EXPORTER_OTLP_ENDPOINT)``. The exporter still reads the
+    other ``OTEL_EXPORTER_OTLP_*`` variables for what is not set here (headers, certificates,
+    compression)."""
+
+    otlp_endpoint: str = Field(
+        "",
+        pattern=r"^(https?://[^\s/]+/?)?$",
+        description="OTLP/gRPC collector, e.g. http://otel-collector:4317 (http:// = plaintext, https:// = TLS); "
+        "empty = tracing off",
+    )
+    sample_ratio: float = Field(
+        1.0, ge=0.0, le=1.0,
+        description="share of new traces recorded (parent-based: a call whose caller's trace is sampled is always "
+        "recorded, so a trace is never cut in half between services)",
+    )
+    service_name_prefix: str = Field(
+        "seal-", pattern=r"^[A-Za-z0-9_.-]*$", max_length=64,
+        description="service.name of each service's spans is this prefix + teacher, student or auditor",
+    )
+    resource_attributes: dict[str, str] = Field(
+        default_factory=dict,
+        description="extra resource attributes on every span, e.g. {\"deployment.environment\": \"prod\"}; they "
+        "win over OTEL_RESOURCE_ATTRIBUTES, service.name always comes from service_name_prefix",
+    )
+    export_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="seconds one batch export to the collector may take before it is dropped"
+    )
+
+
+# Kubernetes spellings, checked when the settings load so that a typo fails at start-up with the
+# setting's name instead of as a 422 from the API server in the middle of an Adapt.
+_DNS_LABEL = r"^([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)?$"
+_DNS_SUBDOMAIN = r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?)?$"
+_QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
+_LABEL_KEY = r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+_LABEL_VALUE = r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$"
+LabelKey = Annotated[str, StringConstraints(pattern=_LABEL_KEY)]
+LabelValue = Annotated[str, StringConstraints(pattern=_LABEL_VALUE)]
+Quantity = Annotated[str, StringConstraints(pattern=_QUANTITY)]
+
+
+class Toleration(BaseModel):
+    """One pod toleration, as Kubernetes spells it (``tolerationSeconds`` as toleration_seconds)."""
+
+    key: str = Field("", description="taint key matched; empty with operator Exists = every taint")
+    operator: Literal["Exists", "Equal"] = Field("Equal", description="Exists = any value; Equal = value must match")
+    value: str = Field("", description="taint value matched by operator Equal")
+    effect: Literal["", "NoSchedule", "PreferNoSchedule", "NoExecute"] = Field(
+        "", description="taint effect matched; empty = every effect"
+    )
+    toleration_seconds: int | None = Field(
+        None, ge=0, description="NoExecute only: seconds the pod stays bound after the taint appears; None = forever"
+    )
+
+
+class KubernetesExecutorSettings(BaseModel):
+    """``student.executor = "kubernetes"``: a batch of candidate trainings runs as one Kubernetes
+    Indexed Job (seal/executors/kubernetes.py). Each index trains ``candidates_per_index``
+    candidates with the base model loaded once and writes them into the student's registry on the
+    shared volume ``home_claim_name``; the student waits, collects and deletes the Job. Kueue, when
+    installed, admits the Job through ``queue_name`` (GPU quota, fair sharing); no CRD of seal's.
+    The student's service account needs create and delete on jobs and get on jobs/status (group batch)."""
+
+    # --- where and as whom ---
+    namespace: str = Field(
+        "", pattern=_DNS_LABEL,
+        description="namespace the Jobs are created in; empty = the student's own (read from the in-cluster "
+        "service-account namespace file)",
+    )
+    service_account: str = Field(
+        "", pattern=_DNS_SUBDOMAIN,
+        description="service account the training pods run as (they never call the API: no token is mounted); "
+        "empty = the namespace's default",
+    )
+    # --- the pod ---
+    image: str = Field(
+        "",
+        description="container image of the training pods: the student's own image (it runs python -m "
+        "seal.executors.worker); required when executor is kubernetes",
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        "IfNotPresent", description="imagePullPolicy of the training container"
+    )
+    gpus: int = Field(1, ge=0, le=16, description="NVIDIA GPUs (nvidia.com/gpu) each training pod requests and is limited to; 0 = CPU only")
+    requests: dict[str, Quantity] = Field(
+        default_factory=lambda: {"cpu": "4", "memory": "32Gi"},
+        description="resource requests of a training pod (cpu, memory, ephemeral-storage…); nvidia.com/gpu comes from gpus",
+    )
+    limits: dict[str, Quantity] = Field(
+        default_factory=lambda: {"memory": "64Gi"},
+        description="resource limits of a training pod; nvidia.com/gpu comes from gpus",
+    )
+    node_selector: dict[str, str] = Field(default_factory=dict, description="nodeSelector of the training pods")
+    tolerations: list[Toleration] = Field(
+        default_factory=list, description="tolerations of the training pods (e.g. of a GPU node pool's taint)"
+    )
+    runtime_class_name: str = Field(
+        "", pattern=_DNS_SUBDOMAIN, description="runtimeClassName of the training pods (e.g. nvidia); empty = the default"
+    )
+    run_as_user: int = Field(
+        10001, ge=1, description="uid of the training container; the student's, so both can write the shared registry"
+    )
+    run_as_group: int = Field(10001, ge=1, description="gid of the training container")
+    fs_group: int = Field(10001, ge=1, description="group owning the mounted volumes (fsGroup)")
+    tmp_size_limit: Quantity = Field("4Gi", description="size of /tmp, an emptyDir (the root filesystem is read-only)")
+    shm_size_limit: Quantity = Field(
+        "1Gi", description="size of /dev/shm, a memory emptyDir (PyTorch shares tensors through it)"
+    )
+    labels: dict[LabelKey, LabelValue] = Field(
+        default_factory=dict, description="extra labels on each Job and its pods (e.g. a team or cost-center label)"
+    )
+    # --- storage shared with the student ---
+    home_claim_name: str = Field(
+        "", pattern=_DNS_SUBDOMAIN,
+        description="PersistentVolumeClaim holding the student's SEAL_HOME (registry, batch specs, results); "
+        "ReadWriteMany when pods may land on other nodes. Required when executor is kubernetes",
+    )
+    home_mount_path: str = Field(
+        "/var/lib/seal", pattern=r"^/", description="where that claim is mounted in a training pod (its SEAL_HOME)"
+    )
+    model_claim_name: str = Field(
+        "", pattern=_DNS_SUBDOMAIN,
+        description="PersistentVolumeClaim with the base-model weights, mounted read-only; empty = the model is in "
+        "the image or under SEAL_HOME. model.path must name the same directory in the student and the pods",
+    )
+    model_mount_path: str = Field("/models", pattern=r"^/", description="where model_claim_name is mounted")
+    model_sub_path: str = Field(
+        "", pattern=r"^([^/].*)?$", description="subPath of model_claim_name to mount; empty = the whole volume"
+    )
+    # --- the Job ---
+    candidates_per_index: int = Field(
+        1, ge=1, le=64,
+        description="candidates one index (one pod) trains, loading the base model once; 1 = each candidate "
+        "fails, retries and is scheduled alone",
+    )
+    parallelism: int = Field(4, ge=1, le=1000, description="indexes running at once (capped at the Job's completions)")
+    backoff_limit_per_index: int = Field(
+        1, ge=0, le=10,
+        description="retries of an index whose pod failed for another reason than a bad recipe (crash, OOM); "
+        "a bad recipe fails its index at once (podFailurePolicy FailIndex)",
+    )
+    active_deadline_seconds: int = Field(
+        7200, ge=60, description="Kubernetes ends the Job this long after it starts running (restarts after a resume)"
+    )
+    ttl_seconds_after_finished: int = Field(
+        3600, ge=0,
+        description="Kubernetes deletes a finished Job this long after it ends, in case the student could not "
+        "(the student deletes each Job itself once its results are collected)",
+    )
+    queue_name: str = Field(
+        "", pattern=_LABEL_VALUE,
+        description="Kueue LocalQueue (label kueue.x-k8s.io/queue-name) that admits the Jobs; empty = no label, "
+        "the Job runs without Kueue",
+    )
+    suspend: bool = Field(
+        False,
+        description="create Jobs suspended (spec.suspend): Kueue unsuspends one when its quota admits it; "
+        "without Kueue a suspended Job never starts",
+    )
+    # --- the student's wait ---
+    wait_timeout_seconds: float = Field(
+        7800.0, ge=1,
+        description="longest the student waits for a Job (queueing included); then the Job is deleted and every "
+        "unfinished candidate fails with that reason",
+    )
+    poll_seconds: float = Field(5.0, gt=0, le=300, description="seconds between two reads of the Job's status")
+
+
+class StudentSettings(BaseModel):
+    """How the student trains candidates (``student_serving`` says how it answers Generate)."""
+
+    executor: Literal["in_process", "kubernetes"] = Field(
+        "in_process",
+        description="in_process = in the student's own process, one candidate at a time (the default); "
+        "kubernetes = a batch as one Kubernetes Indexed Job (student.kubernetes)",
+    )
+    kubernetes: KubernetesExecutorSettings = Field(
+        default_factory=KubernetesExecutorSettings, description="the Kubernetes Job executor"
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="SEAL_", env_nested_delimiter="__", extra="ignore", validate_default=True
@@ -420,8 +608,12 @@ class Settings(BaseSettings):
     )
     limits: LimitSettings = Field(default_factory=LimitSettings, description="size limits on requests")
     services: ServiceSettings = Field(default_factory=ServiceSettings, description="gRPC ports, addresses and limits")
+    student: StudentSettings = Field(default_factory=StudentSettings, description="how the student trains candidates")
     student_serving: StudentServingSettings = Field(
         default_factory=StudentServingSettings, description="how the student answers Generate"
+    )
+    tracing: TracingSettings = Field(
+        default_factory=TracingSettings, description="OpenTelemetry traces over OTLP; off unless an endpoint is set"
     )
 
     @property

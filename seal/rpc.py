@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 if TYPE_CHECKING:
     from seal.config import ServiceSettings
+    from seal.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ _CODE_BY_NAME = {
     "deadline_exceeded": grpc.StatusCode.DEADLINE_EXCEEDED,
     "cancelled": grpc.StatusCode.CANCELLED,
     "unavailable": grpc.StatusCode.UNAVAILABLE,
+    "permission_denied": grpc.StatusCode.PERMISSION_DENIED,
 }
 
 
@@ -113,6 +115,16 @@ def remaining_timeout(context: grpc.ServicerContext, ceiling: float) -> float:
     return ceiling if remaining is None else max(0.001, min(ceiling, remaining))
 
 
+def seal_version() -> str:
+    """The installed seal distribution's version ("unknown" when run from a bare source tree)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("seal")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 class RpcMetrics:
     """Per-service Prometheus metrics; each service instance owns its registry, so several
     services (or several test instances) can live in one process."""
@@ -133,6 +145,13 @@ class RpcMetrics:
             buckets=(0.005, 0.025, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800),
             registry=self.registry,
         )
+        # Always 1 while the process serves: the registry has no process metrics, so this is the
+        # series whose absence (``absent(seal_<service>_build_info)``) says the service vanished.
+        self.build_info = Gauge(
+            f"seal_{service}_build_info", "1 while this service runs; its seal version.", ["version"],
+            registry=self.registry,
+        )
+        self.build_info.labels(seal_version()).set(1)
 
     def counter(self, name: str, documentation: str, labels: tuple[str, ...] = ()) -> Counter:
         return Counter(f"seal_{self.service}_{name}", documentation, list(labels), registry=self.registry)
@@ -240,6 +259,8 @@ def start_configured_service(
     *,
     port: int | None = None,
     metrics_port: int | None = None,
+    tracing: Tracing | None = None,
+    untraced_methods: tuple[str, ...] = (),
 ) -> RunningService:
     """:func:`start_service` with the host, ports and limits ``services`` gives ``name``;
     ``port`` and ``metrics_port`` replace the configured ports when given (0 = a free one)."""
@@ -252,6 +273,8 @@ def start_configured_service(
         metrics_port=getattr(services, f"{name}_metrics_port") if metrics_port is None else metrics_port,
         max_workers=services.max_workers,
         max_concurrent_rpcs=services.max_concurrent_rpcs,
+        tracing=tracing,
+        untraced_methods=untraced_methods,
     )
 
 
@@ -265,13 +288,22 @@ def start_service(
     metrics_port: int | None,
     max_workers: int,
     max_concurrent_rpcs: int,
+    tracing: Tracing | None = None,
+    untraced_methods: tuple[str, ...] = (),
 ) -> RunningService:
     """Start a gRPC server whose servicers ``register`` adds; returns once it accepts calls.
 
-    ``port=0`` picks a free port; ``metrics_port=None`` disables the /metrics endpoint."""
+    ``port=0`` picks a free port; ``metrics_port=None`` disables the /metrics endpoint. With
+    ``tracing`` on, every call but health checks, reflection and ``untraced_methods`` gets a
+    server span, child of the caller's span when its metadata carries one; the provider is shut
+    down (its queued spans exported) after the server stops."""
+    interceptors: list[grpc.ServerInterceptor] = [_MetricsInterceptor(metrics)]
+    if tracing is not None and tracing.enabled:
+        # First, so that the span covers everything the other interceptors do.
+        interceptors.insert(0, _server_tracing_interceptor(tracing, untraced_methods))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"{name}-rpc"),
-        interceptors=[_MetricsInterceptor(metrics)],
+        interceptors=interceptors,
         maximum_concurrent_rpcs=max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -292,12 +324,44 @@ def start_service(
         raise RuntimeError(f"{name}: could not bind {host}:{port}; is another process using it?")
     server.start()
     running = RunningService(name, server, bound_port, health_servicer, service_names)
+    if tracing is not None and tracing.enabled:
+        running.on_stop.append(tracing.shutdown)
     if metrics_port is not None:
         http_server, _thread = start_http_server(metrics_port, addr=host, registry=metrics.registry)
         running._metrics_http = http_server
         running.metrics_port = http_server.server_port
     log.info("%s listening on %s:%d (metrics %s)", name, host, bound_port, running.metrics_port)
     return running
+
+
+# The instrumentation is imported only when tracing is on: an untraced process never loads it.
+
+
+def _server_tracing_interceptor(tracing: Tracing, untraced_methods: tuple[str, ...]) -> grpc.ServerInterceptor:
+    from opentelemetry.instrumentation.grpc import server_interceptor
+
+    def traced(details: grpc.HandlerCallDetails) -> bool:
+        # Probes call Check every few seconds and reflection serves grpcurl: neither belongs in
+        # a trace. ``untraced_methods`` are the subscriptions that outlive any request.
+        service, _, method = details.method.lstrip("/").rpartition("/")
+        return not service.startswith(("grpc.health.", "grpc.reflection.")) and method not in untraced_methods
+
+    return server_interceptor(tracer_provider=tracing.provider, filter_=traced)
+
+
+def traced_channel(channel: grpc.Channel, tracing: Tracing | None) -> grpc.Channel:
+    """``channel`` with a client span per call whose context travels in the request metadata (W3C
+    ``traceparent``), so the callee's server span joins the caller's trace; ``channel`` itself
+    when tracing is off.
+
+    The traced channel returns plain generators for server-streaming calls, not ``grpc.Call``
+    objects: a caller that needs ``cancel()`` or ``code()`` on a stream keeps the plain channel."""
+    if tracing is None or not tracing.enabled:
+        return channel
+    from opentelemetry.instrumentation.grpc import client_interceptor
+    from opentelemetry.instrumentation.grpc.grpcext import intercept_channel
+
+    return intercept_channel(channel, client_interceptor(tracer_provider=tracing.provider))
 
 
 def serve_until_signalled(running: RunningService, grace: float) -> None:

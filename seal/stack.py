@@ -3,12 +3,13 @@ notebooks. Production runs each service in its own process or pod (``seal serve`
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from seal.config import Settings
 from seal.rpc import RunningService
+from seal.tracing import Tracing
 
 
 @dataclass
@@ -24,13 +25,19 @@ class LocalStack:
 
 
 @contextmanager
-def local_stack(settings: Settings, *, student_backend: str | None = "in_process") -> Iterator[LocalStack]:
+def local_stack(
+    settings: Settings, *, student_backend: str | None = "in_process", tracing: Mapping[str, Tracing] | None = None
+) -> Iterator[LocalStack]:
     """Start student, auditor and teacher on free gRPC and /metrics ports, each told the others'
     real addresses.
 
     ``student_backend`` overrides ``settings.student_serving.backend``; in_process by default, so
     that pipeline tests do not pay a tritonserver start each (tests/test_student_triton.py runs
-    the stack with "triton"). None keeps what the settings say."""
+    the stack with "triton"). None keeps what the settings say.
+
+    ``tracing`` maps a service name to the tracing it uses instead of what ``settings.tracing``
+    says (tests give each service its own in-memory exporter)."""
+    tracing = tracing or {}
     if student_backend is not None:
         settings = settings.model_copy(update={"student_serving": settings.student_serving.model_copy(
             update={"backend": student_backend})})
@@ -41,19 +48,19 @@ def local_stack(settings: Settings, *, student_backend: str | None = "in_process
     metrics_port = 0
     started: list[RunningService] = []
     try:
-        student = serve_student(settings, port=0, metrics_port=metrics_port)
+        student = serve_student(settings, port=0, metrics_port=metrics_port, tracing=tracing.get("student"))
         started.append(student)
         settings = settings.model_copy(
             update={"services": settings.services.model_copy(update={"student_address": student.address})}
         )
-        auditor = serve_auditor(settings, port=0, metrics_port=metrics_port)
+        auditor = serve_auditor(settings, port=0, metrics_port=metrics_port, tracing=tracing.get("auditor"))
         started.append(auditor)
         if "auditor" in student.connect:
             student.connect["auditor"](auditor.address)
         settings = settings.model_copy(
             update={"services": settings.services.model_copy(update={"auditor_address": auditor.address})}
         )
-        teacher = serve_teacher(settings, port=0, metrics_port=metrics_port)
+        teacher = serve_teacher(settings, port=0, metrics_port=metrics_port, tracing=tracing.get("teacher"))
         started.append(teacher)
         yield LocalStack(settings, student, auditor, teacher)
     finally:

@@ -1,5 +1,9 @@
 """The student engine: the base model, one LoRA candidate per self-edit, the registry of versions,
-and generation with any version (transport-free; ``student_svc`` wraps it in gRPC)."""
+and generation with any version (transport-free; ``student_svc`` wraps it in gRPC).
+
+:class:`CandidateTrainer` is the training half on its own (base model, update rules, registry):
+the student trains through it in process, and a Kubernetes training pod (seal.executors.worker)
+runs the very same class, so a candidate is built by one code path wherever it runs."""
 
 from __future__ import annotations
 
@@ -14,6 +18,14 @@ from typing import Any
 from seal.anchors import AnchorSet, AnchorStore, anchor_examples, kl_drift
 from seal.config import Settings
 from seal.domains.knowledge import build_question_prompt, build_training_sequences, parse_self_edit
+from seal.executors import (
+    CandidateJob,
+    CandidateOutcome,
+    CandidateResult,
+    StepCallback,
+    TrainingExecutor,
+    resolve_executor,
+)
 from seal.models import (
     Generation,
     SamplingParams,
@@ -43,56 +55,48 @@ class AdapterChoice:
     promoted_of: str = ""
 
 
-@dataclass(frozen=True)
-class CandidateResult:
-    manifest: Manifest
-    training_sequences: int
-    losses: list[float]
-    seconds: float
-
-
 def self_edit_digest(self_edit: str) -> str:
     return hashlib.sha256(self_edit.encode()).hexdigest()
 
 
-class Student:
-    def __init__(self, settings: Settings, *, serving: ServingBackend | None = None) -> None:
-        """``serving`` answers Generate for this student's registry (``settings.registry_dir``);
-        the student starts it and owns it from then on (``close``). None: in-process generation,
-        so that library users (benches, evaluation scripts) never get a tritonserver started
-        behind their back; the service passes ``seal.serving.resolve_backend(settings)``."""
+class CandidateTrainer:
+    """Trains candidates from self-edits by the configured update rules and stores each as a new
+    candidate version in ``registry``. The base model is loaded once (now, or on first use with
+    ``load_model=False``) and every run starts from it."""
+
+    def __init__(self, settings: Settings, registry: AdapterRegistry, *, load_model: bool = True) -> None:
         self.settings = settings
         self.model_path = resolve_model_path(settings.model)
         self.base_model_name = self.model_path.name
         self.fingerprint = model_fingerprint(self.model_path)
-        # Two copies on purpose: PEFT injects LoRA layers into the model it wraps, so the copy
-        # that serves loaded adapters must never be the one each training run starts from.
-        self._train_base, self.tokenizer = load_model_and_tokenizer(
-            self.model_path, dtype=settings.model.dtype, torch_threads=settings.model.torch_threads,
-            device=settings.model.device,
-        )
+        self.registry = registry
+        self._model_lock = threading.Lock()
+        self._loaded: tuple[Any, Any] | None = None
         # One training run at a time: on a CPU node two runs only slow each other down.
         self._train_lock = threading.Lock()
         # The base model's anchor answers (built on first use) and their examples per max_seq_len.
         self._anchors: AnchorSet | None = None
         self._anchor_examples_by_len: dict[int, list[tuple[list[int], list[int]]]] = {}
-        self.registry = AdapterRegistry(settings.registry_dir)
-        self.serving: ServingBackend = (
-            serving if serving is not None else InProcessBackend(settings, self.registry, self.model_path)
-        )
-        self.serving.start(self.registry.promoted(settings.adapter_name))
+        if load_model:
+            self._model_and_tokenizer()
+
+    def _model_and_tokenizer(self) -> tuple[Any, Any]:
+        with self._model_lock:
+            if self._loaded is None:
+                self._loaded = load_model_and_tokenizer(
+                    self.model_path, dtype=self.settings.model.dtype, torch_threads=self.settings.model.torch_threads,
+                    device=self.settings.model.device,
+                )
+            return self._loaded
 
     @property
-    def backend(self) -> BackendKind:
-        """Which backend answers Generate ('in_process' or 'triton')."""
-        return self.serving.name
+    def _train_base(self) -> Any:
+        """The base model every training run starts from (never the copy that serves)."""
+        return self._model_and_tokenizer()[0]
 
-    def close(self) -> None:
-        self.serving.close()
-
-    def served_versions(self) -> dict[str, str]:
-        """role -> version currently served for requests that name none ('base' = no adapter)."""
-        return self.serving.served()
+    @property
+    def tokenizer(self) -> Any:
+        return self._model_and_tokenizer()[1]
 
     # --- training --------------------------------------------------------------------------
 
@@ -250,6 +254,52 @@ class Student:
                 self.tokenizer, self._anchors, max_seq_len=max_seq_len
             )
         return self._anchor_examples_by_len[max_seq_len]
+
+
+class Student(CandidateTrainer):
+    def __init__(
+        self, settings: Settings, *, serving: ServingBackend | None = None, executor: TrainingExecutor | None = None
+    ) -> None:
+        """``serving`` answers Generate for this student's registry (``settings.registry_dir``);
+        the student starts it and owns it from then on (``close``). None: in-process generation,
+        so that library users (benches, evaluation scripts) never get a tritonserver started
+        behind their back; the service passes ``seal.serving.resolve_backend(settings)``.
+        ``executor`` trains batches (``train_candidates``); None = the one ``student.executor`` names."""
+        # Two copies of the base model on purpose: PEFT injects LoRA layers into the model it
+        # wraps, so the copy that serves loaded adapters must never be the one each training run
+        # starts from. With training Jobs the pods load theirs; this one loads only if asked to.
+        super().__init__(
+            settings, AdapterRegistry(settings.registry_dir), load_model=settings.student.executor == "in_process"
+        )
+        # Before the backend starts: a misconfigured executor must not leave a tritonserver behind.
+        self.executor: TrainingExecutor = executor if executor is not None else resolve_executor(settings, self)
+        self.serving: ServingBackend = (
+            serving if serving is not None else InProcessBackend(settings, self.registry, self.model_path)
+        )
+        self.serving.start(self.registry.promoted(settings.adapter_name))
+
+    @property
+    def backend(self) -> BackendKind:
+        """Which backend answers Generate ('in_process' or 'triton')."""
+        return self.serving.name
+
+    def close(self) -> None:
+        self.serving.close()
+
+    def served_versions(self) -> dict[str, str]:
+        """role -> version currently served for requests that name none ('base' = no adapter)."""
+        return self.serving.served()
+
+    def train_candidates(
+        self,
+        jobs: Sequence[CandidateJob],
+        *,
+        on_step: StepCallback | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[CandidateOutcome]:
+        """A batch of candidates through the configured executor (``student.executor``): one
+        outcome per job, in order; a candidate that fails fails alone."""
+        return self.executor.run(jobs, on_step=on_step, should_stop=should_stop)
 
     # --- serving ---------------------------------------------------------------------------
 

@@ -14,11 +14,13 @@ from prometheus_client import Gauge
 from seal.audit_outbox import AuditOutbox
 from seal.config import Settings
 from seal.domains.knowledge import context_digest
+from seal.executors import CandidateJob
 from seal.models import SamplingParams
 from seal.registry import Manifest, parse_adapter_id
 from seal.rpc import RpcMetrics, RunningService, deadline_checker, map_errors, start_configured_service
 from seal.serving import resolve_backend
 from seal.student import AdapterChoice, Student
+from seal.tracing import Tracing, build_tracing
 from seal.transport import convert
 from seal.v1 import auditor_pb2, auditor_pb2_grpc, common_pb2, student_pb2, student_pb2_grpc
 
@@ -72,7 +74,10 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
             "training_seconds", "Wall time of one LoRA SFT run.", (5, 15, 30, 60, 120, 300, 600, 1800)
         )
         self._promotions = metrics.counter("promotions_total", "Versions promoted to serving.", ("adapter",))
-        self._rollbacks = metrics.counter("rollbacks_total", "Rollbacks of the served version.", ("adapter",))
+        self._rollbacks = metrics.counter(
+            "rollbacks_total", "Rollbacks of the served version, whoever asked (operator or the auditor's re-check).",
+            ("adapter",),
+        )
         self._tokens = metrics.counter(
             "generated_tokens_total", "Completion tokens generated.", ("adapter",)
         )
@@ -87,6 +92,15 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
             "adapter_swap_seconds", "Wall time of a change of the served version (registry and server).",
             (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120), ("operation",)
         )
+        # At 0 from the start for the label values known up front (the configured adapter, the base
+        # model, both swap operations): Prometheus' increase() and rate() cannot see the first event
+        # of a series that appears already at 1, and rare events are what the dashboard must show.
+        self._promotions.labels(settings.adapter_name)
+        self._rollbacks.labels(settings.adapter_name)
+        for operation in ("promote", "rollback"):
+            self._swap_seconds.labels(operation)
+        for counted in (self._generate_seconds, self._generate_requests, self._tokens):
+            counted.labels("base")
         self._served_info = Gauge(
             "seal_student_served_adapter_info", "1 for each version served to requests that name none.",
             ["adapter", "role"], registry=metrics.registry,
@@ -139,7 +153,7 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
 
         def train() -> None:
             try:
-                outcome["result"] = self._student.train_candidate(
+                job = CandidateJob(
                     adapter_name=request.adapter_name or self._settings.adapter_name,
                     title=request.context.title,
                     passage=request.context.passage,
@@ -148,10 +162,15 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
                     overrides=overrides,
                     include_passage=include_passage,
                     seed=request.seed if request.HasField("seed") else None,
-                    training_prompts=list(request.training_prompts),
-                    on_step=on_step,
+                    training_prompts=tuple(request.training_prompts),
+                )
+                # A batch of one through the configured executor (student.executor): in process it
+                # streams every step; as a Kubernetes Job the steps happen in the pod.
+                [candidate] = self._student.train_candidates(
+                    [job], on_step=lambda _position, step, total, loss: on_step(step, total, loss),
                     should_stop=deadline_checker(context),
                 )
+                outcome["result"] = candidate.result_or_raise()
             except Exception as exc:  # noqa: BLE001 - re-raised in the RPC thread below
                 outcome["error"] = exc
             finally:
@@ -256,17 +275,24 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
         return response
 
 
-def serve_student(settings: Settings, *, port: int | None = None, metrics_port: int | None = None) -> RunningService:
-    """Load the model, open the registry and start serving; ``port=0`` picks a free port."""
+def serve_student(
+    settings: Settings, *, port: int | None = None, metrics_port: int | None = None, tracing: Tracing | None = None
+) -> RunningService:
+    """Load the model, open the registry and start serving; ``port=0`` picks a free port.
+    ``tracing``: this service's spans (tests pass one with an in-memory exporter); None = as
+    ``settings.tracing`` says."""
     student = Student(settings, serving=resolve_backend(settings))  # the backend the settings name
     try:
-        return _serve(student, settings, port, metrics_port)
+        return _serve(student, settings, port, metrics_port,
+                      tracing if tracing is not None else build_tracing("student", settings.tracing))
     except BaseException:
         student.close()  # a supervised tritonserver must not outlive a failed start
         raise
 
 
-def _serve(student: Student, settings: Settings, port: int | None, metrics_port: int | None) -> RunningService:
+def _serve(
+    student: Student, settings: Settings, port: int | None, metrics_port: int | None, tracing: Tracing
+) -> RunningService:
     metrics = RpcMetrics("student")
     services = settings.services
     senders: list[AuditorEventSender] = [AuditorEventSender(services.address_of("auditor"))]
@@ -277,7 +303,11 @@ def _serve(student: Student, settings: Settings, port: int | None, metrics_port:
         student_pb2_grpc.add_StudentServiceServicer_to_server(servicer, server)
         return [student_pb2.DESCRIPTOR.services_by_name["StudentService"].full_name]
 
-    running = start_configured_service("student", register, services, metrics, port=port, metrics_port=metrics_port)
+    # Audit events reach the auditor from the outbox's own thread, later and retried, so they
+    # are not part of the request's trace: that channel stays untraced.
+    running = start_configured_service(
+        "student", register, services, metrics, port=port, metrics_port=metrics_port, tracing=tracing
+    )
 
     def connect_auditor(address: str) -> None:
         senders.append(AuditorEventSender(address))

@@ -8,11 +8,16 @@ import logging
 import threading
 import uuid
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import grpc
 
 from seal.adapt import (
+    GUARDRAIL_PREFIX,
     ON_POLICY_RULES,
+    AdaptFinished,
+    CandidateFailed,
+    CandidateScored,
     PromotionDecided,
     SelfEditsProposed,
     proposer_fn,
@@ -25,7 +30,7 @@ from seal.config import Settings
 from seal.grading import build_grader
 from seal.registry import validate_adapter_name
 from seal.rl.policy import TeacherPolicy, open_teacher_policy
-from seal.rl.restem import RoundReport
+from seal.rl.restem import KEEP_RULES, RoundReport
 from seal.rpc import (
     RpcMetrics,
     RunningService,
@@ -33,6 +38,7 @@ from seal.rpc import (
     map_errors,
     remaining_timeout,
     start_configured_service,
+    traced_channel,
 )
 from seal.teacher import (
     RewardBuffer,
@@ -50,9 +56,37 @@ from seal.v1 import (
 )
 from seal.transport import convert
 from seal.transport.ports import GrpcAuditorPort, GrpcStudentPort
+from seal.tracing import Tracing, build_tracing
 from teacher_svc.restem import round_inputs, stream_round
 
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
+
 log = logging.getLogger(__name__)
+
+
+# Values of the ``reason`` label of seal_teacher_no_promotion_total. A label must be a small fixed
+# set (the full sentence is in the Adapt result and the audit trail): the first failed gate of the
+# candidate closest to promotion, or why no candidate was ever scored.
+NO_PROMOTION_REASONS = ("no_candidates", "guardrails", "training_failed", "tau_gain", "retention", "retention_kl", "other")
+# The phases seal.adapt times (AdaptFinished.phase_seconds), ``total`` being the whole call.
+ADAPT_PHASES = ("generation", "training", "scoring", "total")
+
+
+def no_promotion_reason_label(failed: list[CandidateFailed], scored: list[CandidateScored]) -> str:
+    """Why an Adapt promoted nothing, as one of :data:`NO_PROMOTION_REASONS`: the first failed
+    gate of the best-rewarded scored candidate; with none scored, why the first candidate never
+    was (a guardrail refused it, or its training failed)."""
+    if scored:
+        best = max(scored, key=lambda candidate: candidate.score.reward)
+        gate = next((g.gate for g in best.score.gates if not g.passed), "")
+        if gate == "guardrails" or gate.startswith(GUARDRAIL_PREFIX):
+            return "guardrails"
+        return gate if gate in NO_PROMOTION_REASONS else "other"
+    if failed:
+        first = min(failed, key=lambda candidate: candidate.index)
+        return "guardrails" if any(not g.passed for g in first.gates) else "training_failed"
+    return "no_candidates"
 
 
 class TeacherBusy(RuntimeError):
@@ -74,8 +108,11 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         *,
         policy: TeacherPolicy | None = None,
         buffer: RewardBuffer | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self._settings = settings
+        # Adapt's pipeline spans (seal.adapt and its children); None = tracing off.
+        self._tracer = tracer
         self._proposer = proposer
         self._policy = policy
         self._buffer = buffer
@@ -86,12 +123,30 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         self._grader = build_grader(settings.auditor)
         self._self_edits = metrics.counter("self_edits_proposed_total", "Self-edits sampled.", ("style",))
         self._promotions = metrics.counter("promotions_total", "Adapt calls that promoted a candidate.", ("adapter",))
-        self._rejections = metrics.counter("no_promotion_total", "Adapt calls that promoted nothing.", ("adapter",))
+        self._rejections = metrics.counter(
+            "no_promotion_total", "Adapt calls that promoted nothing, by why (NO_PROMOTION_REASONS).",
+            ("adapter", "reason"),
+        )
+        self._phase_seconds = metrics.histogram(
+            "adapt_phase_seconds", "Wall time of each phase of an Adapt call (total: the whole call).",
+            (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600), ("phase",),
+        )
         self._generation_seconds = metrics.histogram(
             "generation_seconds", "Wall time to sample the k self-edits.", (1, 5, 15, 30, 60, 120, 300, 600)
         )
         self._rounds = metrics.counter("restem_rounds_total", "ReST^EM rounds finished.", ("keep_rule",))
         self._kept = metrics.counter("restem_kept_self_edits_total", "Self-edits kept for the policy's SFT.", ("keep_rule",))
+        # Series of the label values known up front exist at 0 from the start: Prometheus'
+        # increase() cannot see a counter's first event when its series appears already at 1, and
+        # the alerts (no promotion, reward collapse after a round) rely on seeing it.
+        self._promotions.labels(settings.adapter_name)
+        for reason in NO_PROMOTION_REASONS:
+            self._rejections.labels(settings.adapter_name, reason)
+        for phase in ADAPT_PHASES:
+            self._phase_seconds.labels(phase)
+        for keep_rule in KEEP_RULES:
+            self._rounds.labels(keep_rule)
+            self._kept.labels(keep_rule)
 
     # --- validation ------------------------------------------------------------------------
 
@@ -180,6 +235,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
 
         student = GrpcStudentPort(self._student, timeout)
         overrides = convert.overrides_from_proto(request.overrides)
+        rule = update_rule(overrides, self._settings.update.rule)
         events = run_adapt(
             convert.task_from_proto(request.context, request.questions),
             propose=proposer_fn(self._proposer, style),
@@ -189,19 +245,33 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
                 self._proposer, student, self._grader, self._settings.teacher,
                 answer_max_new_tokens=self._settings.auditor.answer_max_new_tokens,
             ),
-            needs_training_prompts=update_rule(overrides, self._settings.update.rule) in ON_POLICY_RULES,
+            needs_training_prompts=rule in ON_POLICY_RULES,
             k=k,
             seed=request.seed if request.HasField("seed") else self._settings.seed,
             adapter_name=adapter_name,
             overrides=overrides,
             request_id=request_id,
+            tracer=self._tracer,
+            trace_attributes={"seal.update_rule": rule, "seal.prompt_style": style},
         )
+        failed: list[CandidateFailed] = []
+        scored: list[CandidateScored] = []
         for event in events:
             if isinstance(event, SelfEditsProposed):
                 self._generation_seconds.observe(event.seconds)
                 self._self_edits.labels(style).inc(len(event.proposals))
+            elif isinstance(event, CandidateFailed):
+                failed.append(event)
+            elif isinstance(event, CandidateScored):
+                scored.append(event)
             elif isinstance(event, PromotionDecided):
-                (self._promotions if event.promoted else self._rejections).labels(adapter_name).inc()
+                if event.promoted:
+                    self._promotions.labels(adapter_name).inc()
+                else:
+                    self._rejections.labels(adapter_name, no_promotion_reason_label(failed, scored)).inc()
+            elif isinstance(event, AdaptFinished):
+                for phase, seconds in event.phase_seconds.items():
+                    self._phase_seconds.labels(phase).observe(seconds)
             yield convert.adapt_event_to_proto(event, request_id)
 
 
@@ -251,8 +321,13 @@ def build_teacher_policy(settings: Settings) -> TeacherPolicy:
     return policy
 
 
-def serve_teacher(settings: Settings, *, port: int | None = None, metrics_port: int | None = None) -> RunningService:
+def serve_teacher(
+    settings: Settings, *, port: int | None = None, metrics_port: int | None = None, tracing: Tracing | None = None
+) -> RunningService:
+    """``tracing``: this service's spans (tests pass one with an in-memory exporter); None = as
+    ``settings.tracing`` says."""
     services = settings.services
+    tracing = tracing if tracing is not None else build_tracing("teacher", settings.tracing)
     policy = build_teacher_policy(settings)
     teacher = settings.teacher
     proposer = SelfEditProposer(
@@ -265,14 +340,20 @@ def serve_teacher(settings: Settings, *, port: int | None = None, metrics_port: 
     auditor_channel = grpc.insecure_channel(services.address_of("auditor"))
     metrics = RpcMetrics("teacher")
     buffer = RewardBuffer(settings.home / "teacher" / "restem_buffer.jsonl")
-    servicer = TeacherServicer(settings, proposer, student_channel, auditor_channel, metrics, policy=policy, buffer=buffer)
+    servicer = TeacherServicer(
+        settings, proposer, traced_channel(student_channel, tracing), traced_channel(auditor_channel, tracing),
+        metrics, policy=policy, buffer=buffer, tracer=tracing.tracer("seal.adapt"),
+    )
+    # The plain channel: the reward subscription outlives any request, and stop() cancels its call.
     subscriber = RewardSubscriber(auditor_channel, buffer)
 
     def register(server: grpc.Server) -> list[str]:
         teacher_pb2_grpc.add_TeacherServiceServicer_to_server(servicer, server)
         return [teacher_pb2.DESCRIPTOR.services_by_name["TeacherService"].full_name]
 
-    running = start_configured_service("teacher", register, services, metrics, port=port, metrics_port=metrics_port)
+    running = start_configured_service(
+        "teacher", register, services, metrics, port=port, metrics_port=metrics_port, tracing=tracing
+    )
     subscriber.start()
     running.on_stop.extend([subscriber.stop, student_channel.close, auditor_channel.close, policy.engine.close])
     return running

@@ -25,9 +25,8 @@ from tests.tools import ROOT, tool
 
 CHART = ROOT / "helm" / "seal"
 MATRIX = {"default": None, **{path.stem: path for path in sorted((CHART / "ci").glob("*.yaml"))}}
-# The oldest and newest Kubernetes the chart supports (kubeVersion in Chart.yaml: native gRPC
-# probes are GA since 1.27; 1.29 is the oldest still under extended support at big providers),
-# and one between.
+# The oldest and newest Kubernetes the chart supports (kubeVersion in Chart.yaml: the training
+# Jobs' backoffLimitPerIndex needs 1.29; 1.37 is the newest kubernetes-validate knows), and one between.
 KUBERNETES_VERSIONS = ("1.29.0", "1.33.0", "1.37.0")
 # prometheus-operator's custom resources: no schema for them ships with kubernetes-validate.
 CUSTOM_KINDS = {"ServiceMonitor": "monitoring.coreos.com/v1", "PrometheusRule": "monitoring.coreos.com/v1"}
@@ -155,7 +154,11 @@ def test_the_pods_read_the_values_settings_and_reach_each_other_by_service_name(
     for component in COMPONENTS:
         settings = _pod_settings(docs, component, tmp_path, monkeypatch)
         effective = settings.model_dump(mode="json")
+        # What the chart fills in for this pod (an empty value it alone knows) is checked below.
+        filled = {e["name"] for e in container(docs, component)["env"]}
         for dotted in _leaves(values):
+            if "SEAL_" + "__".join(part.upper() for part in dotted.split(".")) in filled:
+                continue
             node_v, node_e = values, effective
             for part in dotted.split("."):
                 node_v, node_e = node_v[part], node_e[part]
@@ -203,6 +206,7 @@ def test_changing_a_setting_restarts_the_pods() -> None:
         ("metrics.serviceMonitor.interval=soon", "/metrics/serviceMonitor/interval"),
         ("components.auditor.image.digest=sha256:abc", "/components/auditor/image/digest"),
         ("settings.services.shutdown_grace_s=100", "terminationGracePeriodSeconds (60) is below settings.services.shutdown_grace_s"),
+        ("settings.student.executor=kubernetes", "set components.student.persistence.accessModes to [ReadWriteMany]"),
     ],
 )
 def test_bad_values_are_refused_with_the_key_that_is_wrong(assignment: str, message: str) -> None:
@@ -303,6 +307,44 @@ def test_notes_show_a_grpcurl_adapt_call_that_parses_as_an_adapt_request() -> No
     body = re.search(r"grpcurl .*?-d '(\{.*?\})'", notes).group(1)
     request = json_format.Parse(body, teacher_pb2.AdaptRequest())
     assert request.context.passage and request.questions and request.k == 2
+
+
+# --- candidate training as Kubernetes Jobs ------------------------------------------------------
+
+
+def test_a_student_with_the_job_executor_builds_jobs_the_api_accepts_and_may_create(rendered, tmp_path, monkeypatch) -> None:
+    """The chart fills what only it knows (image, registry claim, model claim, instance label);
+    the Job the student would create from those settings validates, mounts the student's own
+    volume, and its pods are the ones the chart's NetworkPolicy selects."""
+    import kubernetes_validate
+
+    from seal.executors.kubernetes import job_manifest
+
+    docs = rendered["executor-kubernetes-values"]
+    student = deployment(docs, "student")
+    assert student["spec"]["template"]["spec"]["automountServiceAccountToken"] is True
+    assert all(deployment(docs, c)["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+               for c in ("teacher", "auditor"))
+    options = _pod_settings(docs, "student", tmp_path, monkeypatch).student.kubernetes
+    job = job_manifest(options, name="seal-train-x", namespace="seal", batch_id="x", completions=2,
+                       spec_file="/var/lib/seal/training-jobs/x/spec.json",
+                       settings_file="/var/lib/seal/training-jobs/x/settings.json")
+    for version in KUBERNETES_VERSIONS:
+        kubernetes_validate.validate(job, version, strict=True)
+    pod = job["spec"]["template"]["spec"]
+    assert pod["containers"][0]["image"] == container(docs, "student")["image"]
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    assert claims == {"r-seal-student", "model-weights"}
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-training" and job["spec"]["suspend"] is True
+    selector = by_kind(docs, "NetworkPolicy")["r-seal-training"]["spec"]["podSelector"]["matchLabels"]
+    assert selector.items() <= job["spec"]["template"]["metadata"]["labels"].items()
+
+    role = by_kind(docs, "Role")["r-seal-training-jobs"]
+    granted = {(resource, verb) for rule in role["rules"] for resource in rule["resources"] for verb in rule["verbs"]}
+    assert granted == {("jobs", "create"), ("jobs", "delete"), ("jobs/status", "get")}
+    binding = by_kind(docs, "RoleBinding")["r-seal-training-jobs"]
+    assert binding["subjects"][0]["name"] == student["spec"]["template"]["spec"]["serviceAccountName"]
+    assert not by_kind(rendered["default"], "Role")
 
 
 # --- security findings and the Dockerfile -------------------------------------------------------

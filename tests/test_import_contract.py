@@ -3,6 +3,7 @@ the core never imports a service package, and only its transport modules import 
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -15,4 +16,4 @@ def test_import_contract_is_kept() -> None:
     lint = shutil.which("lint-imports") or str(Path(sys.executable).parent / "lint-imports")
     result = subprocess.run([lint, "--no-cache"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert "2 kept, 0 broken" in result.stdout
+    assert re.search(r"Contracts: \d+ kept, 0 broken", result.stdout)

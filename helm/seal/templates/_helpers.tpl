@@ -143,3 +143,34 @@ seccompProfile:
 {{- end -}}
 {{- end -}}
 {{- end -}}
+
+{{/* What a student that trains in Kubernetes Jobs needs and only the chart knows, each set only
+     where settings.student.kubernetes leaves it empty: the image (the student's own), the
+     registry volume (the student's PVC) and the model volume. */}}
+{{- define "seal.executorEnv" -}}
+{{- $k := .Values.settings.student.kubernetes -}}
+{{- $student := .Values.components.student -}}
+{{- if not $k.image }}
+- name: SEAL_STUDENT__KUBERNETES__IMAGE
+  value: {{ include "seal.image" (dict "root" . "image" $student.image) | quote }}
+{{- end }}
+{{- if not $k.home_claim_name }}
+- name: SEAL_STUDENT__KUBERNETES__HOME_CLAIM_NAME
+  value: {{ default (printf "%s-student" (include "seal.fullname" .)) $student.persistence.existingClaim | quote }}
+{{- end }}
+{{- /* The release's instance label joins the user's, so the chart's NetworkPolicy selects the training pods. */}}
+- name: SEAL_STUDENT__KUBERNETES__LABELS
+  value: {{ merge (dict "app.kubernetes.io/instance" .Release.Name) $k.labels | toJson | quote }}
+{{- if and (not $k.model_claim_name) .Values.model.existingClaim }}
+- name: SEAL_STUDENT__KUBERNETES__MODEL_CLAIM_NAME
+  value: {{ .Values.model.existingClaim | quote }}
+- name: SEAL_STUDENT__KUBERNETES__MODEL_MOUNT_PATH
+  value: {{ .Values.model.mountPath | quote }}
+- name: SEAL_STUDENT__KUBERNETES__MODEL_SUB_PATH
+  value: {{ .Values.model.subPath | quote }}
+{{- end }}
+{{- end -}}
+
+{{- define "seal.executorNamespace" -}}
+{{- default .Release.Namespace .Values.settings.student.kubernetes.namespace -}}
+{{- end -}}
