@@ -4,15 +4,20 @@ codes. Algorithms never import this module; the services do."""
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import logging
+import os
 import signal
 import threading
 import time
+from collections import namedtuple
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import grpc
@@ -20,8 +25,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from seal import auth as authz
+
 if TYPE_CHECKING:
-    from seal.config import ServiceSettings
+    from seal.config import AuthSettings, ServiceSettings
     from seal.tracing import Tracing
 
 log = logging.getLogger(__name__)
@@ -153,6 +160,14 @@ class RpcMetrics:
         )
         self.build_info.labels(seal_version()).set(1)
 
+    def expect_methods(self, methods: list[str]) -> None:
+        """Create each method's OK and latency series at 0 before its first call: Prometheus'
+        rate() and increase() cannot see the first call of a series that appears already at 1,
+        and an error ratio needs its denominator from the start."""
+        for method in methods:
+            self.requests.labels(method, grpc.StatusCode.OK.name)
+            self.latency.labels(method)
+
     def counter(self, name: str, documentation: str, labels: tuple[str, ...] = ()) -> Counter:
         return Counter(f"seal_{self.service}_{name}", documentation, list(labels), registry=self.registry)
 
@@ -215,6 +230,291 @@ class _MetricsInterceptor(grpc.ServerInterceptor):
         return handler
 
 
+# --- authentication, authorisation and the concurrency limit (seal/auth.py decides) --------------
+
+_STATUS_OF_AUTH = {
+    "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
+    "permission_denied": grpc.StatusCode.PERMISSION_DENIED,
+}
+# Health checks are never limited: a flooded service must still answer its Kubernetes probes.
+_UNLIMITED_SERVICES = ("grpc.health.v1.Health",)
+# Threads beyond max_concurrent_rpcs, so that health checks and refusals never wait for a worker.
+_RESERVED_THREADS = 4
+_IGNORED = object()  # what a refused call's request "decodes" to: its bytes are never parsed
+_principal: contextvars.ContextVar[str | None] = contextvars.ContextVar("seal_principal", default=None)
+
+
+def current_principal() -> str | None:
+    """Name of the principal whose RPC this thread is serving; None with auth off."""
+    return _principal.get()
+
+
+@contextmanager
+def _acting_as(principal: authz.Principal) -> Iterator[None]:
+    token = _principal.set(principal.name)
+    try:
+        yield
+    finally:
+        try:
+            _principal.reset(token)
+        except ValueError:  # a stream closed by the garbage collector in another thread
+            pass
+
+
+def _wrap_behaviour(
+    handler: grpc.RpcMethodHandler, around: Callable[[grpc.ServicerContext], AbstractContextManager[Any]]
+) -> grpc.RpcMethodHandler:
+    """``handler`` whose behaviour runs inside ``around(context)``, for all four call shapes."""
+    if handler.unary_unary or handler.stream_unary:
+        inner = handler.unary_unary or handler.stream_unary
+
+        def unary_response(request, context):  # type: ignore[no-untyped-def]
+            with around(context):
+                return inner(request, context)
+
+        make = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
+        return make(unary_response, handler.request_deserializer, handler.response_serializer)
+    inner_stream = handler.unary_stream or handler.stream_stream
+
+    def stream_response(request, context):  # type: ignore[no-untyped-def]
+        with around(context):
+            yield from inner_stream(request, context)
+
+    make = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
+    return make(stream_response, handler.request_deserializer, handler.response_serializer)
+
+
+def _refusing_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    """A handler of ``handler``'s shape that answers ``code`` without parsing the request."""
+
+    def refuse(_request, context):  # type: ignore[no-untyped-def]
+        context.abort(code, message)
+
+    def ignore(_raw: bytes) -> object:
+        return _IGNORED
+
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(refuse, ignore, handler.response_serializer)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(refuse, ignore, handler.response_serializer)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(refuse, ignore, handler.response_serializer)
+    return grpc.stream_stream_rpc_method_handler(refuse, ignore, handler.response_serializer)
+
+
+def _certificate_names(auth_context: dict[str, list[bytes]]) -> list[str]:
+    names = [*auth_context.get("x509_common_name", []), *auth_context.get("x509_subject_alternative_name", [])]
+    return [n.decode("utf-8", "replace") if isinstance(n, bytes) else str(n) for n in names]
+
+
+class _AuthInterceptor(grpc.ServerInterceptor):
+    """Authenticates every call but health checks (bearer token, else the TLS client certificate)
+    and checks its scope against seal.auth.METHOD_SCOPES. A call carrying a token, or no
+    credential a certificate could replace, is decided before its request is parsed."""
+
+    def __init__(self, service: str, principals: authz.PrincipalStore, *, certificates: bool) -> None:
+        self._service = service
+        self._principals = principals
+        self._certificates = certificates  # the TLS handshake verified client certificates
+
+    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or authz.is_open(method):
+            return handler
+        if method not in authz.METHOD_SCOPES:  # refused whoever asks (the service also refuses to start)
+            return self._refuse(handler, method, authz.AuthError("permission_denied", authz.unlisted_message(method)))
+        principals = self._principals.current()
+        try:
+            token = authz.bearer_token(handler_call_details.invocation_metadata or ())
+            if token is not None:
+                principal = authz.authenticate_token(principals, token)
+                authz.authorize(method, principal)
+                return _wrap_behaviour(handler, lambda _context: _acting_as(principal))
+        except authz.AuthError as exc:
+            return self._refuse(handler, method, exc)
+        if self._certificates and principals.uses_certificates:
+            return _wrap_behaviour(handler, functools.partial(self._by_certificate, method, principals))
+        return self._refuse(handler, method, authz.AuthError(
+            "unauthenticated", f"{method} needs credentials and the call carried none: {authz.CREDENTIALS_HINT}"))
+
+    def _refuse(self, handler: grpc.RpcMethodHandler, method: str, exc: authz.AuthError) -> grpc.RpcMethodHandler:
+        log.info("%s refused %s: %s", self._service, method, exc)
+        return _refusing_handler(handler, _STATUS_OF_AUTH[exc.code], str(exc))
+
+    @contextmanager
+    def _by_certificate(self, method: str, principals: authz.Principals, context: grpc.ServicerContext) -> Iterator[None]:
+        names = _certificate_names(context.auth_context())
+        principal = principals.by_certificate(names)
+        if principal is None:
+            detail = (f"its client certificate ({', '.join(names[:4])}) is not listed in the principals file"
+                      if names else "it presented no client certificate")
+            log.info("%s refused %s: no token and %s", self._service, method, detail)
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          f"{method} needs credentials: the call carried no bearer token and {detail}; "
+                          f"{authz.CREDENTIALS_HINT}")
+        try:
+            authz.authorize(method, principal)
+        except authz.AuthError as exc:
+            log.info("%s refused %s: %s", self._service, method, exc)
+            context.abort(_STATUS_OF_AUTH[exc.code], str(exc))
+        with _acting_as(principal):
+            yield
+
+
+class _ConcurrencyLimiter(grpc.ServerInterceptor):
+    """At most ``limit`` RPCs run at once, health checks excepted; the next is refused with
+    RESOURCE_EXHAUSTED. (grpc's own maximum_concurrent_rpcs counts health checks too, so a flooded
+    service would fail its probes and be restarted.) A slot is taken when the call starts running
+    and given back when it ends, streams included."""
+
+    def __init__(self, service: str, limit: int) -> None:
+        self._service = service
+        self.limit = limit
+        self._slots = threading.BoundedSemaphore(limit)
+
+    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        handler = continuation(handler_call_details)
+        if handler is None or handler_call_details.method.lstrip("/").startswith(_UNLIMITED_SERVICES):
+            return handler
+        return _wrap_behaviour(handler, self._slot)
+
+    @contextmanager
+    def _slot(self, context: grpc.ServicerContext) -> Iterator[None]:
+        if not self._slots.acquire(blocking=False):
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self._service} is running {self.limit} calls, its limit (services.max_concurrent_rpcs): "
+                "retry later with backoff",
+            )
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+
+def _server_credentials(auth: AuthSettings) -> grpc.ServerCredentials:
+    """TLS from auth's files, re-read when they change (cert-manager renews a Secret in place: the
+    next handshake uses the new certificate, no restart)."""
+    paths = [p for p in (auth.tls_key_file, auth.tls_cert_file, auth.tls_ca_file) if p]
+
+    def stamp() -> tuple[int, ...]:
+        return tuple(os.stat(p).st_mtime_ns for p in paths)
+
+    def configuration() -> Any:
+        key, chain = Path(auth.tls_key_file).read_bytes(), Path(auth.tls_cert_file).read_bytes()
+        ca = Path(auth.tls_ca_file).read_bytes() if auth.tls_ca_file else None
+        return grpc.ssl_server_certificate_configuration([(key, chain)], root_certificates=ca)
+
+    loaded = {"stamp": stamp()}
+    initial = configuration()
+
+    def fetch() -> Any:
+        try:
+            now = stamp()
+            if now == loaded["stamp"]:
+                return None
+            renewed = configuration()
+        except OSError:  # mid-rotation: keep the current certificate
+            return None
+        loaded["stamp"] = now
+        log.info("TLS certificate files changed: new handshakes use them")
+        return renewed
+
+    return grpc.dynamic_ssl_server_credentials(
+        initial, fetch, require_client_authentication=auth.require_client_cert
+    )
+
+
+class _BearerPlugin(grpc.AuthMetadataPlugin):
+    """Call credentials over TLS: the token, re-read from its file when that changes."""
+
+    def __init__(self, source: authz.TokenSource) -> None:
+        self._source = source
+
+    def __call__(self, context: grpc.AuthMetadataContext, callback: grpc.AuthMetadataPluginCallback) -> None:
+        try:
+            callback((("authorization", f"Bearer {self._source.token()}"),), None)
+        except Exception as exc:  # noqa: BLE001 - grpc fails the call with it
+            callback((), exc)
+
+
+_CallDetails = namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression"))
+
+
+class _ClientCallDetails(_CallDetails, grpc.ClientCallDetails):
+    pass
+
+
+class _BearerInterceptor(
+    grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor,
+):
+    """The token as metadata on a plaintext channel (auth.plaintext), where grpc refuses call
+    credentials. The streaming calls it returns are grpc's own, so cancel() still works."""
+
+    def __init__(self, source: authz.TokenSource) -> None:
+        self._source = source
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        metadata = [*(details.metadata or ()), ("authorization", f"Bearer {self._source.token()}")]
+        return _ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
+                                  getattr(details, "wait_for_ready", None), getattr(details, "compression", None))
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):  # type: ignore[no-untyped-def]
+        return continuation(self._details(client_call_details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):  # type: ignore[no-untyped-def]
+        return continuation(self._details(client_call_details), request_iterator)
+
+
+def dial(
+    address: str,
+    auth: AuthSettings,
+    *,
+    identity: Literal["teacher", "student", "auditor"] | None = None,
+    token_file: str = "",
+    with_token: bool = True,
+) -> grpc.Channel:
+    """A channel to a seal service with this process's credentials: TLS (with its client
+    certificate: mutual TLS) when ``auth.tls_ca_file`` is set, plaintext otherwise; and the bearer
+    token of ``identity`` (a service calling another) or of the client (``token_file``, else
+    ``auth.token_file``, else $SEAL_TOKEN). ``with_token=False`` for health checks. Compose with
+    :func:`traced_channel` on top. Raises seal.auth.AuthConfigError when a token would travel in
+    clear without ``auth.plaintext`` saying so."""
+    token = None
+    if with_token and not auth.insecure:
+        token = authz.client_token(auth, identity=identity, token_file=token_file)
+    options: list[tuple[str, Any]] = []
+    if auth.tls_ca_file and not auth.insecure:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=Path(auth.tls_ca_file).read_bytes(),
+            private_key=Path(auth.tls_key_file).read_bytes() if auth.tls_key_file else None,
+            certificate_chain=Path(auth.tls_cert_file).read_bytes() if auth.tls_cert_file else None,
+        )
+        if token is not None:
+            credentials = grpc.composite_channel_credentials(
+                credentials, grpc.metadata_call_credentials(_BearerPlugin(token), name="seal-bearer")
+            )
+        if auth.tls_server_name:
+            options.append(("grpc.ssl_target_name_override", auth.tls_server_name))
+        return grpc.secure_channel(address, credentials, options=options)
+    if token is not None and not auth.plaintext:
+        raise authz.AuthConfigError(
+            f"a bearer token is configured ({token.origin}) but auth.tls_ca_file is empty and auth.plaintext is "
+            "false: set auth.tls_ca_file to send it over TLS, or auth.plaintext=true to send it in clear on a "
+            "network you trust"
+        )
+    channel = grpc.insecure_channel(address)
+    return grpc.intercept_channel(channel, _BearerInterceptor(token)) if token is not None else channel
+
+
 @dataclass
 class RunningService:
     name: str
@@ -257,22 +557,29 @@ def start_configured_service(
     services: ServiceSettings,
     metrics: RpcMetrics,
     *,
+    auth: AuthSettings,
     port: int | None = None,
     metrics_port: int | None = None,
     tracing: Tracing | None = None,
     untraced_methods: tuple[str, ...] = (),
 ) -> RunningService:
     """:func:`start_service` with the host, ports and limits ``services`` gives ``name``;
-    ``port`` and ``metrics_port`` replace the configured ports when given (0 = a free one)."""
+    ``port`` and ``metrics_port`` replace the configured ports when given (0 = a free one).
+    ``auth.metrics_endpoint`` false: no /metrics endpoint."""
+    if not auth.metrics_endpoint:
+        metrics_port = None
+    elif metrics_port is None:
+        metrics_port = getattr(services, f"{name}_metrics_port")
     return start_service(
         name,
         register,
         host=services.host,
         port=getattr(services, f"{name}_port") if port is None else port,
         metrics=metrics,
-        metrics_port=getattr(services, f"{name}_metrics_port") if metrics_port is None else metrics_port,
+        metrics_port=metrics_port,
         max_workers=services.max_workers,
         max_concurrent_rpcs=services.max_concurrent_rpcs,
+        auth=auth,
         tracing=tracing,
         untraced_methods=untraced_methods,
     )
@@ -288,6 +595,7 @@ def start_service(
     metrics_port: int | None,
     max_workers: int,
     max_concurrent_rpcs: int,
+    auth: AuthSettings,
     tracing: Tracing | None = None,
     untraced_methods: tuple[str, ...] = (),
 ) -> RunningService:
@@ -296,30 +604,58 @@ def start_service(
     ``port=0`` picks a free port; ``metrics_port=None`` disables the /metrics endpoint. With
     ``tracing`` on, every call but health checks, reflection and ``untraced_methods`` gets a
     server span, child of the caller's span when its metadata carries one; the provider is shut
-    down (its queued spans exported) after the server stops."""
+    down (its queued spans exported) after the server stops.
+
+    ``auth`` (seal.config.AuthSettings) is required: every call but health checks is
+    authenticated and checked against seal.auth.METHOD_SCOPES, over TLS or plaintext as it says;
+    a service with a method the table does not list refuses to start. ``auth.insecure`` turns
+    that off, with a WARNING. At most ``max_concurrent_rpcs`` calls run at once, health checks
+    excepted; the thread pool has room for all of them plus health checks and refusals."""
+    authz.check_server_settings(auth)  # fails here, naming the setting, before anything binds
     interceptors: list[grpc.ServerInterceptor] = [_MetricsInterceptor(metrics)]
     if tracing is not None and tracing.enabled:
         # First, so that the span covers everything the other interceptors do.
         interceptors.insert(0, _server_tracing_interceptor(tracing, untraced_methods))
+    if not auth.insecure:
+        # After the metrics (refusals are counted by code), before the limiter (refusals take no slot).
+        interceptors.append(_AuthInterceptor(
+            name, authz.PrincipalStore(auth.principals_file),
+            certificates=bool(auth.tls_cert_file and auth.require_client_cert),
+        ))
+    interceptors.append(_ConcurrencyLimiter(name, max_concurrent_rpcs))
+    threads = max(max_workers, max_concurrent_rpcs + _RESERVED_THREADS)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"{name}-rpc"),
+        futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"{name}-rpc"),
         interceptors=interceptors,
-        maximum_concurrent_rpcs=max_concurrent_rpcs,
+        # Only a backstop against a flood far past the limiter (whose refusals are cheap): it would
+        # refuse health checks too.
+        maximum_concurrent_rpcs=4 * threads,
         options=[
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
         ],
     )
     service_names = register(server)
+    unlisted = authz.unlisted_methods(_full_method_names(service_names))
+    if unlisted and not auth.insecure:
+        raise RuntimeError(
+            f"{name}: no scope for {unlisted} in seal.auth.METHOD_SCOPES: add each with the scopes that may call "
+            "it; a service does not start with a method nobody could be refused"
+        )
+    metrics.expect_methods(_method_names(service_names))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service_name in [*service_names, ""]:
         health_servicer.set(service_name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-        server,
-    )
-    bound_port = server.add_insecure_port(f"{host}:{port}")
+    if auth.reflection:
+        reflection.enable_server_reflection(
+            [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            server,
+        )
+    if auth.tls_cert_file and not auth.insecure:
+        bound_port = server.add_secure_port(f"{host}:{port}", _server_credentials(auth))
+    else:
+        bound_port = server.add_insecure_port(f"{host}:{port}")
     if bound_port == 0:
         raise RuntimeError(f"{name}: could not bind {host}:{port}; is another process using it?")
     server.start()
@@ -331,7 +667,33 @@ def start_service(
         running._metrics_http = http_server
         running.metrics_port = http_server.server_port
     log.info("%s listening on %s:%d (metrics %s)", name, host, bound_port, running.metrics_port)
+    if auth.insecure:
+        log.warning(
+            "%s: auth.insecure is on: no TLS, no tokens, no scopes; anyone who reaches %s:%d may call every RPC "
+            "(Adapt, Promote, Rollback, Reject with weight deletion, Train). For local demos only: see docs/auth.md",
+            name, host, bound_port,
+        )
+    else:
+        log.info("%s: authentication on (%s), principals from %s", name,
+                 "mutual TLS" if auth.tls_cert_file and auth.require_client_cert
+                 else "TLS" if auth.tls_cert_file else "plaintext with bearer tokens", auth.principals_file)
     return running
+
+
+def _full_method_names(service_names: list[str]) -> list[str]:
+    """``/package.Service/Method`` of every method of registered gRPC services."""
+    from google.protobuf import descriptor_pool
+
+    pool = descriptor_pool.Default()
+    return [f"/{name}/{method.name}" for name in service_names for method in pool.FindServiceByName(name).methods]
+
+
+def _method_names(service_names: list[str]) -> list[str]:
+    """The short method names (as the metrics label them) of registered gRPC services."""
+    from google.protobuf import descriptor_pool
+
+    pool = descriptor_pool.Default()
+    return [method.name for name in service_names for method in pool.FindServiceByName(name).methods]
 
 
 # The instrumentation is imported only when tracing is on: an untraced process never loads it.
@@ -378,11 +740,12 @@ def serve_until_signalled(running: RunningService, grace: float) -> None:
     running.stop(grace)
 
 
-def wait_until_serving(address: str, service: str, timeout: float) -> None:
-    """Poll the standard health service until ``service`` reports SERVING."""
+def wait_until_serving(address: str, service: str, timeout: float, auth: AuthSettings | None = None) -> None:
+    """Poll the standard health service until ``service`` reports SERVING; over TLS when ``auth``
+    says so (health checks need no token)."""
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
-    with grpc.insecure_channel(address) as channel:
+    with (dial(address, auth, with_token=False) if auth is not None else grpc.insecure_channel(address)) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             try:

@@ -27,6 +27,7 @@ from seal.adapt import (
     validate_overrides,
 )
 from seal.config import Settings
+from seal.domains.knowledge import PROMPT_STYLES
 from seal.grading import build_grader
 from seal.registry import validate_adapter_name
 from seal.rl.policy import TeacherPolicy, open_teacher_policy
@@ -35,6 +36,7 @@ from seal.rpc import (
     RpcMetrics,
     RunningService,
     deadline_checker,
+    dial,
     map_errors,
     remaining_timeout,
     start_configured_service,
@@ -144,6 +146,8 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
             self._rejections.labels(settings.adapter_name, reason)
         for phase in ADAPT_PHASES:
             self._phase_seconds.labels(phase)
+        for style in PROMPT_STYLES:
+            self._self_edits.labels(style)
         for keep_rule in KEEP_RULES:
             self._rounds.labels(keep_rule)
             self._kept.labels(keep_rule)
@@ -336,8 +340,9 @@ def serve_teacher(
         temperature=teacher.temperature,
         top_p=teacher.top_p,
     )
-    student_channel = grpc.insecure_channel(services.address_of("student"))
-    auditor_channel = grpc.insecure_channel(services.address_of("auditor"))
+    # The teacher's own identity (auth.teacher_token_file and/or its client certificate).
+    student_channel = dial(services.address_of("student"), settings.auth, identity="teacher")
+    auditor_channel = dial(services.address_of("auditor"), settings.auth, identity="teacher")
     metrics = RpcMetrics("teacher")
     buffer = RewardBuffer(settings.home / "teacher" / "restem_buffer.jsonl")
     servicer = TeacherServicer(
@@ -352,7 +357,8 @@ def serve_teacher(
         return [teacher_pb2.DESCRIPTOR.services_by_name["TeacherService"].full_name]
 
     running = start_configured_service(
-        "teacher", register, services, metrics, port=port, metrics_port=metrics_port, tracing=tracing
+        "teacher", register, services, metrics, auth=settings.auth, port=port, metrics_port=metrics_port,
+        tracing=tracing,
     )
     subscriber.start()
     running.on_stop.extend([subscriber.stop, student_channel.close, auditor_channel.close, policy.engine.close])

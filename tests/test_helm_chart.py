@@ -21,7 +21,7 @@ import yaml
 from seal.config import Settings
 from seal.deploy.__main__ import generated_files
 from seal.deploy.chart import CHART_MANAGED_SETTINGS, settings_values
-from tests.tools import ROOT, tool
+from tools import ROOT, tool
 
 CHART = ROOT / "helm" / "seal"
 MATRIX = {"default": None, **{path.stem: path for path in sorted((CHART / "ci").glob("*.yaml"))}}

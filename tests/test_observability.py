@@ -26,7 +26,15 @@ from google.protobuf import empty_pb2
 from tools import ROOT, tool
 
 from seal.deploy import alerts, dashboard
-from seal.v1 import auditor_pb2, auditor_pb2_grpc, common_pb2, student_pb2, student_pb2_grpc, teacher_pb2, teacher_pb2_grpc
+from seal.v1 import (
+    auditor_pb2,
+    auditor_pb2_grpc,
+    common_pb2,
+    student_pb2,
+    student_pb2_grpc,
+    teacher_pb2,
+    teacher_pb2_grpc,
+)
 
 DASHBOARD_FILE = ROOT / "helm/seal/files/grafana/seal-dashboard.json"
 ALERTS_FILE = ROOT / "helm/seal/files/prometheus/seal-alerts.yaml"
@@ -194,6 +202,34 @@ def test_every_seal_metric_a_panel_or_alert_names_is_exported_by_a_service(servi
     assert "seal_teacher_adapt_phase_seconds_bucket" in service_metric_names  # the check sees real names
 
 
+def test_the_no_promotion_reason_is_a_bounded_label_naming_the_blocking_gate() -> None:
+    from seal.adapt import CandidateFailed, CandidateScored, Score
+    from seal.gates import GateResult
+    from teacher_svc.servicer import NO_PROMOTION_REASONS, no_promotion_reason_label
+
+    def scored(index: int, reward: float, *failed_gates: str) -> CandidateScored:
+        gates = tuple(GateResult(g, False, None, None, f"{g} failed") for g in failed_gates)
+        gates += (GateResult("tau_gain", True, reward, 0.0, "ok"),) if "tau_gain" not in failed_gates else ()
+        return CandidateScored(index, f"a@v{index}", Score(0.5, 0.5, reward, False, gates, ()), 1.0)
+
+    refused = CandidateFailed(0, "guardrails failed before training: guardrail:secrets",
+                              (GateResult("guardrail:secrets", False, None, None, "a key"),))
+    untrained = CandidateFailed(1, "training failed: too long")
+    cases = [
+        # The best-rewarded candidate's first failed gate, whatever the others failed.
+        ("retention", (), (scored(0, -0.5, "tau_gain"), scored(1, 0.2, "retention", "retention_kl"))),
+        ("guardrails", (refused,), (scored(1, 0.0, "guardrail:prompt_injection"),)),
+        ("other", (), (scored(0, 0.0, "canary:agreement"),)),
+        # Nothing scored: why the first candidate never was.
+        ("guardrails", (untrained, refused), ()),
+        ("training_failed", (untrained,), ()),
+        ("no_candidates", (), ()),
+    ]
+    for expected, failed, scored_ones in cases:
+        label = no_promotion_reason_label(list(failed), list(scored_ones))
+        assert label == expected and label in NO_PROMOTION_REASONS, (expected, label)
+
+
 # --- the alerts ---------------------------------------------------------------------------------
 
 
@@ -210,7 +246,7 @@ def test_every_alert_has_a_severity_summary_description_and_a_runbook_section() 
 
 
 def test_promtool_check_rules_accepts_the_alerts() -> None:
-    result = subprocess.run([tool("promtool"), "check", "rules", str(ALERTS_FILE)], capture_output=True, text=True)
+    result = subprocess.run([tool("promtool"), "check", "rules", str(ALERTS_FILE)], check=False, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(alert_rules())} rules found" in result.stdout
 
@@ -220,11 +256,11 @@ def test_promtool_check_rules_refuses_a_broken_rule(tmp_path: Path) -> None:
     broken["groups"][0]["rules"][0]["expr"] = "absent(seal_teacher_build_info"
     path = tmp_path / "broken.yaml"
     path.write_text(yaml.safe_dump(broken))
-    assert subprocess.run([tool("promtool"), "check", "rules", str(path)], capture_output=True).returncode != 0
+    assert subprocess.run([tool("promtool"), "check", "rules", str(path)], check=False, capture_output=True).returncode != 0
 
 
 def _promtool_test(test_file: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([tool("promtool"), "test", "rules", str(test_file)], capture_output=True, text=True,
+    return subprocess.run([tool("promtool"), "test", "rules", str(test_file)], check=False, capture_output=True, text=True,
                           cwd=test_file.parent)
 
 
@@ -415,11 +451,16 @@ def _drive_traffic(stack, settings, model_dir: Path) -> None:
         _plant_retention_probe(settings, model_dir, student)
 
         context = common_pb2.Context(title="Velmora", passage=PASSAGE)
-        assert _refused(lambda: list(teacher.Adapt(teacher_pb2.AdaptRequest(), timeout=30))) == grpc.StatusCode.INVALID_ARGUMENT
-        assert _refused(lambda: student.Generate(student_pb2.GenerateRequest(prompts=["x"], max_new_tokens=5000),
-                                                 timeout=30)) == grpc.StatusCode.INVALID_ARGUMENT
-        assert _refused(lambda: auditor.Score(auditor_pb2.ScoreRequest(context=context), timeout=30)) == (
-            grpc.StatusCode.INVALID_ARGUMENT)
+        # Twice, a scrape apart: an error series appears at 1 on its first scrape, and only the
+        # second error is an increase rate() can see (as in production).
+        for _ in range(2):
+            assert _refused(lambda: list(teacher.Adapt(teacher_pb2.AdaptRequest(), timeout=30))) == (
+                grpc.StatusCode.INVALID_ARGUMENT)
+            assert _refused(lambda: student.Generate(student_pb2.GenerateRequest(prompts=["x"], max_new_tokens=5000),
+                                                     timeout=30)) == grpc.StatusCode.INVALID_ARGUMENT
+            assert _refused(lambda: auditor.Score(auditor_pb2.ScoreRequest(context=context), timeout=30)) == (
+                grpc.StatusCode.INVALID_ARGUMENT)
+            time.sleep(1.5)
 
         request = teacher_pb2.AdaptRequest(
             context=context, questions=[common_pb2.Question(question=q, answer=a) for q, a in QUESTIONS], k=2, seed=7)
@@ -450,8 +491,7 @@ def test_a_real_prometheus_answers_every_panel_query_after_an_adapt(
         TritonInstall.discover()
     except TritonNotInstalled as exc:
         pytest.skip(f"tritonserver binary not installed: {exc}")
-    prometheus_binary = tool("prometheus")
-    assert prometheus_binary
+    tool("prometheus")  # skipped (failed in CI) here, before the stack starts, when it is missing
     settings = _settings(tmp_path / "home", tiny_model_dir)
     started = time.monotonic()
     with local_stack(settings, student_backend="triton") as stack:
@@ -473,7 +513,7 @@ def test_a_real_prometheus_answers_every_panel_query_after_an_adapt(
 
             # A window reaching back past the first scrape: every rate sees the whole test.
             window = f"{int(time.monotonic() - started) + 60}s"
-            empty, no_number, fallback_only = [], [], set()
+            empty, no_number, fallback_only, not_yet_counted = [], [], set(), set()
             for title, query in dashboard_queries():
                 result = prometheus.query(with_window(query, window))
                 if not result:
@@ -483,15 +523,18 @@ def test_a_real_prometheus_answers_every_panel_query_after_an_adapt(
                 own = dashboard.without_zero_fallback(query)
                 if own != query and not prometheus.query(with_window(own, window)):
                     fallback_only.add(title)
+                    not_yet_counted |= metric_names(with_window(own, "5m"))
             assert not empty, "queries without data:\n" + "\n".join(empty)
             assert not no_number, "queries with only NaN:\n" + "\n".join(no_number)
             assert fallback_only <= ZERO_FALLBACK_ALLOWED, fallback_only - ZERO_FALLBACK_ALLOWED
 
-            # Triton's metric names (and seal's) are real: Prometheus has scraped each one.
+            # Triton's metric names (and seal's) are real: Prometheus has scraped each one, but for
+            # the labelled counters of events that did not happen (no series before the first).
             scraped = set(_get(f"{prometheus.url}/api/v1/label/__name__/values")["data"])
             named = set().union(*(metric_names(with_window(q, "5m")) for _, q in dashboard_queries()))
             named |= set().union(*(metric_names(rule["expr"]) for rule in alert_rules()))
-            assert named <= scraped, sorted(named - scraped)
+            assert {n for n in named if n.startswith("nv_inference_")}, "no Triton metric on the dashboard"
+            assert named - scraped <= not_yet_counted, sorted(named - scraped - not_yet_counted)
 
             # The alerts evaluate without error over real series, and a healthy stack raises no
             # critical one, not even pending.

@@ -239,7 +239,9 @@ def test_metrics_name_the_served_version_and_triton(world, stub, fresh) -> None:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     assert f'seal_student_served_adapter_info{{adapter="{v1}",role="promoted"}} 1.0' in text
     assert f'seal_student_generate_requests_total{{adapter="{v1}"}}' in text
-    assert 'seal_student_adapter_swap_seconds_count{operation="promote"}' in text
+    # The series exists from start-up at 0 (so dashboards have it); the promote made it count.
+    swaps = next(line for line in text.splitlines() if line.startswith('seal_student_adapter_swap_seconds_count{operation="promote"}'))
+    assert float(swaps.rsplit(" ", 1)[1]) >= 1
     assert f'seal_student_generated_tokens_total{{adapter="{v1}"}}' in text
     url = next(line for line in text.splitlines() if line.startswith("seal_student_serving_backend_info"))
     triton_url = url.split('triton_metrics_url="')[1].split('"')[0]

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from seal.deploy import chart
+from seal.deploy import alerts, chart, dashboard
 
 CHART_DIR = Path(__file__).resolve().parents[2] / "helm" / "seal"
 
@@ -21,6 +21,8 @@ def generated_files() -> dict[str, Callable[[], str]]:
     return {
         "values.yaml": chart.render_values_yaml,
         "values.schema.json": chart.render_values_schema,
+        "files/grafana/seal-dashboard.json": dashboard.render_dashboard_json,
+        "files/prometheus/seal-alerts.yaml": alerts.render_rules_yaml,
     }
 
 

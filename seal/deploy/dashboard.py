@@ -11,10 +11,13 @@ Every query uses seal's own metric names (``seal_<service>_<thing>_<unit>``, see
 and Triton's ``nv_inference_*``. The Prometheus data source is the ``${datasource}`` variable, so
 the dashboard works with whichever Prometheus the Grafana instance has.
 
-Rare events (rollbacks, guardrail refusals, training failures, errors) use
-:func:`or_zero_while_up`: a counter with labels has no series until its first event, and "No
-data" would read as "not scraped". The zero shows only while the service that would count the
-event reports, so a vanished service still shows no data.
+A counter with labels has no series until its first event, and Prometheus' rate() cannot see
+the event that creates it. The services therefore create at 0 the series whose label values are
+known up front (promotions and rollbacks of the configured adapter, the gates, the Adapt phases,
+each RPC method's OK count, …). Rare events whose label values are not known up front (guardrail
+refusals by rule, training failures by exception, re-check outcomes, RPC errors by code) use
+:func:`or_zero_while_up`, so that "none yet" shows as 0 rather than as "No data", which would
+read as "not scraped"; the zero shows only while the service that would count the event reports.
 
 >>> dashboard = build_dashboard()
 >>> dashboard["templating"]["list"][0]["name"], dashboard["uid"]
@@ -99,7 +102,7 @@ def panel(
     kind: str, title: str, description: str, targets: list[dict[str, Any]], *, unit: str = "short", width: int = 8,
     options: dict[str, Any] | None = None, custom: dict[str, Any] | None = None, decimals: int | None = None,
 ) -> dict[str, Any]:
-    """One panel; ids, refIds and positions are filled in by :func:`build_dashboard`."""
+    """One panel; ids, refIds and positions are filled in by :func:`layout`."""
     defaults: dict[str, Any] = {"unit": unit}
     if custom:
         defaults["custom"] = custom
@@ -119,6 +122,14 @@ def panel(
 
 def timeseries(title: str, description: str, targets: list[dict[str, Any]], **kwargs: Any) -> dict[str, Any]:
     return panel("timeseries", title, description, targets, **kwargs)
+
+
+def quarter_width(panels: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A row of four panels side by side."""
+    for item in panels:
+        if item["type"] != "row":
+            item["gridPos"]["w"] = GRID_WIDTH // 4
+    return panels
 
 
 def bars(title: str, description: str, targets: list[dict[str, Any]], **kwargs: Any) -> dict[str, Any]:
@@ -164,7 +175,7 @@ def adapt_row() -> list[dict[str, Any]]:
             [target(per_minute(f"sum by (code) (rate(seal_teacher_rpc_requests_total{{{adapt}}}[{RATE}]))"), "{{code}}")],
         ),
         timeseries(
-            "Adapt latency", "Wall time of an Adapt call, the whole stream (histogram quantiles).",
+            "Adapt latency", "Wall time of an Adapt call, the whole stream, refused calls included (histogram quantiles).",
             [target(quantile(q, "seal_teacher_rpc_duration_seconds_bucket", selector=adapt), f"p{int(q * 100)}")
              for q in (0.5, 0.95)],
             unit="s",
@@ -315,7 +326,7 @@ def generate_row() -> list[dict[str, Any]]:
         timeseries(
             "Adapter swap time", "95th percentile time to change the served version (registry and server), by operation.",
             [target(quantile(0.95, "seal_student_adapter_swap_seconds_bucket", by="operation"), "{{operation}}")],
-            unit="s", width=24,
+            unit="s",
         ),
     ]
 
@@ -429,8 +440,8 @@ def datasource_variable() -> dict[str, Any]:
 def build_dashboard() -> dict[str, Any]:
     """The Grafana dashboard JSON model."""
     panels = [
-        *overview_row(), *adapt_row(), *candidates_row(), *decisions_row(), *restem_row(), *generate_row(),
-        *triton_row(), *rpc_row(),
+        *overview_row(), *quarter_width(adapt_row()), *quarter_width(candidates_row()), *decisions_row(),
+        *restem_row(), *quarter_width(generate_row()), *triton_row(), *rpc_row(),
     ]
     return {
         "uid": "seal-overview",
