@@ -83,8 +83,11 @@ venv-vllm: $(VLLM_VENV)/.installed
 model: install
 	$(VENV)/bin/seal prepare-model
 
+# The demo runs all three services on loopback with authentication OFF (--insecure: no TLS, no
+# tokens, no scopes) and says so when it starts; a real deployment configures auth (docs/auth.md).
 demo: install
-	$(VENV)/bin/seal demo --squad-file $(SQUAD_FILE) --index $(PASSAGE_INDEX) --k $(DEMO_K)
+	@echo "make demo: authentication is off (seal demo --insecure), loopback only; see docs/auth.md"
+	$(VENV)/bin/seal demo --insecure --squad-file $(SQUAD_FILE) --index $(PASSAGE_INDEX) --k $(DEMO_K)
 
 # The whole suite: the main venv, then the vLLM engine tests in theirs (they skip in the main one).
 test: install venv-vllm tools

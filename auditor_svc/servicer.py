@@ -28,6 +28,7 @@ from seal.grading import build_grader
 from seal.rpc import (
     RpcMetrics,
     RunningService,
+    dial,
     map_errors,
     remaining_timeout,
     start_configured_service,
@@ -293,7 +294,8 @@ def serve_auditor(
     ``settings.tracing`` says."""
     services = settings.services
     tracing = tracing if tracing is not None else build_tracing("auditor", settings.tracing)
-    student_channel = grpc.insecure_channel(services.address_of("student"))
+    # The auditor's own identity (auth.auditor_token_file and/or its client certificate).
+    student_channel = dial(services.address_of("student"), settings.auth, identity="auditor")
     metrics = RpcMetrics("auditor")
     # Traced: scoring's Generate calls to the student join the trace of the Score that made them.
     servicer = AuditorServicer(settings, traced_channel(student_channel, tracing), metrics)
@@ -304,8 +306,8 @@ def serve_auditor(
 
     # SubscribeRewards is the teacher's standing subscription, not part of any request's trace.
     running = start_configured_service(
-        "auditor", register, services, metrics, port=port, metrics_port=metrics_port, tracing=tracing,
-        untraced_methods=("SubscribeRewards",),
+        "auditor", register, services, metrics, auth=settings.auth, port=port, metrics_port=metrics_port,
+        tracing=tracing, untraced_methods=("SubscribeRewards",),
     )
     stop_rechecks = threading.Event()
     interval = settings.retention.recheck_interval_s

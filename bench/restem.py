@@ -69,7 +69,9 @@ def main() -> int:
 
     started_all = time.perf_counter()
     home = Path(tempfile.mkdtemp(prefix="seal-bench-restem-"))
-    settings = Settings(home=home, seed=args.seed, model={"path": args.model_path}, teacher={"engine": "transformers"})
+    # The services run in this process on loopback for the bench only: authentication off (docs/auth.md).
+    settings = Settings(home=home, seed=args.seed, model={"path": args.model_path}, teacher={"engine": "transformers"},
+                        auth={"insecure": True})
     train_contexts = load_squad(args.train_file)[: args.train_n]
     eval_contexts = load_squad(args.eval_file)[: args.eval_n]
     config = EvalConfig(

@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from seal.adapt import UPDATE_RULES
-from seal.config import Settings, get_settings
+from seal.config import AuthSettings, Settings, get_settings
 from seal.domains.knowledge import KnowledgeContext, Question, load_squad
 from seal.v1 import common_pb2, student_pb2, student_pb2_grpc, teacher_pb2, teacher_pb2_grpc
 
@@ -62,9 +62,24 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def with_insecure(settings: Settings, insecure: bool) -> Settings:
+    """``settings`` with authentication off when ``insecure`` (seal up/demo --insecure), said loudly."""
+    if not insecure:
+        return settings
+    console.print("[yellow]authentication is OFF (--insecure): plaintext, no tokens, no scopes; anyone who can "
+                  "reach these ports may call every RPC. For a local demo only (docs/auth.md).[/]")
+    return settings.model_copy(update={"auth": settings.auth.model_copy(update={"insecure": True})})
+
+
 @contextmanager
 def local_services(settings: Settings, *, startup_timeout: float = 600.0) -> Iterator[dict[str, str]]:
-    """Run the three services as child processes on loopback; stop them on exit."""
+    """Run the three services as child processes on loopback; stop them on exit. They read the
+    same settings as this process (environment and config file), plus auth.insecure when
+    ``settings.auth.insecure`` is on (seal up/demo --insecure)."""
+    from seal.auth import check_server_settings
+
+    check_server_settings(settings.auth)  # a missing principals file or certificate fails here, not in a child log
+    auth_env = {"SEAL_AUTH__INSECURE": "true"} if settings.auth.insecure else {}
     log_dir = settings.home / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     children: list[subprocess.Popen[bytes]] = []
@@ -82,13 +97,13 @@ def local_services(settings: Settings, *, startup_timeout: float = 600.0) -> Ite
                     [sys.executable, "-m", "seal.cli", "serve", name],
                     stdout=log_file,
                     stderr=subprocess.STDOUT,
-                    env={**os.environ, "SEAL_HOME": str(settings.home)},
+                    env={**os.environ, "SEAL_HOME": str(settings.home), **auth_env},
                     start_new_session=True,
                 )
             children.append(child)
             with console.status(f"starting {name} (log: {log_path})"):
                 try:
-                    wait_for_child(child, addresses[name], full_names[name], startup_timeout)
+                    wait_for_child(child, addresses[name], full_names[name], startup_timeout, settings.auth)
                 except (TimeoutError, RuntimeError) as exc:
                     tail = log_path.read_text(errors="replace")[-3000:]
                     raise RuntimeError(f"{name} did not start: {exc}\n--- {log_path} ---\n{tail}") from exc
@@ -105,7 +120,9 @@ def local_services(settings: Settings, *, startup_timeout: float = 600.0) -> Ite
                 child.kill()
 
 
-def wait_for_child(child: subprocess.Popen[bytes], address: str, service: str, timeout: float) -> None:
+def wait_for_child(
+    child: subprocess.Popen[bytes], address: str, service: str, timeout: float, auth: AuthSettings | None = None
+) -> None:
     from seal.rpc import wait_until_serving
 
     deadline = time.monotonic() + timeout
@@ -113,7 +130,7 @@ def wait_for_child(child: subprocess.Popen[bytes], address: str, service: str, t
         if child.poll() is not None:
             raise RuntimeError(f"exited with status {child.returncode}")
         try:
-            wait_until_serving(address, service, timeout=5)
+            wait_until_serving(address, service, timeout=5, auth=auth)
             return
         except TimeoutError:
             continue
@@ -125,6 +142,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    settings = with_insecure(settings, args.insecure)
     with local_services(settings) as addresses:
         console.print(f"all services up: {addresses}; Ctrl-C stops them")
         signal.signal(signal.SIGTERM, _interrupt)
@@ -137,6 +155,16 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
 
 # --- client commands ------------------------------------------------------------------------
+
+
+def client_channel(address: str, auth: AuthSettings | None, token_file: str = "") -> grpc.Channel:
+    """A channel with the client's credentials (seal.rpc.dial: TLS per auth.tls_ca_file, the token
+    of --token-file, auth.token_file or $SEAL_TOKEN); plaintext without a token when ``auth`` is
+    None (benchmarks and tests that run their own insecure stack)."""
+    from seal.rpc import dial
+
+    return grpc.insecure_channel(address) if auth is None else dial(address, auth, token_file=token_file)
+
 
 
 def load_context(args: argparse.Namespace) -> KnowledgeContext:
@@ -192,10 +220,13 @@ def stream_progress() -> Progress:
     )
 
 
-def run_adapt(address: str, request: teacher_pb2.AdaptRequest, timeout: float) -> teacher_pb2.AdaptResult:
+def run_adapt(
+    address: str, request: teacher_pb2.AdaptRequest, timeout: float, *, auth: AuthSettings | None = None,
+    token_file: str = "",
+) -> teacher_pb2.AdaptResult:
     """Stream one Adapt call with progress bars; return its final result."""
     result = None
-    with grpc.insecure_channel(address) as channel, stream_progress() as progress:
+    with client_channel(address, auth, token_file) as channel, stream_progress() as progress:
         stub = teacher_pb2_grpc.TeacherServiceStub(channel)
         overall = progress.add_task("self-edits", total=None, note="sampling…")
         training: dict[int, int] = {}
@@ -265,7 +296,8 @@ def print_result(result: teacher_pb2.AdaptResult) -> None:
 
 def cmd_adapt(args: argparse.Namespace, settings: Settings) -> int:
     context = load_context(args)
-    result = run_adapt(args.address or settings.services.address_of("teacher"), adapt_request(context, args), args.timeout)
+    result = run_adapt(args.address or settings.services.address_of("teacher"), adapt_request(context, args), args.timeout,
+                       auth=settings.auth, token_file=args.token_file)
     print_result(result)
     if args.json_out:
         from google.protobuf.json_format import MessageToJson
@@ -274,21 +306,25 @@ def cmd_adapt(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def generate_one(address: str, prompt: str, adapter_id: str, max_new_tokens: int) -> student_pb2.GenerateResponse:
+def generate_one(
+    address: str, prompt: str, adapter_id: str, max_new_tokens: int, *, auth: AuthSettings | None = None,
+    token_file: str = "",
+) -> student_pb2.GenerateResponse:
     selector = student_pb2.AdapterSelector(adapter_id=adapter_id) if adapter_id else student_pb2.AdapterSelector()
-    with grpc.insecure_channel(address) as channel:
+    with client_channel(address, auth, token_file) as channel:
         return student_pb2_grpc.StudentServiceStub(channel).Generate(
             student_pb2.GenerateRequest(prompts=[prompt], adapter=selector, max_new_tokens=max_new_tokens), timeout=600
         )
 
 
 def generate_served(
-    address: str, prompt: str, max_new_tokens: int, adapter_id: str = ""
+    address: str, prompt: str, max_new_tokens: int, adapter_id: str = "", *, auth: AuthSettings | None = None,
+    token_file: str = "",
 ) -> tuple[student_pb2.GenerateResponse, str]:
     """A generation from the promoted version (or the named one), and the backend that answered
     it (triton or in_process, from the student's trailing metadata)."""
     selector = student_pb2.AdapterSelector(adapter_id=adapter_id) if adapter_id else student_pb2.AdapterSelector()
-    with grpc.insecure_channel(address) as channel:
+    with client_channel(address, auth, token_file) as channel:
         reply, call = student_pb2_grpc.StudentServiceStub(channel).Generate.with_call(
             student_pb2.GenerateRequest(prompts=[prompt], adapter=selector, max_new_tokens=max_new_tokens), timeout=600
         )
@@ -297,13 +333,14 @@ def generate_served(
 
 
 def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
-    reply = generate_one(settings.services.address_of("student"), args.prompt, args.adapter or "", args.max_new_tokens)
+    reply = generate_one(settings.services.address_of("student"), args.prompt, args.adapter or "", args.max_new_tokens,
+                         auth=settings.auth, token_file=args.token_file)
     console.print(f"[dim]{reply.served_adapter_id or 'base model'}:[/] {reply.completions[0].text}")
     return 0
 
 
 def cmd_adapters(args: argparse.Namespace, settings: Settings) -> int:
-    with grpc.insecure_channel(settings.services.address_of("student")) as channel:
+    with client_channel(settings.services.address_of("student"), settings.auth, args.token_file) as channel:
         stub = student_pb2_grpc.StudentServiceStub(channel)
         if args.action == "list":
             reply = stub.ListAdapters(student_pb2.ListAdaptersRequest(adapter_name=args.name or ""), timeout=30)
@@ -345,7 +382,8 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     if args.action == "recheck":
         from seal.v1 import auditor_pb2, auditor_pb2_grpc
 
-        with grpc.insecure_channel(args.address or settings.services.address_of("auditor")) as channel:
+        with client_channel(args.address or settings.services.address_of("auditor"), settings.auth,
+                            args.token_file) as channel:
             reply = auditor_pb2_grpc.AuditorServiceStub(channel).Recheck(
                 auditor_pb2.RecheckRequest(adapter_name=args.name or "", dry_run=args.dry_run), timeout=args.timeout
             )
@@ -397,11 +435,13 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     """Prepare the model, start the services, adapt on one SQuAD passage, print the result."""
+    settings = with_insecure(settings, args.insecure)
     cmd_prepare_model(args, settings)
     context = load_context(args)
     console.print(f"passage {args.index} of {args.squad_file}: [bold]{context.title}[/] ({len(context.questions)} questions)")
     with local_services(settings):
-        result = run_adapt(settings.services.address_of("teacher"), adapt_request(context, args), args.timeout)
+        result = run_adapt(settings.services.address_of("teacher"), adapt_request(context, args), args.timeout,
+                           auth=settings.auth, token_file=args.token_file)
         print_result(result)
         if result.adapted_outcomes and result.adapter_id:
             from seal.domains.knowledge import build_question_prompt
@@ -411,7 +451,8 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
             # shows what it learned, and say that it is not what clients are served.
             named = "" if result.promoted else result.adapter_id
             reply, backend = generate_served(
-                settings.services.address_of("student"), build_question_prompt(question), 32, named
+                settings.services.address_of("student"), build_question_prompt(question), 32, named,
+                auth=settings.auth, token_file=args.token_file,
             )
             role = "promoted" if result.promoted else "candidate, not promoted"
             console.print(
@@ -454,10 +495,13 @@ def train_request(contexts: list[KnowledgeContext], args: argparse.Namespace) ->
     return with_update_args(request, args)
 
 
-def run_train(address: str, request: teacher_pb2.TrainRequest, timeout: float) -> teacher_pb2.RoundReport:
+def run_train(
+    address: str, request: teacher_pb2.TrainRequest, timeout: float, *, auth: AuthSettings | None = None,
+    token_file: str = "",
+) -> teacher_pb2.RoundReport:
     """Stream one Train call with progress bars; return the round's report."""
     report = None
-    with grpc.insecure_channel(address) as channel, stream_progress() as progress:
+    with client_channel(address, auth, token_file) as channel, stream_progress() as progress:
         stub = teacher_pb2_grpc.TeacherServiceStub(channel)
         samples = progress.add_task("scored samples", total=None, note="")
         contexts = progress.add_task("contexts", total=len(request.contexts), note="")
@@ -527,7 +571,8 @@ def print_round_report(report: teacher_pb2.RoundReport) -> None:
 
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     contexts = _slice_contexts(args.squad_file, args.start, args.n or settings.restem.contexts)
-    report = run_train(args.address or settings.services.address_of("teacher"), train_request(contexts, args), args.timeout)
+    report = run_train(args.address or settings.services.address_of("teacher"), train_request(contexts, args), args.timeout,
+                       auth=settings.auth, token_file=args.token_file)
     print_round_report(report)
     if args.json_out:
         from google.protobuf.json_format import MessageToJson
@@ -591,7 +636,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     serve.add_argument("--metrics-port", type=int)
 
-    commands.add_parser("up", help="run all three services locally on loopback until Ctrl-C")
+    up = commands.add_parser("up", help="run all three services locally on loopback until Ctrl-C")
+    up.add_argument("--insecure", action="store_true",
+                    help="authentication off (auth.insecure): plaintext, no tokens; for a local demo only")
+
+    def add_token_arg(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--token-file", default="",
+                         help="file holding the bearer token to send (default auth.token_file, then $SEAL_TOKEN)")
 
     def add_context_args(sub: argparse.ArgumentParser, *, demo: bool) -> None:
         source = sub if demo else sub.add_mutually_exclusive_group(required=True)
@@ -617,14 +668,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_context_args(adapt, demo=False)
     adapt.add_argument("--address", help="teacher address (default from settings)")
     adapt.add_argument("--json-out", help="also write the AdaptResult as JSON here")
+    add_token_arg(adapt)
 
     demo = commands.add_parser("demo", help="prepare, start everything, adapt on one SQuAD passage")
     add_context_args(demo, demo=True)
+    demo.add_argument("--insecure", action="store_true",
+                      help="authentication off (auth.insecure): plaintext, no tokens; what `make demo` uses")
+    add_token_arg(demo)
 
     generate = commands.add_parser("generate", help="ask the student (promoted adapter unless --adapter)")
     generate.add_argument("prompt")
     generate.add_argument("--adapter", help="adapter id such as default@v3")
     generate.add_argument("--max-new-tokens", type=int, default=64)
+    add_token_arg(generate)
 
     train = commands.add_parser("train", help="run one ReST^EM round on the teacher (resumes an interrupted one)")
     train.add_argument("--squad-file", default=TRAIN_FILE, help="SEAL's grouped SQuAD JSON of training contexts")
@@ -641,6 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--address", help="teacher address (default from settings)")
     train.add_argument("--timeout", type=float, default=7 * 24 * 3600.0)
     train.add_argument("--json-out", help="also write the round report as JSON here")
+    add_token_arg(train)
 
     evaluate = commands.add_parser("eval", help="evaluate a teacher policy on SQuAD passages (in this process)")
     evaluate.add_argument("--policy-version", type=int, help="teacher-policy version; 0 = base; default = the promoted one")
@@ -659,6 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
     adapters.add_argument("--name", help="adapter lineage (default from settings)")
     adapters.add_argument("--reason", default="operator request")
     adapters.add_argument("--to-base", action="store_true", help="rollback may leave the base model serving")
+    add_token_arg(adapters)
 
     audit = commands.add_parser("audit", help="read or verify the audit trail; ask the auditor for a retention re-check")
     audit.add_argument("action", choices=("list", "show", "verify", "recheck"))
@@ -672,6 +730,14 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--dry-run", action="store_true", help="recheck: measure only, never roll back")
     audit.add_argument("--address", help="recheck: auditor address (default from settings)")
     audit.add_argument("--timeout", type=float, default=1800.0)
+    add_token_arg(audit)
+
+    auth = commands.add_parser("auth", help="make a bearer token, hash one, or check a principals file (docs/auth.md)")
+    auth.add_argument("action", choices=("token", "hash", "check"))
+    auth.add_argument("name", nargs="?", help="token: the principal's name")
+    auth.add_argument("--scope", action="append", default=[], help="token: a scope of the principal (repeatable)")
+    auth.add_argument("--out", help="token: write the token to this file (mode 0600); without it the token is the first line printed")
+    auth.add_argument("--principals-file", help="check: the file (default auth.principals_file)")
 
     health = commands.add_parser("health", help="ask each service's gRPC health service; exit 1 unless all serve")
     health.add_argument("--address", action="append", metavar="NAME=HOST:PORT",
@@ -697,7 +763,9 @@ def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
             console.print(f"[red]{name}[/]: no address (use NAME=HOST:PORT)")
             healthy = False
             continue
-        with grpc.insecure_channel(address) as channel:
+        from seal.rpc import dial
+
+        with dial(address, settings.auth, with_token=False) as channel:  # health checks are open
             try:
                 reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=args.timeout)
                 status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
@@ -706,6 +774,42 @@ def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
         healthy = healthy and status == "SERVING"
         console.print(f"{name} {address}: {'[green]' if status == 'SERVING' else '[red]'}{status}[/]")
     return 0 if healthy else 1
+
+
+def cmd_auth(args: argparse.Namespace, settings: Settings) -> int:
+    """``token``: a new random token and its principals-file entry; ``hash``: the sha256 of a token
+    read from stdin; ``check``: load a principals file as a service would and list it."""
+    from seal import auth
+
+    if args.action == "hash":
+        token = sys.stdin.read().strip()
+        if not token:
+            raise SystemExit("seal auth hash reads the token from stdin: seal auth hash < token-file")
+        print(auth.token_sha256(token))
+        return 0
+    if args.action == "check":
+        path = args.principals_file or settings.auth.principals_file
+        if not path:
+            raise SystemExit("seal auth check needs --principals-file or auth.principals_file")
+        principals = auth.Principals.load(path)
+        console.print(f"[green]{path}: {len(principals.names)} principals[/]: {', '.join(principals.names)}")
+        return 0
+    if not args.name or not args.scope:
+        raise SystemExit(f"seal auth token NAME --scope SCOPE [--scope …]; scopes: {', '.join(auth.SCOPES)}")
+    token = auth.new_token()
+    entry = {"name": args.name, "scopes": args.scope, "token_sha256": auth.token_sha256(token)}
+    auth.Principals.parse([entry])  # the same checks a service makes (name, known scopes)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(token + "\n")
+        print(f"# token written to {out}; add this entry to the principals file:", file=sys.stderr)
+    else:
+        print(token)  # shown once: first line the token, second line the principals-file entry
+    print(json.dumps(entry))
+    return 0
 
 
 def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
@@ -728,6 +832,7 @@ def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
 
 
 HANDLERS = {
+    "auth": cmd_auth,
     "config": cmd_config,
     "health": cmd_health,
     "prepare-model": cmd_prepare_model,
@@ -746,11 +851,16 @@ HANDLERS = {
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from seal.auth import AuthConfigError
+
     try:
         return HANDLERS[args.command](args, get_settings())
     except grpc.RpcError as exc:
-        console.print(f"[red]{exc.code().name}[/]: {exc.details()}")
+        console.print(f"[red]{exc.code().name}[/]: {exc.details()}", markup=False)
         return 1
+    except AuthConfigError as exc:
+        console.print(f"auth settings: {exc}", style="red", markup=False)
+        return 2
 
 
 if __name__ == "__main__":

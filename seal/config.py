@@ -328,9 +328,15 @@ class ServiceSettings(BaseModel):
     student_address: str = Field("", description="host:port callers dial for the student; empty = host:student_port")
     auditor_address: str = Field("", description="host:port callers dial for the auditor; empty = host:auditor_port")
     # --- server limits ---
-    max_workers: int = Field(8, ge=1, description="threads per gRPC server that run RPC handlers")
+    max_workers: int = Field(
+        8, ge=1,
+        description="threads per gRPC server that run RPC handlers; raised to max_concurrent_rpcs + 4 when lower, "
+        "so that every admitted RPC runs at once and health checks and refusals always find a free thread",
+    )
     max_concurrent_rpcs: int = Field(
-        16, ge=1, description="RPCs a server accepts at once; more are refused with RESOURCE_EXHAUSTED"
+        16, ge=1,
+        description="RPCs a server runs at once, health checks excepted (Kubernetes probes must answer while a "
+        "flood is refused); more are refused with RESOURCE_EXHAUSTED",
     )
     shutdown_grace_s: float = Field(
         10.0, ge=0, description="seconds in-flight RPCs get to finish after SIGTERM/SIGINT before the server stops"
@@ -340,6 +346,91 @@ class ServiceSettings(BaseModel):
     def address_of(self, service: Literal["teacher", "student", "auditor"]) -> str:
         explicit = getattr(self, f"{service}_address")
         return explicit or f"{self.host}:{getattr(self, f'{service}_port')}"
+
+
+class AuthSettings(BaseModel):
+    """Who may call the services, and over what (seal/auth.py, docs/auth.md).
+
+    Secure by default: a service refuses to start until it has a principals file and either a TLS
+    certificate or ``plaintext``; only ``insecure`` turns authentication off. Every RPC but the
+    health checks needs a principal (a bearer token whose sha256 is in the principals file, or a
+    client certificate named there) holding one of the scopes ``seal.auth.METHOD_SCOPES`` lists for
+    it. File paths are strings, empty = unset; the Helm chart mounts the files from Secrets, and
+    the principals file and certificates are re-read when they change (rotation without restart)."""
+
+    # --- the switch ---
+    insecure: bool = Field(
+        False,
+        description="turn authentication and authorisation off: plaintext gRPC, no tokens, no scopes, so anyone "
+        "who reaches a port may Adapt, Promote, Rollback or delete weights; logged as a WARNING at start-up. "
+        "For local demos only (make demo, seal up/demo --insecure, the test suite)",
+    )
+    # --- who a service admits ---
+    principals_file: str = Field(
+        "",
+        description="JSON or YAML file listing the principals a service admits: name, scopes (adapt, generate, "
+        "read, admin, service:teacher, service:student, service:auditor) and token_sha256 (the hex sha256 of its "
+        "bearer token, never the token) and/or certificate_names (CN or DNS SAN of its client certificate); "
+        "safe in a ConfigMap or Secret; re-read when it changes; required unless insecure",
+    )
+    # --- TLS (grpc's own credentials) ---
+    tls_cert_file: str = Field(
+        "",
+        description="PEM certificate (chain) a service presents on its gRPC port, and every process presents as "
+        "its client certificate when it dials (mutual TLS): give it both serverAuth and clientAuth usages",
+    )
+    tls_key_file: str = Field("", description="PEM private key of tls_cert_file")
+    tls_ca_file: str = Field(
+        "",
+        description="PEM CA bundle that signs the certificates: a service checks its callers' client certificates "
+        "against it, a caller checks the service's certificate; set = callers dial over TLS",
+    )
+    require_client_cert: bool = Field(
+        True,
+        description="mutual TLS: the TLS handshake fails without a client certificate signed by tls_ca_file "
+        "(a bearer token is still needed unless the certificate's name is a principal's certificate_names); "
+        "false = TLS for the server only, callers authenticate by token alone",
+    )
+    tls_server_name: str = Field(
+        "",
+        description="name callers check in the service's certificate instead of the host of the address they dial "
+        "(grpc.ssl_target_name_override); empty = that host",
+    )
+    plaintext: bool = Field(
+        False,
+        description="no TLS, but tokens and scopes still enforced: services listen in plaintext and callers send "
+        "their bearer token in clear gRPC metadata (a client interceptor: grpc refuses call credentials on an "
+        "insecure channel). Anyone who can read the pod network can replay a token: use it only where the network "
+        "is trusted or encrypted underneath (NetworkPolicy, a service mesh's mTLS). Ignored when insecure",
+    )
+    # --- the identity each process presents when it calls ---
+    token_file: str = Field(
+        "",
+        description="file holding the bearer token the CLI and other clients send (seal --token-file overrides "
+        "it); empty = the SEAL_TOKEN environment variable, if set",
+    )
+    teacher_token_file: str = Field(
+        "", description="file holding the teacher's service token (scope service:teacher), sent to student and auditor"
+    )
+    student_token_file: str = Field(
+        "", description="file holding the student's service token (scope service:student), sent to the auditor "
+        "with audit events (RecordEvent)"
+    )
+    auditor_token_file: str = Field(
+        "", description="file holding the auditor's service token (scope service:auditor), sent to the student "
+        "when scoring and re-checking"
+    )
+    # --- what else a service exposes ---
+    reflection: bool = Field(
+        True,
+        description="serve gRPC reflection (grpcurl without the protos); with authentication on, it needs the "
+        "read scope",
+    )
+    metrics_endpoint: bool = Field(
+        True,
+        description="serve Prometheus /metrics on the *_metrics_port (plain HTTP without credentials: call "
+        "counts, adapter names, no request content; restrict it with a NetworkPolicy); false = no endpoint",
+    )
 
 
 class StudentServingSettings(BaseModel):
@@ -608,6 +699,9 @@ class Settings(BaseSettings):
     )
     limits: LimitSettings = Field(default_factory=LimitSettings, description="size limits on requests")
     services: ServiceSettings = Field(default_factory=ServiceSettings, description="gRPC ports, addresses and limits")
+    auth: AuthSettings = Field(
+        default_factory=AuthSettings, description="authentication (mutual TLS, bearer tokens) and scopes of every RPC"
+    )
     student: StudentSettings = Field(default_factory=StudentSettings, description="how the student trains candidates")
     student_serving: StudentServingSettings = Field(
         default_factory=StudentServingSettings, description="how the student answers Generate"

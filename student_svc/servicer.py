@@ -12,12 +12,20 @@ import grpc
 from prometheus_client import Gauge
 
 from seal.audit_outbox import AuditOutbox
-from seal.config import Settings
+from seal.config import AuthSettings, Settings
 from seal.domains.knowledge import context_digest
 from seal.executors import CandidateJob
 from seal.models import SamplingParams
 from seal.registry import Manifest, parse_adapter_id
-from seal.rpc import RpcMetrics, RunningService, deadline_checker, map_errors, start_configured_service
+from seal.rpc import (
+    RpcMetrics,
+    RunningService,
+    current_principal,
+    deadline_checker,
+    dial,
+    map_errors,
+    start_configured_service,
+)
 from seal.serving import resolve_backend
 from seal.student import AdapterChoice, Student
 from seal.tracing import Tracing, build_tracing
@@ -35,10 +43,11 @@ def choice_from_proto(selector: student_pb2.AdapterSelector) -> AdapterChoice:
 
 class AuditorEventSender:
     """Delivers outbox events to the auditor's RecordEvent; the address can change (tests start
-    the auditor after the student, on a port chosen at start)."""
+    the auditor after the student, on a port chosen at start). Only the student may record events:
+    it calls with its own identity (auth.student_token_file and/or its client certificate)."""
 
-    def __init__(self, address: str) -> None:
-        self._channel = grpc.insecure_channel(address)
+    def __init__(self, address: str, auth: AuthSettings) -> None:
+        self._channel = dial(address, auth, identity="student")
         self._stub = auditor_pb2_grpc.AuditorServiceStub(self._channel)
 
     def __call__(self, event: dict[str, Any]) -> None:
@@ -125,6 +134,10 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
     def _report(self, kind: str, adapter_id: str, cause: str, context: grpc.ServicerContext, **details: Any) -> None:
         if self._audit is None:
             return
+        # Who asked: the authenticated principal (auth on), else only the peer's address.
+        principal = current_principal()
+        if principal is not None:
+            details = {"principal": principal, **details}
         self._audit.record(kind, adapter_id, cause, requested_by=context.peer(), **details)
         # Normally delivered within milliseconds, so the record exists when the caller hears back;
         # if the auditor is down the change still stands and the event waits in the outbox.
@@ -295,7 +308,7 @@ def _serve(
 ) -> RunningService:
     metrics = RpcMetrics("student")
     services = settings.services
-    senders: list[AuditorEventSender] = [AuditorEventSender(services.address_of("auditor"))]
+    senders: list[AuditorEventSender] = [AuditorEventSender(services.address_of("auditor"), settings.auth)]
     outbox = AuditOutbox(settings.home / "student" / "audit_outbox.jsonl", senders[0], source="student")
     servicer = StudentServicer(student, settings, metrics, audit=outbox)
 
@@ -306,11 +319,12 @@ def _serve(
     # Audit events reach the auditor from the outbox's own thread, later and retried, so they
     # are not part of the request's trace: that channel stays untraced.
     running = start_configured_service(
-        "student", register, services, metrics, port=port, metrics_port=metrics_port, tracing=tracing
+        "student", register, services, metrics, auth=settings.auth, port=port, metrics_port=metrics_port,
+        tracing=tracing,
     )
 
     def connect_auditor(address: str) -> None:
-        senders.append(AuditorEventSender(address))
+        senders.append(AuditorEventSender(address, settings.auth))
         outbox.set_sender(senders[-1])
 
     running.connect["auditor"] = connect_auditor

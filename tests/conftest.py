@@ -12,6 +12,12 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+# Authentication is on by default (seal.config.AuthSettings): a service without a principals file
+# and TLS or plaintext tokens refuses to start. The suite's stacks run on loopback and opt out
+# here, explicitly and once, for every Settings() the tests build and every `seal serve` child
+# they spawn; tests/test_auth.py passes its own AuthSettings to check the secure paths.
+os.environ.setdefault("SEAL_AUTH__INSECURE", "true")
+
 
 def _test_cache_dir() -> Path:
     # Outside tmp_path on purpose: the converted model survives between runs (once ~30 s, then free).

@@ -266,7 +266,7 @@ def governed(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
             return ["seal.v1.TeacherService"]
 
         teacher = start_service("teacher", register, host="127.0.0.1", port=0, metrics=metrics, metrics_port=None,
-                                max_workers=4, max_concurrent_rpcs=8)
+                                max_workers=4, max_concurrent_rpcs=8, auth=settings.auth)
         teacher.on_stop.extend([student_channel.close, auditor_channel.close])
         started.append(teacher)
         yield {"settings": settings, "student": student, "auditor": auditor, "teacher": teacher, "probe": probe}

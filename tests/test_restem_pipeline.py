@@ -313,7 +313,7 @@ def test_a_killed_teacher_loses_and_doubles_no_reward(tmp_path: Path) -> None:
         return [auditor_pb2.DESCRIPTOR.services_by_name["AuditorService"].full_name]
 
     auditor = start_service("auditor", register, host="127.0.0.1", port=0, metrics=RpcMetrics("auditor"),
-                            metrics_port=None, max_workers=4, max_concurrent_rpcs=8)
+                            metrics_port=None, max_workers=4, max_concurrent_rpcs=8, auth=settings.auth)
     total = 80
     feeding_done = threading.Event()
 
