@@ -148,6 +148,39 @@ def lora_sft_config(
     return LoraSFTConfig(**values)
 
 
+# Which tokens of a chat example carry the loss: the assistant's reply only, or every token.
+CHAT_LOSS_TARGETS = ("output_tokens", "all_tokens")
+
+
+def chat_example(tokenizer: Any, prompt: str, reply: str, *, loss_on: str = "output_tokens") -> tuple[list[int], list[int]]:
+    """One user turn and the assistant's reply as ``(input_ids, labels)`` for
+    :meth:`LoraSFTTrainer.train_tokenized`, laid out by the tokenizer's own chat template, so the
+    model trains on exactly the tokens it reads and writes when it generates with ``chat=True``.
+
+    The reply's tokens are found from the template, not from hard-coded token ids: the exchange
+    is rendered up to the assistant's header (``add_generation_prompt``) and in full, and the
+    reply is what the full rendering adds. ``output_tokens`` takes the loss on those alone (the
+    template's end-of-turn marker included, which teaches the model where to stop);
+    ``all_tokens`` on every token. No length limit is applied: the caller decides what to do
+    with an example too long to train on."""
+    if loss_on not in CHAT_LOSS_TARGETS:
+        raise ValueError(f"loss_on must be one of {', '.join(CHAT_LOSS_TARGETS)}, got {loss_on!r}")
+    if not tokenizer.chat_template:
+        raise ValueError("this tokenizer has no chat template; chat examples need one")
+    user = [{"role": "user", "content": prompt}]
+    prefix = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": reply}], tokenize=False)
+    if not full.startswith(prefix):
+        raise ValueError("the chat template does not render the prompt as a prefix of the full exchange")
+    prefix_ids = list(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+    input_ids = list(tokenizer(full, add_special_tokens=False)["input_ids"])
+    if input_ids[: len(prefix_ids)] != prefix_ids or len(input_ids) == len(prefix_ids):
+        raise ValueError("the reply's tokens cannot be told apart from the prompt's (a token spans the boundary)")
+    if loss_on == "all_tokens":
+        return input_ids, list(input_ids)
+    return input_ids, [-100] * len(prefix_ids) + input_ids[len(prefix_ids) :]
+
+
 @dataclass
 class TrainResult:
     model: Any  # peft.PeftModel, in eval mode
