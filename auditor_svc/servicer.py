@@ -21,6 +21,7 @@ from seal.auditor import (
     Auditor,
     RecheckResult,
     RewardRecord,
+    ScoredCandidate,
 )
 from seal.config import Settings
 from seal.domains.knowledge import Question
@@ -187,10 +188,17 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServiceServicer):
 
     @map_errors
     def CheckSelfEdit(self, request: auditor_pb2.CheckSelfEditRequest, context: grpc.ServicerContext) -> auditor_pb2.CheckSelfEditResponse:
-        verdict = self.core.check_self_edit(
-            request.context.title, request.context.passage, request.self_edit,
-            prompt=request.prompt, seed=request.seed, request_id=request.request_id,
-        )
+        fewshot = convert.fewshot_field(request)
+        if fewshot is not None:
+            verdict = self.core.check_recipe(
+                convert.fewshot_from_proto(fewshot), request.self_edit,
+                prompt=request.prompt, seed=request.seed, request_id=request.request_id,
+            )
+        else:
+            verdict = self.core.check_self_edit(
+                request.context.title, request.context.passage, request.self_edit,
+                prompt=request.prompt, seed=request.seed, request_id=request.request_id,
+            )
         for rule in verdict.failed_rules:
             self._guardrail_failures.labels(rule).inc()
             self._gate_failures.labels(f"guardrail:{rule}").inc()
@@ -202,6 +210,19 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServiceServicer):
 
     @map_errors
     def Score(self, request: auditor_pb2.ScoreRequest, context: grpc.ServicerContext) -> auditor_pb2.ScoreResponse:
+        fewshot = convert.fewshot_field(request)
+        if fewshot is not None:
+            scored = self.core.score_fewshot(
+                self._student_for(context),
+                adapter_id=request.adapter_id,
+                task=convert.fewshot_from_proto(fewshot),
+                guardrails=[convert.guardrail_from_proto(g) for g in request.guardrails],
+                prompt=request.prompt,
+                self_edit=request.self_edit,
+                seed=request.seed,
+                request_id=request.request_id,
+            )
+            return self._score_response(scored, request)
         if not request.questions:
             raise ValueError("no questions: scoring needs τ, at least one question with its gold answer")
         scored = self.core.score(
@@ -217,6 +238,9 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServiceServicer):
             request_id=request.request_id,
             measure_retention=not request.skip_retention,
         )
+        return self._score_response(scored, request)
+
+    def _score_response(self, scored: ScoredCandidate, request: auditor_pb2.ScoreRequest) -> auditor_pb2.ScoreResponse:
         report = scored.report
         response = auditor_pb2.ScoreResponse(
             baseline_accuracy=report.baseline_accuracy,

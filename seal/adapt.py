@@ -30,6 +30,7 @@ from opentelemetry import trace
 from opentelemetry.util.types import AttributeValue
 
 from seal.auditor import QuestionOutcome
+from seal.domains.fewshot import ArcTask, FewShotSettings, build_self_edit_prompt
 from seal.domains.knowledge import Question, context_digest
 from seal.domains.self_qa import NotEnoughQuestions, WrittenQuestions
 from seal.gates import GateResult, choose_best
@@ -39,17 +40,47 @@ from seal.registry import parse_adapter_id
 # --- what flows through the step --------------------------------------------------------------
 
 
+KNOWLEDGE = "knowledge"
+FEWSHOT = "fewshot"
+DOMAINS = (KNOWLEDGE, FEWSHOT)
+
+
 @dataclass(frozen=True)
 class Task:
-    """New context C with its held-out questions τ (the step's unit of work)."""
+    """The step's unit of work, in one of two domains:
+
+    - knowledge incorporation: new context C (``title``, ``passage``) with its held-out
+      questions τ (``questions``);
+    - few-shot ARC (``fewshot`` set): the task's demonstrations are C, its test outputs are τ.
+
+    The pipeline reads only :attr:`domain`, :attr:`context_id` and :attr:`has_tau`; what a
+    domain's task holds is read by the ports (training, scoring) and the proposer."""
 
     title: str
     passage: str
     questions: tuple[Question, ...]
+    fewshot: ArcTask | None = None
+
+    @classmethod
+    def from_arc(cls, arc: ArcTask) -> Task:
+        return cls(title=arc.task_id, passage="", questions=(), fewshot=arc)
+
+    @property
+    def domain(self) -> str:
+        return FEWSHOT if self.fewshot is not None else KNOWLEDGE
 
     @property
     def context_id(self) -> str:
+        if self.fewshot is not None:
+            return self.fewshot.context_id
         return context_digest(self.title, self.passage)
+
+    @property
+    def has_tau(self) -> bool:
+        """Whether the task carries what it is scored on (τ: questions, or the test outputs)."""
+        if self.fewshot is not None:
+            return self.fewshot.has_solutions
+        return bool(self.questions)
 
 
 @dataclass(frozen=True)
@@ -491,14 +522,17 @@ ProposeFn = Callable[[Task, int, int], Sequence[Proposal]]  # (task, k, seed) �
 WriteQuestionsFn = Callable[[Task, int], WrittenQuestions]  # (task without τ, seed) → written questions
 
 
-def proposer_fn(proposer: Any, style: str) -> ProposeFn:
-    """A :class:`seal.teacher.SelfEditProposer` (or anything with its ``propose``) as a ProposeFn."""
+def proposer_fn(proposer: Any, style: str, fewshot: FewShotSettings | None = None) -> ProposeFn:
+    """A :class:`seal.teacher.SelfEditProposer` (or anything with its ``propose`` and
+    ``propose_from_prompt``) as a ProposeFn: knowledge tasks get the ``style`` prompt, few-shot
+    tasks the recipe prompt (``seal.domains.fewshot.build_self_edit_prompt`` with ``fewshot``)."""
 
     def propose(task: Task, k: int, seed: int) -> list[Proposal]:
-        return [
-            Proposal(e.index, e.prompt, e.text, e.completion_tokens)
-            for e in proposer.propose(task.title, task.passage, k, style, seed)
-        ]
+        if task.fewshot is not None:
+            edits = proposer.propose_from_prompt(build_self_edit_prompt(task.fewshot, fewshot), k, seed)
+        else:
+            edits = proposer.propose(task.title, task.passage, k, style, seed)
+        return [Proposal(e.index, e.prompt, e.text, e.completion_tokens) for e in edits]
 
     return propose
 
@@ -555,6 +589,19 @@ ON_POLICY_RULES = ("sdft",)  # rules that distil on prompts about C, so need tra
 def update_rule(overrides: Mapping[str, Any], default: str) -> str:
     """The update rule a request asks for (``overrides.update_rule``), else the configured one."""
     return str(overrides.get("update_rule") or default)
+
+
+def check_fewshot_task(task: Task, *, needs_training_prompts: bool) -> None:
+    """What a few-shot task must hold before anything is sampled: τ is its test outputs (no
+    question writing), and the update is the recipe's LoRA SFT (no on-policy rule)."""
+    assert task.fewshot is not None
+    if not task.fewshot.has_solutions:
+        raise ValueError(
+            f"few-shot task {task.fewshot.task_id} has {len(task.fewshot.test_outputs)} test output(s) for "
+            f"{len(task.fewshot.test_inputs)} test input(s): Adapt scores on the test outputs, send one per input"
+        )
+    if needs_training_prompts:
+        raise ValueError("few-shot tasks train by their recipe (LoRA SFT); an on-policy update rule does not apply")
 
 
 def _decide(
@@ -639,7 +686,9 @@ def _adapt_steps(
 
     written: WrittenQuestions | None = None
     training_prompts: tuple[str, ...] = ()
-    if not task.questions or needs_training_prompts:
+    if task.domain == FEWSHOT:
+        check_fewshot_task(task, needs_training_prompts=needs_training_prompts)
+    elif not task.questions or needs_training_prompts:
         if write_questions is None:
             raise ValueError("no questions: τ needs at least one held-out question with its gold answer")
         started = time.perf_counter()

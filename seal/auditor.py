@@ -21,6 +21,7 @@ from seal.audit import (
     candidate_payload,
     cause_payload,
 )
+from seal.domains.fewshot import ArcTask, FewShotSettings
 from seal.domains.knowledge import (
     QUESTION_REPHRASINGS,
     Grade,
@@ -336,8 +337,12 @@ class Auditing:
         answer_max_new_tokens: int,
         on_append: Callable[[str], None] = lambda kind: None,
         probe_base_dir: Path | None = None,
+        fewshot: FewShotSettings | None = None,
     ) -> None:
         self.auditor = auditor
+        # The few-shot domain's recipe limits and answer voting (``seal.domains.fewshot_audit``).
+        self._fewshot = fewshot or FewShotSettings()
+        self._fewshot_baselines: dict[str, Any] = {}  # context_id → the base model's graded answers
         self.reward_log = reward_log
         self.audit = audit
         self._probe_store = probe_store
@@ -369,6 +374,7 @@ class Auditing:
             guardrails=settings.guardrails,
             answer_max_new_tokens=settings.auditor.answer_max_new_tokens,
             on_append=on_append,
+            fewshot=settings.fewshot,
         )
 
     def close(self) -> None:
@@ -386,11 +392,28 @@ class Auditing:
         self, title: str, passage: str, self_edit: str, *, prompt: str = "", seed: int = 0, request_id: str = ""
     ) -> GuardrailVerdict:
         results = check_self_edit(self_edit, f"{title}\n{passage}", self._guardrails)
-        verdict = GuardrailVerdict(results)
+        return self._refusal_recorded(
+            GuardrailVerdict(results), context_digest(title, passage), self_edit,
+            prompt=prompt, seed=seed, request_id=request_id,
+        )
+
+    def check_recipe(
+        self, task: ArcTask, self_edit: str, *, prompt: str = "", seed: int = 0, request_id: str = ""
+    ) -> GuardrailVerdict:
+        """The few-shot domain's check before training: the self-edit must be a well-formed recipe."""
+        from seal.domains import fewshot_audit
+
+        verdict = GuardrailVerdict([fewshot_audit.check_recipe(self_edit, self._fewshot)])
+        return self._refusal_recorded(verdict, task.context_id, self_edit, prompt=prompt, seed=seed, request_id=request_id)
+
+    def _refusal_recorded(
+        self, verdict: GuardrailVerdict, digest: str, self_edit: str, *, prompt: str, seed: int, request_id: str
+    ) -> GuardrailVerdict:
+        """A refused self-edit never becomes an adapter, so its reject record is its only trace."""
         if verdict.passed:
             return verdict
+        results = verdict.results
         failed = verdict.failed_rules
-        # A refused self-edit never becomes an adapter, so this is its only trace.
         sequence = self._append(
             KIND_REJECT,
             None,
@@ -398,7 +421,7 @@ class Auditing:
                 f"guardrails failed before training: {', '.join(failed)}",
                 stage="guardrails",
                 failed_rules=failed,
-                context_digest=context_digest(title, passage),
+                context_digest=digest,
                 prompt=prompt,
                 self_edit=self_edit,
                 seed=seed,
@@ -492,8 +515,56 @@ class Auditing:
         probe_size = len(probe) if probe is not None else 0
         if manifest is None:
             return ScoredCandidate(report, probe_size)
+        return self._record_scored(
+            report, manifest, adapter_id=adapter_id, digest=context_digest(title, passage), prompt=prompt,
+            self_edit=self_edit, seed=seed, request_id=request_id, probe_size=probe_size,
+        )
+
+    def score_fewshot(
+        self,
+        student: AuditedStudent,
+        *,
+        adapter_id: str,
+        task: ArcTask,
+        guardrails: Sequence[GuardrailResult] = (),
+        prompt: str = "",
+        self_edit: str = "",
+        seed: int = 0,
+        request_id: str = "",
+    ) -> ScoredCandidate:
+        """Score ``adapter_id`` on a few-shot task's test outputs (pass@2, binary reward, the
+        ``solved`` gate); without an adapter, the base model alone. Recorded like :meth:`score`."""
+        from seal.domains import fewshot_audit
+
+        if not task.has_solutions:
+            raise ValueError(f"few-shot task {task.task_id} needs a test output per test input to be scored")
+
+        def answer(prompts: Sequence[str], max_new_tokens: int, adapter: str) -> list[str]:
+            return student.answer(list(prompts), adapter, max_new_tokens=max_new_tokens)
+
+        baseline = self._fewshot_baselines.get(task.context_id)
+        if baseline is None:
+            baseline = self._fewshot_baselines[task.context_id] = fewshot_audit.grade_with(
+                task, answer, "", self._fewshot
+            )
+        if not adapter_id:
+            verdict = fewshot_audit.score_task(task, baseline, baseline, guardrails)
+            return ScoredCandidate(verdict.report(guardrails))
+        manifest = student.adapter(adapter_id)
+        adapted = fewshot_audit.grade_with(task, answer, adapter_id, self._fewshot)
+        report = fewshot_audit.score_task(task, baseline, adapted, guardrails).report(guardrails)
+        return self._record_scored(
+            report, manifest, adapter_id=adapter_id, digest=task.context_id, prompt=prompt, self_edit=self_edit,
+            seed=seed, request_id=request_id, probe_size=0,
+        )
+
+    def _record_scored(
+        self, report: ScoreReport, manifest: AdapterFacts, *, adapter_id: str, digest: str, prompt: str,
+        self_edit: str, seed: int, request_id: str, probe_size: int,
+    ) -> ScoredCandidate:
+        """A scored adapter's reward record (what ReST^EM subscribes to) and its candidate audit
+        record, with everything needed to explain and re-run it."""
         assert report.scores is not None
-        digest = context_digest(title, passage)
         record = self.reward_log.append(
             context_id=digest,
             adapter_id=adapter_id,

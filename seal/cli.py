@@ -856,7 +856,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return HANDLERS[args.command](args, get_settings())
     except grpc.RpcError as exc:
-        console.print(f"[red]{exc.code().name}[/]: {exc.details()}", markup=False)
+        # Not markup: details may hold brackets (the scopes a call needs).
+        console.print(Text(exc.code().name, style="red") + Text(f": {exc.details()}"))
         return 1
     except AuthConfigError as exc:
         console.print(f"auth settings: {exc}", style="red", markup=False)

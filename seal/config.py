@@ -27,6 +27,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from seal.domains.fewshot import FewShotSettings
 from seal.gates import GateSettings
 from seal.guardrails import GuardrailSettings
 from seal.registry import ADAPTER_NAME_PATTERN
@@ -323,6 +324,18 @@ class ServiceSettings(BaseModel):
     teacher_metrics_port: int = Field(9101, description="Prometheus /metrics port of the teacher; 0 = a free port")
     student_metrics_port: int = Field(9102, description="Prometheus /metrics port of the student; 0 = a free port")
     auditor_metrics_port: int = Field(9103, description="Prometheus /metrics port of the auditor; 0 = a free port")
+    # Kubernetes' native gRPC probes cannot do TLS: with auth's TLS on, they ask these instead.
+    teacher_probe_port: int = Field(
+        0, ge=0, le=65535,
+        description="plaintext port serving only the gRPC health service of the teacher, for Kubernetes' native "
+        "gRPC probes (they cannot do TLS or send credentials); 0 = none, probes use the gRPC port (fine without TLS)",
+    )
+    student_probe_port: int = Field(
+        0, ge=0, le=65535, description="the student's plaintext health-only port, as teacher_probe_port; 0 = none"
+    )
+    auditor_probe_port: int = Field(
+        0, ge=0, le=65535, description="the auditor's plaintext health-only port, as teacher_probe_port; 0 = none"
+    )
     # --- where callers reach each service ---
     teacher_address: str = Field("", description="host:port callers dial for the teacher; empty = host:teacher_port")
     student_address: str = Field("", description="host:port callers dial for the student; empty = host:student_port")
@@ -406,8 +419,8 @@ class AuthSettings(BaseModel):
     # --- the identity each process presents when it calls ---
     token_file: str = Field(
         "",
-        description="file holding the bearer token the CLI and other clients send (seal --token-file overrides "
-        "it); empty = the SEAL_TOKEN environment variable, if set",
+        description="file holding the bearer token the CLI and other clients send (the --token-file option of seal's "
+        "client commands overrides it); empty = the SEAL_TOKEN environment variable, if set",
     )
     teacher_token_file: str = Field(
         "", description="file holding the teacher's service token (scope service:teacher), sent to student and auditor"
@@ -708,6 +721,10 @@ class Settings(BaseSettings):
     )
     tracing: TracingSettings = Field(
         default_factory=TracingSettings, description="OpenTelemetry traces over OTLP; off unless an endpoint is set"
+    )
+    fewshot: FewShotSettings = Field(
+        default_factory=FewShotSettings,
+        description="the few-shot ARC domain: recipe limits, generated data, the cost guard and answer voting",
     )
 
     @property

@@ -12,6 +12,8 @@ from typing import Any
 
 from seal import adapt
 from seal.auditor import Auditor, accuracy_of
+from seal.domains import fewshot_audit
+from seal.domains.fewshot import FewShotSettings, task_to_dict
 from seal.guardrails import GuardrailSettings, check_self_edit
 from seal.models import SamplingParams
 from seal.retention import RetentionProbe
@@ -48,6 +50,7 @@ class LocalStudentPort:
                 include_passage=include_passage,
                 seed=seed,
                 training_prompts=list(training_prompts),
+                fewshot_task=task_to_dict(task.fewshot) if task.fewshot is not None else None,
                 on_step=lambda step, total, loss: emit(adapt.TrainingStep(step, total, loss)),
                 should_stop=self._should_stop,
             )
@@ -86,13 +89,31 @@ class LocalAuditorPort:
         answer_max_new_tokens: int = 32,
         probe: RetentionProbe | None = None,
         probe_max_new_tokens: int | None = None,
+        fewshot: FewShotSettings | None = None,
     ) -> None:
+        """``fewshot``: the few-shot domain's settings (recipe limits, voting), for its tasks."""
         self._student = student
         self._auditor = auditor
         self._guardrails = guardrails
         self._probe = probe
         self._answer = self._answer_fn(answer_max_new_tokens)
         self._probe_answer = self._answer_fn(probe_max_new_tokens or answer_max_new_tokens)
+        self._fewshot = fewshot or FewShotSettings()
+        # The base model's graded answers per few-shot task (they depend on nothing else).
+        self._fewshot_baselines: dict[str, fewshot_audit.Graded] = {}
+
+    def _fewshot_answer(self, prompts: Sequence[str], max_new_tokens: int, adapter_id: str) -> list[str]:
+        choice = AdapterChoice(adapter_id=adapter_id) if adapter_id else AdapterChoice(base_model=True)
+        generations, _ = self._student.generate(list(prompts), choice, SamplingParams(max_new_tokens=max_new_tokens))
+        return [g.text for g in generations]
+
+    def _fewshot_baseline(self, task: adapt.Task) -> fewshot_audit.Graded:
+        assert task.fewshot is not None
+        if task.context_id not in self._fewshot_baselines:
+            self._fewshot_baselines[task.context_id] = fewshot_audit.grade_with(
+                task.fewshot, self._fewshot_answer, "", self._fewshot
+            )
+        return self._fewshot_baselines[task.context_id]
 
     def _answer_fn(self, max_new_tokens: int) -> Callable[[list[str], str], list[str]]:
         params = SamplingParams(max_new_tokens=max_new_tokens)
@@ -105,10 +126,16 @@ class LocalAuditorPort:
         return answer
 
     def check(self, task: adapt.Task, proposal: adapt.Proposal, *, seed: int, request_id: str) -> adapt.GuardrailCheck:
+        if task.fewshot is not None:
+            results = [fewshot_audit.check_recipe(proposal.text, self._fewshot)]
+            return adapt.GuardrailCheck(all(r.passed for r in results), tuple(adapt.guardrail_to_gate(r) for r in results))
         results = check_self_edit(proposal.text, f"{task.title}\n{task.passage}", self._guardrails)
         return adapt.GuardrailCheck(all(r.passed for r in results), tuple(adapt.guardrail_to_gate(r) for r in results))
 
     def baseline(self, task: adapt.Task) -> adapt.Baseline:
+        if task.fewshot is not None:
+            graded = self._fewshot_baseline(task)
+            return adapt.Baseline(graded.accuracy, graded.outcomes)
         outcomes = self._auditor.baseline(self._answer, task.questions)
         return adapt.Baseline(accuracy_of(outcomes), tuple(outcomes))
 
@@ -123,6 +150,8 @@ class LocalAuditorPort:
         request_id: str,
         measure_retention: bool,
     ) -> adapt.Score:
+        if task.fewshot is not None:
+            return self._score_fewshot(task, adapter, guardrails)
         report = self._auditor.score(
             self._answer,
             adapter.adapter_id,
@@ -142,6 +171,30 @@ class LocalAuditorPort:
             retention_accuracy=report.retention_accuracy,
             baseline_retention_accuracy=report.baseline_retention_accuracy,
         )
+
+
+    def _score_fewshot(
+        self, task: adapt.Task, adapter: adapt.TrainedAdapter, guardrails: adapt.GuardrailCheck
+    ) -> adapt.Score:
+        assert task.fewshot is not None
+        baseline = self._fewshot_baseline(task)
+        adapted = fewshot_audit.grade_with(task.fewshot, self._fewshot_answer, adapter.adapter_id, self._fewshot)
+        verdict = fewshot_audit.score_task(
+            task.fewshot, baseline, adapted, [adapt.guardrail_from_gate(g) for g in guardrails.gates]
+        )
+        return fewshot_score(verdict)
+
+
+def fewshot_score(verdict: fewshot_audit.FewShotScore) -> adapt.Score:
+    """A few-shot verdict as the pipeline's :class:`seal.adapt.Score` (binary reward)."""
+    return adapt.Score(
+        accuracy=verdict.adapted.accuracy,
+        baseline_accuracy=verdict.baseline.accuracy,
+        reward=verdict.reward,
+        passed_gates=verdict.passed_gates,
+        gates=verdict.gates,
+        outcomes=verdict.adapted.outcomes,
+    )
 
 
 def _retention_kl(adapter: adapt.TrainedAdapter) -> float | None:

@@ -1,6 +1,8 @@
-"""What every seal gRPC service shares: server bootstrap (health, reflection, bounded concurrency,
-graceful shutdown), Prometheus metrics for every RPC, and the mapping from core errors to status
-codes. Algorithms never import this module; the services do."""
+"""What every seal gRPC service shares: server bootstrap (health, reflection, bounded concurrency
+that health checks skip, graceful shutdown), authentication and scopes on every call (the
+decisions are seal/auth.py's; TLS and token credentials here, server and client side: ``dial``),
+Prometheus metrics for every RPC, and the mapping from core errors to status codes. Algorithms
+never import this module; the services do."""
 
 from __future__ import annotations
 
@@ -523,6 +525,7 @@ class RunningService:
     health: health.HealthServicer
     service_names: list[str]
     metrics_port: int | None = None
+    probe_port: int | None = None  # the plaintext health-only port, when there is one
     _metrics_http: Any = None
     _stopped: threading.Event = field(default_factory=threading.Event)
     on_stop: list[Callable[[], None]] = field(default_factory=list)
@@ -560,10 +563,12 @@ def start_configured_service(
     auth: AuthSettings,
     port: int | None = None,
     metrics_port: int | None = None,
+    probe_port: int | None = None,
     tracing: Tracing | None = None,
     untraced_methods: tuple[str, ...] = (),
 ) -> RunningService:
-    """:func:`start_service` with the host, ports and limits ``services`` gives ``name``;
+    """:func:`start_service` with the host, ports and limits ``services`` gives ``name``
+    (``probe_port`` too: None = the configured one, whose 0 means none);
     ``port`` and ``metrics_port`` replace the configured ports when given (0 = a free one).
     ``auth.metrics_endpoint`` false: no /metrics endpoint."""
     if not auth.metrics_endpoint:
@@ -580,6 +585,7 @@ def start_configured_service(
         max_workers=services.max_workers,
         max_concurrent_rpcs=services.max_concurrent_rpcs,
         auth=auth,
+        probe_port=(getattr(services, f"{name}_probe_port") or None) if probe_port is None else probe_port,
         tracing=tracing,
         untraced_methods=untraced_methods,
     )
@@ -596,6 +602,7 @@ def start_service(
     max_workers: int,
     max_concurrent_rpcs: int,
     auth: AuthSettings,
+    probe_port: int | None = None,
     tracing: Tracing | None = None,
     untraced_methods: tuple[str, ...] = (),
 ) -> RunningService:
@@ -610,7 +617,11 @@ def start_service(
     authenticated and checked against seal.auth.METHOD_SCOPES, over TLS or plaintext as it says;
     a service with a method the table does not list refuses to start. ``auth.insecure`` turns
     that off, with a WARNING. At most ``max_concurrent_rpcs`` calls run at once, health checks
-    excepted; the thread pool has room for all of them plus health checks and refusals."""
+    excepted; the thread pool has room for all of them plus health checks and refusals.
+
+    ``probe_port`` (0 = a free one): a second, plaintext server with the health service alone, for
+    Kubernetes' native gRPC probes, which can neither do TLS nor send credentials. It shares the
+    health servicer, so it reports NOT_SERVING on graceful shutdown too."""
     authz.check_server_settings(auth)  # fails here, naming the setting, before anything binds
     interceptors: list[grpc.ServerInterceptor] = [_MetricsInterceptor(metrics)]
     if tracing is not None and tracing.enabled:
@@ -660,13 +671,20 @@ def start_service(
         raise RuntimeError(f"{name}: could not bind {host}:{port}; is another process using it?")
     server.start()
     running = RunningService(name, server, bound_port, health_servicer, service_names)
+    if probe_port is not None:
+        probes = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"{name}-probe"))
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probes)
+        running.probe_port = probes.add_insecure_port(f"{host}:{probe_port}")
+        probes.start()
+        running.on_stop.append(lambda: probes.stop(0))
     if tracing is not None and tracing.enabled:
         running.on_stop.append(tracing.shutdown)
     if metrics_port is not None:
         http_server, _thread = start_http_server(metrics_port, addr=host, registry=metrics.registry)
         running._metrics_http = http_server
         running.metrics_port = http_server.server_port
-    log.info("%s listening on %s:%d (metrics %s)", name, host, bound_port, running.metrics_port)
+    log.info("%s listening on %s:%d (metrics %s, health-only probe port %s)", name, host, bound_port,
+             running.metrics_port, running.probe_port)
     if auth.insecure:
         log.warning(
             "%s: auth.insecure is on: no TLS, no tokens, no scopes; anyone who reaches %s:%d may call every RPC "

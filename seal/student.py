@@ -11,12 +11,13 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from seal.anchors import AnchorSet, AnchorStore, anchor_examples, kl_drift
 from seal.config import Settings
+from seal.domains import fewshot
 from seal.domains.knowledge import build_question_prompt, build_training_sequences, parse_self_edit
 from seal.executors import (
     CandidateJob,
@@ -115,13 +116,21 @@ class CandidateTrainer:
         include_passage: bool = True,
         seed: int | None = None,
         training_prompts: Sequence[str] = (),
+        fewshot_task: Mapping[str, Any] | None = None,
         on_step: Callable[[int, int, float], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> CandidateResult:
         """One candidate from one self-edit by the update rule ``overrides['update_rule']`` (else
         ``settings.update.rule``): LoRA SFT on the self-edit lines (+ the passage), or SDFT on
-        ``training_prompts`` with the passage and the self-edit as the teacher's privileged context."""
+        ``training_prompts`` with the passage and the self-edit as the teacher's privileged context.
+        With ``fewshot_task`` (``seal.domains.fewshot.task_to_dict``) the self-edit is an ARC
+        training recipe instead (:meth:`train_fewshot`)."""
         overrides = dict(overrides or {})
+        if fewshot_task is not None:
+            return self.train_fewshot(
+                adapter_name=adapter_name, task=fewshot.task_from_dict(fewshot_task), self_edit=self_edit,
+                context_id=context_id, overrides=overrides, seed=seed, on_step=on_step, should_stop=should_stop,
+            )
         rule = overrides.pop("update_rule", None) or self.settings.update.rule
         if rule == "sdft":
             return self.train_sdft(
@@ -147,6 +156,55 @@ class CandidateTrainer:
             on_step=on_step,
             should_stop=should_stop,
         )
+
+    def train_fewshot(
+        self,
+        *,
+        adapter_name: str,
+        task: fewshot.ArcTask,
+        self_edit: str,
+        context_id: str,
+        overrides: dict[str, Any] | None = None,
+        seed: int | None = None,
+        on_step: Callable[[int, int, float], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> CandidateResult:
+        """One few-shot candidate (test-time training): the self-edit's recipe is parsed
+        (malformed: refused), its augmented examples built and costed (over budget: refused,
+        nothing trained), then trained by the same LoRA SFT as knowledge incorporation. The
+        recipe sets learning rate and epochs, so a request's overrides may only name the rule."""
+        try:
+            fewshot.validate_fewshot_overrides(overrides or {})
+        except ValueError as exc:
+            raise UnusableSelfEdit(str(exc)) from None
+        settings = self.settings.fewshot
+        seed = self.settings.seed if seed is None else seed
+        recipe = fewshot.parse_self_edit(self_edit, settings)
+        with self._train_lock:
+            started = time.perf_counter()
+            prepared = fewshot.prepare_update(task, recipe, self.tokenizer, settings, seed=seed)
+            config = lora_sft_config(self.settings.lora, seed=seed, overrides=prepared.lora_overrides())
+            anchors = self._anchor_examples(config.max_seq_len) if config.uses_anchors else None
+            result = fewshot.train_update(
+                self._train_base, self.tokenizer, prepared, self.settings.lora, seed=seed,
+                on_step=on_step, should_stop=should_stop, anchors=anchors,
+            )
+            hyperparameters = {
+                "update_rule": "lora_sft",
+                "domain": "fewshot",
+                **asdict(config),
+                "recipe": recipe.to_json(),
+                "cost_steps": prepared.cost.steps,
+                "cost_tokens": prepared.cost.tokens,
+                "training_sequences": len(prepared.sequences),
+            }
+            if anchors:
+                assert self._anchors is not None
+                hyperparameters["anchor_set_id"] = self._anchors.anchor_set_id
+            manifest = self._save_candidate(
+                adapter_name, result, context_id, self_edit_digest(self_edit), seed, hyperparameters
+            )
+        return CandidateResult(manifest, len(prepared.sequences), result.losses, time.perf_counter() - started)
 
     def train_sequences(
         self,

@@ -13,6 +13,7 @@ from prometheus_client import Gauge
 
 from seal.audit_outbox import AuditOutbox
 from seal.config import AuthSettings, Settings
+from seal.domains.fewshot import task_to_dict
 from seal.domains.knowledge import context_digest
 from seal.executors import CandidateJob
 from seal.models import SamplingParams
@@ -146,7 +147,9 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
     @map_errors
     def ApplySelfEdit(self, request: student_pb2.ApplySelfEditRequest, context: grpc.ServicerContext) -> Iterator[student_pb2.ApplySelfEditResponse]:
         limits = self._settings.limits
-        if not request.context.passage.strip():
+        fewshot = convert.fewshot_field(request)
+        arc = convert.fewshot_from_proto(fewshot) if fewshot is not None else None
+        if arc is None and not request.context.passage.strip():
             raise ValueError("context.passage is empty: the student trains on the passage and the self-edit")
         if len(request.context.passage) > limits.max_passage_chars:
             raise ValueError(f"context.passage exceeds {limits.max_passage_chars} characters")
@@ -171,11 +174,15 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
                     title=request.context.title,
                     passage=request.context.passage,
                     self_edit=request.self_edit,
-                    context_id=context_digest(request.context.title, request.context.passage),
+                    context_id=(
+                        arc.context_id if arc is not None
+                        else context_digest(request.context.title, request.context.passage)
+                    ),
                     overrides=overrides,
                     include_passage=include_passage,
                     seed=request.seed if request.HasField("seed") else None,
                     training_prompts=tuple(request.training_prompts),
+                    fewshot_task=task_to_dict(arc) if arc is not None else None,
                 )
                 # A batch of one through the configured executor (student.executor): in process it
                 # streams every step; as a Kubernetes Job the steps happen in the pod.

@@ -14,12 +14,14 @@ import grpc
 
 from seal.adapt import (
     GUARDRAIL_PREFIX,
+    KNOWLEDGE,
     ON_POLICY_RULES,
     AdaptFinished,
     CandidateFailed,
     CandidateScored,
     PromotionDecided,
     SelfEditsProposed,
+    check_fewshot_task,
     proposer_fn,
     question_writer,
     run_adapt,
@@ -27,6 +29,7 @@ from seal.adapt import (
     validate_overrides,
 )
 from seal.config import Settings
+from seal.domains.fewshot import validate_fewshot_overrides
 from seal.domains.knowledge import PROMPT_STYLES
 from seal.grading import build_grader
 from seal.registry import validate_adapter_name
@@ -156,15 +159,22 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
 
     def _validate(self, request: teacher_pb2.AdaptRequest) -> tuple[int, str, str]:
         limits, teacher = self._settings.limits, self._settings.teacher
-        validate_context(
-            request.context.title,
-            request.context.passage,
-            request.questions,
-            max_passage_chars=limits.max_passage_chars,
-            max_questions=limits.max_questions,
-            max_question_chars=limits.max_question_chars,
-            require_questions=False,  # without τ the teacher writes it (seal.domains.self_qa)
-        )
+        if request.HasField("fewshot"):
+            if request.context.title or request.context.passage or request.questions:
+                raise ValueError("a few-shot Adapt carries its task in fewshot: leave context and questions empty")
+            task = convert.task_from_proto(request.context, request.questions, request.fewshot)
+            check_fewshot_task(task, needs_training_prompts=False)
+            validate_fewshot_overrides(convert.overrides_from_proto(request.overrides))
+        else:
+            validate_context(
+                request.context.title,
+                request.context.passage,
+                request.questions,
+                max_passage_chars=limits.max_passage_chars,
+                max_questions=limits.max_questions,
+                max_question_chars=limits.max_question_chars,
+                require_questions=False,  # without τ the teacher writes it (seal.domains.self_qa)
+            )
         k = validate_k(request.k or teacher.default_k, teacher.max_k)
         style = validate_prompt_style(request.prompt_style or teacher.prompt_style)
         adapter_name = validate_adapter_name(request.adapter_name or self._settings.adapter_name)
@@ -240,23 +250,24 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         student = GrpcStudentPort(self._student, timeout)
         overrides = convert.overrides_from_proto(request.overrides)
         rule = update_rule(overrides, self._settings.update.rule)
+        task = convert.task_from_proto(request.context, request.questions, convert.fewshot_field(request))
         events = run_adapt(
-            convert.task_from_proto(request.context, request.questions),
-            propose=proposer_fn(self._proposer, style),
+            task,
+            propose=proposer_fn(self._proposer, style, self._settings.fewshot),
             student=student,
             auditor=GrpcAuditorPort(self._auditor, timeout),
             write_questions=question_writer(
                 self._proposer, student, self._grader, self._settings.teacher,
                 answer_max_new_tokens=self._settings.auditor.answer_max_new_tokens,
             ),
-            needs_training_prompts=rule in ON_POLICY_RULES,
+            needs_training_prompts=rule in ON_POLICY_RULES and task.domain == KNOWLEDGE,
             k=k,
             seed=request.seed if request.HasField("seed") else self._settings.seed,
             adapter_name=adapter_name,
             overrides=overrides,
             request_id=request_id,
             tracer=self._tracer,
-            trace_attributes={"seal.update_rule": rule, "seal.prompt_style": style},
+            trace_attributes={"seal.update_rule": rule, "seal.prompt_style": style, "seal.domain": task.domain},
         )
         failed: list[CandidateFailed] = []
         scored: list[CandidateScored] = []

@@ -187,6 +187,15 @@ def test_every_rpc_of_the_protos_has_a_scope_entry() -> None:
     assert set(authz.METHOD_SCOPES) - set(methods) == {"/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"}
 
 
+def test_docs_auth_md_shows_the_table_as_it_is() -> None:
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "auth.md").read_text(encoding="utf-8")
+    documented = {m: frozenset(s.strip() for s in scopes.split(","))
+                  for m, scopes in re.findall(r"^\| `(/[^`*]+)` \| ([^|]+) \|$", text, flags=re.M)}
+    assert documented == authz.METHOD_SCOPES
+
+
 def test_the_default_is_secure_and_says_how_to_opt_out() -> None:
     assert AuthSettings().insecure is False
     with pytest.raises(authz.AuthConfigError) as refused:
@@ -491,7 +500,7 @@ def test_the_cli_sends_its_token(secure, tmp_path: Path, monkeypatch, capsys) ->
 
 
 def _auditor(home: Path, auth: AuthSettings, *, max_workers: int = 4, max_concurrent_rpcs: int = 8,
-             configured: bool = False):
+             configured: bool = False, probe_port: int | None = None, tracing: Any = None):
     """The real auditor servicer on port 0 (its student is never called here)."""
     from auditor_svc.servicer import AuditorServicer
     from seal.rpc import start_configured_service
@@ -509,7 +518,8 @@ def _auditor(home: Path, auth: AuthSettings, *, max_workers: int = 4, max_concur
                                            metrics_port=0)
     else:
         running = start_service("auditor", register, host="127.0.0.1", port=0, metrics=metrics, metrics_port=None,
-                                max_workers=max_workers, max_concurrent_rpcs=max_concurrent_rpcs, auth=auth)
+                                max_workers=max_workers, max_concurrent_rpcs=max_concurrent_rpcs, auth=auth,
+                                probe_port=probe_port, tracing=tracing)
     running.on_stop.append(servicer.core.close)
     return running
 
@@ -544,6 +554,36 @@ def test_plaintext_mode_still_checks_tokens_and_scopes(tmp_path: Path) -> None:
         auditor.stop(grace=0.5)
 
 
+def test_tokens_compose_with_tracing_on_both_sides(tmp_path: Path) -> None:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from seal.config import TracingSettings
+    from seal.rpc import traced_channel
+    from seal.tracing import build_tracing
+
+    creds = _credentials(tmp_path / "creds", certificates=False)
+    server_spans, client_spans = InMemorySpanExporter(), InMemorySpanExporter()
+    auditor = _auditor(tmp_path / "home", AuthSettings(principals_file=str(creds.principals_file), plaintext=True),
+                       tracing=build_tracing("auditor", TracingSettings(), exporter=server_spans))
+    client_tracing = build_tracing("student", TracingSettings(), exporter=client_spans)
+    try:
+        as_student = AuthSettings(plaintext=True, student_token_file=str(creds.token_files["student"]))
+        with traced_channel(dial(auditor.address, as_student, identity="student"), client_tracing) as channel:
+            assert auditor_pb2_grpc.AuditorServiceStub(channel).RecordEvent(_event(), timeout=30).sequence >= 1
+        with traced_channel(grpc.insecure_channel(auditor.address), client_tracing) as channel:
+            with pytest.raises(grpc.RpcError) as anonymous:
+                auditor_pb2_grpc.AuditorServiceStub(channel).RecordEvent(_event("e2"), timeout=30)
+            assert anonymous.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        auditor.stop(grace=0.5)
+        client_tracing.shutdown()
+    spans = [span for span in server_spans.get_finished_spans() if span.name.endswith("RecordEvent")]
+    codes = sorted(span.attributes.get("rpc.grpc.status_code") for span in spans)
+    assert codes == [grpc.StatusCode.OK.value[0], grpc.StatusCode.UNAUTHENTICATED.value[0]]
+    client_trace_ids = {span.context.trace_id for span in client_spans.get_finished_spans()}
+    assert {span.context.trace_id for span in spans} <= client_trace_ids  # one trace across the call
+
+
 def test_a_method_without_a_scope_entry_keeps_its_service_from_starting_and_is_refused(tmp_path: Path,
                                                                                     monkeypatch) -> None:
     creds = _credentials(tmp_path / "creds", certificates=False)
@@ -560,6 +600,29 @@ def test_a_method_without_a_scope_entry_keeps_its_service_from_starting_and_is_r
                 auditor_pb2_grpc.AuditorServiceStub(channel).RecordEvent(
                     _event(), timeout=30, metadata=_metadata(creds.tokens["student"]))
         assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED and "fail closed" in refused.value.details()
+    finally:
+        auditor.stop(grace=0.5)
+
+
+def test_kubernetes_probes_get_a_plaintext_health_only_port_beside_mutual_tls(tmp_path: Path) -> None:
+    creds = _credentials(tmp_path / "creds")
+    auditor = _auditor(tmp_path / "home", _mtls_auth(creds), probe_port=0)
+    try:
+        assert auditor.probe_port and auditor.probe_port != auditor.port
+        probe_address = f"127.0.0.1:{auditor.probe_port}"
+        with grpc.insecure_channel(probe_address) as channel:  # what the kubelet does: plaintext, no credentials
+            for service in ("", "seal.v1.AuditorService"):
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                                   timeout=10)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as nothing_else:
+                auditor_pb2_grpc.AuditorServiceStub(channel).RecordEvent(_event(), timeout=10)
+            assert nothing_else.value.code() is grpc.StatusCode.UNIMPLEMENTED
+        assert _health(auditor.address, AuthSettings(insecure=True)) is grpc.StatusCode.UNAVAILABLE
+        auditor.health.enter_graceful_shutdown()  # the probe port says so too
+        with grpc.insecure_channel(probe_address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
     finally:
         auditor.stop(grace=0.5)
 
@@ -624,3 +687,16 @@ def test_health_answers_while_the_rpc_limit_is_saturated(tmp_path: Path) -> None
             stream.cancel()
         channel.close()
         auditor.stop(grace=0.5)
+
+
+def test_seal_up_refuses_an_unconfigured_secure_start_and_takes_insecure_explicitly(monkeypatch, capsys) -> None:
+    from seal import cli
+
+    monkeypatch.setattr(cli, "get_settings", lambda: Settings(auth=AuthSettings()))
+    assert cli.main(["up"]) == 2  # before any child starts
+    out = capsys.readouterr().out
+    assert "auth.principals_file" in out and "insecure" in out
+    assert cli.build_parser().parse_args(["up", "--insecure"]).insecure
+    assert cli.build_parser().parse_args(["demo", "--insecure"]).insecure
+    insecure = cli.with_insecure(Settings(auth=AuthSettings()), True)
+    assert insecure.auth.insecure and "authentication is OFF" in capsys.readouterr().out

@@ -150,6 +150,17 @@ def load_arc_tasks(
     return tasks
 
 
+def find_arc_task(challenges_path: str | Path, task_id: str) -> ArcTask:
+    """One task of an ARC challenges file by id, with its gold outputs when the sibling solutions
+    file has them (what ``seal adapt --arc-task FILE --task-id ID`` sends)."""
+    tasks = load_arc_tasks(challenges_path)
+    for task in tasks:
+        if task.task_id == task_id:
+            return task
+    known = ", ".join(t.task_id for t in tasks[:5]) + (", …" if len(tasks) > 5 else "")
+    raise ValueError(f"{challenges_path} has no task {task_id!r} ({len(tasks)} tasks: {known})")
+
+
 # --- grids as text ----------------------------------------------------------------------------
 
 
@@ -412,6 +423,20 @@ def parse_self_edit(text: str, settings: FewShotSettings | None = None) -> FewSh
         basic=recipe["basic"], size=recipe["size"], chain=recipe["chain"], repeat=recipe["repeat"],
         strategy=recipe["strategy"], learning_rate=float(learning_rate), epochs=epochs,  # type: ignore[arg-type]
     )
+
+
+def validate_fewshot_overrides(overrides: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A few-shot self-edit is its own training recipe (learning rate, epochs): a request may
+    name the rule (lora_sft) but not override what the recipe decides, never silently ignored."""
+    rule = overrides.get("update_rule")
+    if rule not in (None, "lora_sft"):
+        raise ValueError(f"few-shot tasks train by their recipe (lora_sft); update_rule {rule!r} does not apply")
+    others = sorted(set(overrides) - {"update_rule"})
+    if others:
+        raise ValueError(
+            f"a few-shot self-edit chooses its own training recipe: send no overrides ({', '.join(others)} set)"
+        )
+    return overrides
 
 
 # --- training data: leave-out tasks × augmentations, deduplicated and capped -----------------

@@ -74,9 +74,11 @@ class CandidateJob:
     include_passage: bool = True
     seed: int | None = None
     training_prompts: tuple[str, ...] = ()
+    # A few-shot ARC task (``seal.domains.fewshot.task_to_dict``): the self-edit is its recipe.
+    fewshot_task: Mapping[str, Any] | None = None
 
     def train_kwargs(self) -> dict[str, Any]:
-        return {
+        kwargs: dict[str, Any] = {
             "adapter_name": self.adapter_name,
             "title": self.title,
             "passage": self.passage,
@@ -87,6 +89,9 @@ class CandidateJob:
             "seed": self.seed,
             "training_prompts": list(self.training_prompts),
         }
+        if self.fewshot_task is not None:  # absent for knowledge jobs: their specs stay as they were
+            kwargs["fewshot_task"] = dict(self.fewshot_task)
+        return kwargs
 
     def to_json(self) -> dict[str, Any]:
         return self.train_kwargs()
@@ -103,6 +108,7 @@ class CandidateJob:
             include_passage=bool(data.get("include_passage", True)),
             seed=None if data.get("seed") is None else int(data["seed"]),
             training_prompts=tuple(str(p) for p in data.get("training_prompts") or ()),
+            fewshot_task=data.get("fewshot_task"),
         )
 
 

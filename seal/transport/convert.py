@@ -14,6 +14,8 @@ from google.protobuf import struct_pb2, timestamp_pb2
 
 from seal import adapt
 from seal.auditor import QuestionOutcome
+from seal.domains.arc_grids import Grid, as_grid
+from seal.domains.fewshot import ArcPair, ArcTask
 from seal.domains.knowledge import Question
 from seal.gates import GateResult
 from seal.adapt import guardrail_from_gate, guardrail_to_gate
@@ -160,8 +162,53 @@ def guardrail_from_proto(message: common_pb2.GateResult) -> GuardrailResult:
 # --- the Adapt stream ---------------------------------------------------------------------------
 
 
-def task_from_proto(context: common_pb2.Context, questions: Any) -> adapt.Task:
+def task_from_proto(
+    context: common_pb2.Context, questions: Any, fewshot: common_pb2.FewShotTask | None = None
+) -> adapt.Task:
+    """The request's task: few-shot when ``fewshot`` is given (a set message field), else knowledge."""
+    if fewshot is not None:
+        return adapt.Task.from_arc(fewshot_from_proto(fewshot))
     return adapt.Task(context.title, context.passage, questions_from_proto(questions))
+
+
+def grid_to_proto(grid: Grid) -> common_pb2.Grid:
+    return common_pb2.Grid(rows=[common_pb2.GridRow(cells=list(row)) for row in grid])
+
+
+def grid_from_proto(message: common_pb2.Grid) -> Grid:
+    """The grid, validated (``seal.domains.arc_grids.as_grid``: ValueError says what is wrong)."""
+    return as_grid([list(row.cells) for row in message.rows])
+
+
+def fewshot_to_proto(task: ArcTask) -> common_pb2.FewShotTask:
+    return common_pb2.FewShotTask(
+        task_id=task.task_id,
+        train=[common_pb2.GridPair(input=grid_to_proto(p.input), output=grid_to_proto(p.output))
+               for p in task.demonstrations],
+        test_inputs=[grid_to_proto(g) for g in task.test_inputs],
+        test_outputs=[grid_to_proto(g) for g in task.test_outputs],
+    )
+
+
+def fewshot_from_proto(message: common_pb2.FewShotTask) -> ArcTask:
+    if not message.task_id.strip():
+        raise ValueError("fewshot.task_id is empty: name the task")
+    if not message.train or not message.test_inputs:
+        raise ValueError("a few-shot task needs at least one train pair and one test input")
+    try:
+        return ArcTask(
+            message.task_id,
+            tuple(ArcPair(grid_from_proto(p.input), grid_from_proto(p.output)) for p in message.train),
+            tuple(grid_from_proto(g) for g in message.test_inputs),
+            tuple(grid_from_proto(g) for g in message.test_outputs),
+        )
+    except ValueError as exc:
+        raise ValueError(f"few-shot task {message.task_id}: {exc}") from exc
+
+
+def fewshot_field(message: Any) -> common_pb2.FewShotTask | None:
+    """A request's ``fewshot`` task when set, else None (the request is in the knowledge domain)."""
+    return message.fewshot if message.HasField("fewshot") else None
 
 
 def proposal_to_proto(proposal: adapt.Proposal) -> teacher_pb2.SelfEdit:

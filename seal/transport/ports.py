@@ -25,6 +25,11 @@ def _context(task: adapt.Task) -> common_pb2.Context:
     return common_pb2.Context(title=task.title, passage=task.passage)
 
 
+def _fewshot(task: adapt.Task) -> common_pb2.FewShotTask | None:
+    """The few-shot task a request carries (None leaves the field unset: the knowledge domain)."""
+    return convert.fewshot_to_proto(task.fewshot) if task.fewshot is not None else None
+
+
 class GrpcStudentPort:
     def __init__(self, stub: student_pb2_grpc.StudentServiceStub, timeout: Timeout) -> None:
         self._stub = stub
@@ -47,6 +52,7 @@ class GrpcStudentPort:
             overrides=convert.overrides_to_proto(overrides),
             seed=seed,
             training_prompts=list(training_prompts),
+            fewshot=_fewshot(task),
         )
         try:
             for update in self._stub.ApplySelfEdit(request, timeout=self._timeout()):
@@ -95,7 +101,8 @@ class GrpcAuditorPort:
     def check(self, task: adapt.Task, proposal: adapt.Proposal, *, seed: int, request_id: str) -> adapt.GuardrailCheck:
         reply = self._stub.CheckSelfEdit(
             auditor_pb2.CheckSelfEditRequest(
-                context=_context(task), self_edit=proposal.text, prompt=proposal.prompt, seed=seed, request_id=request_id
+                context=_context(task), self_edit=proposal.text, prompt=proposal.prompt, seed=seed, request_id=request_id,
+                fewshot=_fewshot(task),
             ),
             timeout=self._timeout(),
         )
@@ -104,7 +111,8 @@ class GrpcAuditorPort:
     def baseline(self, task: adapt.Task) -> adapt.Baseline:
         reply = self._stub.Score(
             auditor_pb2.ScoreRequest(
-                context=_context(task), questions=[convert.question_to_proto(q) for q in task.questions]
+                context=_context(task), questions=[convert.question_to_proto(q) for q in task.questions],
+                fewshot=_fewshot(task),
             ),
             timeout=self._timeout(),
         )
@@ -132,6 +140,7 @@ class GrpcAuditorPort:
                 guardrails=[convert.gate_to_proto(g) for g in guardrails.gates],
                 request_id=request_id,
                 skip_retention=not measure_retention,
+                fewshot=_fewshot(task),
             ),
             timeout=self._timeout(),
         )

@@ -12,18 +12,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CheckSelfEditRequest(_message.Message):
-    __slots__ = ("context", "self_edit", "prompt", "seed", "request_id")
+    __slots__ = ("context", "self_edit", "prompt", "seed", "request_id", "fewshot")
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     SELF_EDIT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    FEWSHOT_FIELD_NUMBER: _ClassVar[int]
     context: _common_pb2.Context
     self_edit: str
     prompt: str
     seed: int
     request_id: str
-    def __init__(self, context: _Optional[_Union[_common_pb2.Context, _Mapping]] = ..., self_edit: _Optional[str] = ..., prompt: _Optional[str] = ..., seed: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    fewshot: _common_pb2.FewShotTask
+    def __init__(self, context: _Optional[_Union[_common_pb2.Context, _Mapping]] = ..., self_edit: _Optional[str] = ..., prompt: _Optional[str] = ..., seed: _Optional[int] = ..., request_id: _Optional[str] = ..., fewshot: _Optional[_Union[_common_pb2.FewShotTask, _Mapping]] = ...) -> None: ...
 
 class CheckSelfEditResponse(_message.Message):
     __slots__ = ("passed", "results", "audit_sequence")
@@ -36,7 +38,7 @@ class CheckSelfEditResponse(_message.Message):
     def __init__(self, passed: _Optional[bool] = ..., results: _Optional[_Iterable[_Union[_common_pb2.GateResult, _Mapping]]] = ..., audit_sequence: _Optional[int] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("adapter_id", "context", "questions", "self_edit", "prompt", "seed", "guardrails", "request_id", "skip_retention")
+    __slots__ = ("adapter_id", "context", "questions", "self_edit", "prompt", "seed", "guardrails", "request_id", "skip_retention", "fewshot")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     QUESTIONS_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +48,7 @@ class ScoreRequest(_message.Message):
     GUARDRAILS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SKIP_RETENTION_FIELD_NUMBER: _ClassVar[int]
+    FEWSHOT_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     context: _common_pb2.Context
     questions: _containers.RepeatedCompositeFieldContainer[_common_pb2.Question]
@@ -55,7 +58,8 @@ class ScoreRequest(_message.Message):
     guardrails: _containers.RepeatedCompositeFieldContainer[_common_pb2.GateResult]
     request_id: str
     skip_retention: bool
-    def __init__(self, adapter_id: _Optional[str] = ..., context: _Optional[_Union[_common_pb2.Context, _Mapping]] = ..., questions: _Optional[_Iterable[_Union[_common_pb2.Question, _Mapping]]] = ..., self_edit: _Optional[str] = ..., prompt: _Optional[str] = ..., seed: _Optional[int] = ..., guardrails: _Optional[_Iterable[_Union[_common_pb2.GateResult, _Mapping]]] = ..., request_id: _Optional[str] = ..., skip_retention: _Optional[bool] = ...) -> None: ...
+    fewshot: _common_pb2.FewShotTask
+    def __init__(self, adapter_id: _Optional[str] = ..., context: _Optional[_Union[_common_pb2.Context, _Mapping]] = ..., questions: _Optional[_Iterable[_Union[_common_pb2.Question, _Mapping]]] = ..., self_edit: _Optional[str] = ..., prompt: _Optional[str] = ..., seed: _Optional[int] = ..., guardrails: _Optional[_Iterable[_Union[_common_pb2.GateResult, _Mapping]]] = ..., request_id: _Optional[str] = ..., skip_retention: _Optional[bool] = ..., fewshot: _Optional[_Union[_common_pb2.FewShotTask, _Mapping]] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("baseline_accuracy", "adapted_accuracy", "reward", "baseline_outcomes", "adapted_outcomes", "gates", "passed_gates", "reward_sequence", "retention_accuracy", "baseline_retention_accuracy", "retention_probe_size", "retention_outcomes", "audit_sequence")

@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14seal/v1/common.proto\x12\x07seal.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\")\n\x07\x43ontext\x12\r\n\x05title\x18\x01 \x01(\t\x12\x0f\n\x07passage\x18\x02 \x01(\t\",\n\x08Question\x12\x10\n\x08question\x18\x01 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x02 \x01(\t\"\xb1\x02\n\x0fUpdateOverrides\x12\x1a\n\rlearning_rate\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x06\x65pochs\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x16\n\tlora_rank\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x17\n\nlora_alpha\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x17\n\nbatch_size\x18\x05 \x01(\rH\x04\x88\x01\x01\x12\x1c\n\x0finclude_passage\x18\x06 \x01(\x08H\x05\x88\x01\x01\x12\x18\n\x0bupdate_rule\x18\x07 \x01(\tH\x06\x88\x01\x01\x42\x10\n\x0e_learning_rateB\t\n\x07_epochsB\x0c\n\n_lora_rankB\r\n\x0b_lora_alphaB\r\n\x0b_batch_sizeB\x12\n\x10_include_passageB\x0e\n\x0c_update_rule\"C\n\x10TrainingProgress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\x12\x0c\n\x04loss\x18\x03 \x01(\x01\"\x97\x01\n\x0fQuestionOutcome\x12\x10\n\x08question\x18\x01 \x01(\t\x12\x13\n\x0bgold_answer\x18\x02 \x01(\t\x12\x12\n\nprediction\x18\x03 \x01(\t\x12\x0f\n\x07\x63orrect\x18\x04 \x01(\x08\x12\x13\n\x0b\x65xact_match\x18\x05 \x01(\x08\x12\n\n\x02\x66\x31\x18\x06 \x01(\x01\x12\x17\n\x0f\x63ontains_answer\x18\x07 \x01(\x08\"~\n\nGateResult\x12\x0c\n\x04gate\x18\x01 \x01(\t\x12\x0e\n\x06passed\x18\x02 \x01(\x08\x12\x12\n\x05value\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tthreshold\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x0e\n\x06reason\x18\x05 \x01(\tB\x08\n\x06_valueB\x0c\n\n_threshold\"n\n\x0cStatusChange\x12&\n\x06status\x18\x01 \x01(\x0e\x32\x16.seal.v1.AdapterStatus\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x88\x04\n\x0f\x41\x64\x61pterManifest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12&\n\x06status\x18\x04 \x01(\x0e\x32\x16.seal.v1.AdapterStatus\x12\x12\n\nbase_model\x18\x05 \x01(\t\x12\x1e\n\x16\x62\x61se_model_fingerprint\x18\x06 \x01(\t\x12\x12\n\ncontext_id\x18\x07 \x01(\t\x12\x18\n\x10self_edit_sha256\x18\x08 \x01(\t\x12\x32\n\x05\x66iles\x18\t \x03(\x0b\x32#.seal.v1.AdapterManifest.FilesEntry\x12\x0c\n\x04seed\x18\n \x01(\x04\x12\x30\n\x0fhyperparameters\x18\x0b \x01(\x0b\x32\x17.google.protobuf.Struct\x12(\n\x07metrics\x18\x0c \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\ncreated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x07history\x18\x0e \x03(\x0b\x32\x15.seal.v1.StatusChange\x12\x0c\n\x04path\x18\x0f \x01(\t\x1a,\n\nFilesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xc6\x01\n\rAdapterStatus\x12\x1e\n\x1a\x41\x44\x41PTER_STATUS_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x41\x44\x41PTER_STATUS_CANDIDATE\x10\x01\x12\x1b\n\x17\x41\x44\x41PTER_STATUS_PROMOTED\x10\x02\x12\x1d\n\x19\x41\x44\x41PTER_STATUS_SUPERSEDED\x10\x03\x12\x1b\n\x17\x41\x44\x41PTER_STATUS_REJECTED\x10\x04\x12\x1e\n\x1a\x41\x44\x41PTER_STATUS_ROLLED_BACK\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14seal/v1/common.proto\x12\x07seal.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\")\n\x07\x43ontext\x12\r\n\x05title\x18\x01 \x01(\t\x12\x0f\n\x07passage\x18\x02 \x01(\t\"\x18\n\x07GridRow\x12\r\n\x05\x63\x65lls\x18\x01 \x03(\r\"&\n\x04Grid\x12\x1e\n\x04rows\x18\x01 \x03(\x0b\x32\x10.seal.v1.GridRow\"G\n\x08GridPair\x12\x1c\n\x05input\x18\x01 \x01(\x0b\x32\r.seal.v1.Grid\x12\x1d\n\x06output\x18\x02 \x01(\x0b\x32\r.seal.v1.Grid\"\x89\x01\n\x0b\x46\x65wShotTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12 \n\x05train\x18\x02 \x03(\x0b\x32\x11.seal.v1.GridPair\x12\"\n\x0btest_inputs\x18\x03 \x03(\x0b\x32\r.seal.v1.Grid\x12#\n\x0ctest_outputs\x18\x04 \x03(\x0b\x32\r.seal.v1.Grid\",\n\x08Question\x12\x10\n\x08question\x18\x01 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x02 \x01(\t\"\xb1\x02\n\x0fUpdateOverrides\x12\x1a\n\rlearning_rate\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x06\x65pochs\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x16\n\tlora_rank\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x17\n\nlora_alpha\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x17\n\nbatch_size\x18\x05 \x01(\rH\x04\x88\x01\x01\x12\x1c\n\x0finclude_passage\x18\x06 \x01(\x08H\x05\x88\x01\x01\x12\x18\n\x0bupdate_rule\x18\x07 \x01(\tH\x06\x88\x01\x01\x42\x10\n\x0e_learning_rateB\t\n\x07_epochsB\x0c\n\n_lora_rankB\r\n\x0b_lora_alphaB\r\n\x0b_batch_sizeB\x12\n\x10_include_passageB\x0e\n\x0c_update_rule\"C\n\x10TrainingProgress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\x12\x0c\n\x04loss\x18\x03 \x01(\x01\"\x97\x01\n\x0fQuestionOutcome\x12\x10\n\x08question\x18\x01 \x01(\t\x12\x13\n\x0bgold_answer\x18\x02 \x01(\t\x12\x12\n\nprediction\x18\x03 \x01(\t\x12\x0f\n\x07\x63orrect\x18\x04 \x01(\x08\x12\x13\n\x0b\x65xact_match\x18\x05 \x01(\x08\x12\n\n\x02\x66\x31\x18\x06 \x01(\x01\x12\x17\n\x0f\x63ontains_answer\x18\x07 \x01(\x08\"~\n\nGateResult\x12\x0c\n\x04gate\x18\x01 \x01(\t\x12\x0e\n\x06passed\x18\x02 \x01(\x08\x12\x12\n\x05value\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tthreshold\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x0e\n\x06reason\x18\x05 \x01(\tB\x08\n\x06_valueB\x0c\n\n_threshold\"n\n\x0cStatusChange\x12&\n\x06status\x18\x01 \x01(\x0e\x32\x16.seal.v1.AdapterStatus\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x88\x04\n\x0f\x41\x64\x61pterManifest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12&\n\x06status\x18\x04 \x01(\x0e\x32\x16.seal.v1.AdapterStatus\x12\x12\n\nbase_model\x18\x05 \x01(\t\x12\x1e\n\x16\x62\x61se_model_fingerprint\x18\x06 \x01(\t\x12\x12\n\ncontext_id\x18\x07 \x01(\t\x12\x18\n\x10self_edit_sha256\x18\x08 \x01(\t\x12\x32\n\x05\x66iles\x18\t \x03(\x0b\x32#.seal.v1.AdapterManifest.FilesEntry\x12\x0c\n\x04seed\x18\n \x01(\x04\x12\x30\n\x0fhyperparameters\x18\x0b \x01(\x0b\x32\x17.google.protobuf.Struct\x12(\n\x07metrics\x18\x0c \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\ncreated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x07history\x18\x0e \x03(\x0b\x32\x15.seal.v1.StatusChange\x12\x0c\n\x04path\x18\x0f \x01(\t\x1a,\n\nFilesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xc6\x01\n\rAdapterStatus\x12\x1e\n\x1a\x41\x44\x41PTER_STATUS_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x41\x44\x41PTER_STATUS_CANDIDATE\x10\x01\x12\x1b\n\x17\x41\x44\x41PTER_STATUS_PROMOTED\x10\x02\x12\x1d\n\x19\x41\x44\x41PTER_STATUS_SUPERSEDED\x10\x03\x12\x1b\n\x17\x41\x44\x41PTER_STATUS_REJECTED\x10\x04\x12\x1e\n\x1a\x41\x44\x41PTER_STATUS_ROLLED_BACK\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,24 +35,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ADAPTERMANIFEST_FILESENTRY']._loaded_options = None
   _globals['_ADAPTERMANIFEST_FILESENTRY']._serialized_options = b'8\001'
-  _globals['_ADAPTERSTATUS']._serialized_start=1480
-  _globals['_ADAPTERSTATUS']._serialized_end=1678
+  _globals['_ADAPTERSTATUS']._serialized_start=1759
+  _globals['_ADAPTERSTATUS']._serialized_end=1957
   _globals['_CONTEXT']._serialized_start=96
   _globals['_CONTEXT']._serialized_end=137
-  _globals['_QUESTION']._serialized_start=139
-  _globals['_QUESTION']._serialized_end=183
-  _globals['_UPDATEOVERRIDES']._serialized_start=186
-  _globals['_UPDATEOVERRIDES']._serialized_end=491
-  _globals['_TRAININGPROGRESS']._serialized_start=493
-  _globals['_TRAININGPROGRESS']._serialized_end=560
-  _globals['_QUESTIONOUTCOME']._serialized_start=563
-  _globals['_QUESTIONOUTCOME']._serialized_end=714
-  _globals['_GATERESULT']._serialized_start=716
-  _globals['_GATERESULT']._serialized_end=842
-  _globals['_STATUSCHANGE']._serialized_start=844
-  _globals['_STATUSCHANGE']._serialized_end=954
-  _globals['_ADAPTERMANIFEST']._serialized_start=957
-  _globals['_ADAPTERMANIFEST']._serialized_end=1477
-  _globals['_ADAPTERMANIFEST_FILESENTRY']._serialized_start=1433
-  _globals['_ADAPTERMANIFEST_FILESENTRY']._serialized_end=1477
+  _globals['_GRIDROW']._serialized_start=139
+  _globals['_GRIDROW']._serialized_end=163
+  _globals['_GRID']._serialized_start=165
+  _globals['_GRID']._serialized_end=203
+  _globals['_GRIDPAIR']._serialized_start=205
+  _globals['_GRIDPAIR']._serialized_end=276
+  _globals['_FEWSHOTTASK']._serialized_start=279
+  _globals['_FEWSHOTTASK']._serialized_end=416
+  _globals['_QUESTION']._serialized_start=418
+  _globals['_QUESTION']._serialized_end=462
+  _globals['_UPDATEOVERRIDES']._serialized_start=465
+  _globals['_UPDATEOVERRIDES']._serialized_end=770
+  _globals['_TRAININGPROGRESS']._serialized_start=772
+  _globals['_TRAININGPROGRESS']._serialized_end=839
+  _globals['_QUESTIONOUTCOME']._serialized_start=842
+  _globals['_QUESTIONOUTCOME']._serialized_end=993
+  _globals['_GATERESULT']._serialized_start=995
+  _globals['_GATERESULT']._serialized_end=1121
+  _globals['_STATUSCHANGE']._serialized_start=1123
+  _globals['_STATUSCHANGE']._serialized_end=1233
+  _globals['_ADAPTERMANIFEST']._serialized_start=1236
+  _globals['_ADAPTERMANIFEST']._serialized_end=1756
+  _globals['_ADAPTERMANIFEST_FILESENTRY']._serialized_start=1712
+  _globals['_ADAPTERMANIFEST_FILESENTRY']._serialized_end=1756
 # @@protoc_insertion_point(module_scope)

@@ -34,6 +34,38 @@ class Context(_message.Message):
     passage: str
     def __init__(self, title: _Optional[str] = ..., passage: _Optional[str] = ...) -> None: ...
 
+class GridRow(_message.Message):
+    __slots__ = ("cells",)
+    CELLS_FIELD_NUMBER: _ClassVar[int]
+    cells: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, cells: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Grid(_message.Message):
+    __slots__ = ("rows",)
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[GridRow]
+    def __init__(self, rows: _Optional[_Iterable[_Union[GridRow, _Mapping]]] = ...) -> None: ...
+
+class GridPair(_message.Message):
+    __slots__ = ("input", "output")
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    input: Grid
+    output: Grid
+    def __init__(self, input: _Optional[_Union[Grid, _Mapping]] = ..., output: _Optional[_Union[Grid, _Mapping]] = ...) -> None: ...
+
+class FewShotTask(_message.Message):
+    __slots__ = ("task_id", "train", "test_inputs", "test_outputs")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_FIELD_NUMBER: _ClassVar[int]
+    TEST_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    TEST_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    train: _containers.RepeatedCompositeFieldContainer[GridPair]
+    test_inputs: _containers.RepeatedCompositeFieldContainer[Grid]
+    test_outputs: _containers.RepeatedCompositeFieldContainer[Grid]
+    def __init__(self, task_id: _Optional[str] = ..., train: _Optional[_Iterable[_Union[GridPair, _Mapping]]] = ..., test_inputs: _Optional[_Iterable[_Union[Grid, _Mapping]]] = ..., test_outputs: _Optional[_Iterable[_Union[Grid, _Mapping]]] = ...) -> None: ...
+
 class Question(_message.Message):
     __slots__ = ("question", "answer")
     QUESTION_FIELD_NUMBER: _ClassVar[int]

@@ -26,7 +26,7 @@ from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from seal.v1 import common_pb2 as seal_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15seal/v1/student.proto\x12\x07seal.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x14seal/v1/common.proto\"\xc5\x01\n\x14\x41pplySelfEditRequest\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x01 \x01(\t\x12!\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x10.seal.v1.Context\x12\x11\n\tself_edit\x18\x03 \x01(\t\x12+\n\toverrides\x18\x04 \x01(\x0b\x32\x18.seal.v1.UpdateOverrides\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x18\n\x10training_prompts\x18\x06 \x03(\tB\x07\n\x05_seed\"~\n\x15\x41pplySelfEditResponse\x12-\n\x08progress\x18\x01 \x01(\x0b\x32\x19.seal.v1.TrainingProgressH\x00\x12-\n\tcandidate\x18\x02 \x01(\x0b\x32\x18.seal.v1.AdapterManifestH\x00\x42\x07\n\x05\x65vent\"v\n\x0f\x41\x64\x61pterSelector\x12,\n\nbase_model\x18\x01 \x01(\x0b\x32\x16.google.protobuf.EmptyH\x00\x12\x14\n\nadapter_id\x18\x02 \x01(\tH\x00\x12\x15\n\x0bpromoted_of\x18\x03 \x01(\tH\x00\x42\x08\n\x06target\"\xb9\x01\n\x0fGenerateRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12)\n\x07\x61\x64\x61pter\x18\x02 \x01(\x0b\x32\x18.seal.v1.AdapterSelector\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x01\x12\r\n\x05top_p\x18\x05 \x01(\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nraw_prompt\x18\x07 \x01(\x08\x42\x07\n\x05_seed\"L\n\nCompletion\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\"W\n\x10GenerateResponse\x12(\n\x0b\x63ompletions\x18\x01 \x03(\x0b\x32\x13.seal.v1.Completion\x12\x19\n\x11served_adapter_id\x18\x02 \x01(\t\"S\n\x13ListAdaptersRequest\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x01 \x01(\t\x12&\n\x06status\x18\x02 \x01(\x0e\x32\x16.seal.v1.AdapterStatus\"B\n\x14ListAdaptersResponse\x12*\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x18.seal.v1.AdapterManifest\"\'\n\x11GetAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"?\n\x12GetAdapterResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.seal.v1.AdapterManifest\"4\n\x0ePromoteRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"<\n\x0fPromoteResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.seal.v1.AdapterManifest\"L\n\rRejectRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x17\n\x0f\x64iscard_weights\x18\x03 \x01(\x08\";\n\x0eRejectResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.seal.v1.AdapterManifest\"Q\n\x0fRollbackRequest\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x18\n\x10\x61llow_base_model\x18\x03 \x01(\x08\"p\n\x10RollbackResponse\x12-\n\x0brolled_back\x18\x01 \x01(\x0b\x32\x18.seal.v1.AdapterManifest\x12-\n\x0bnow_serving\x18\x02 \x01(\x0b\x32\x18.seal.v1.AdapterManifest2\xf1\x03\n\x0eStudentService\x12P\n\rApplySelfEdit\x12\x1d.seal.v1.ApplySelfEditRequest\x1a\x1e.seal.v1.ApplySelfEditResponse0\x01\x12?\n\x08Generate\x12\x18.seal.v1.GenerateRequest\x1a\x19.seal.v1.GenerateResponse\x12K\n\x0cListAdapters\x12\x1c.seal.v1.ListAdaptersRequest\x1a\x1d.seal.v1.ListAdaptersResponse\x12\x45\n\nGetAdapter\x12\x1a.seal.v1.GetAdapterRequest\x1a\x1b.seal.v1.GetAdapterResponse\x12<\n\x07Promote\x12\x17.seal.v1.PromoteRequest\x1a\x18.seal.v1.PromoteResponse\x12\x39\n\x06Reject\x12\x16.seal.v1.RejectRequest\x1a\x17.seal.v1.RejectResponse\x12?\n\x08Rollback\x12\x18.seal.v1.RollbackRequest\x1a\x19.seal.v1.RollbackResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15seal/v1/student.proto\x12\x07seal.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x14seal/v1/common.proto\"\xec\x01\n\x14\x41pplySelfEditRequest\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x01 \x01(\t\x12!\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x10.seal.v1.Context\x12\x11\n\tself_edit\x18\x03 \x01(\t\x12+\n\toverrides\x18\x04 \x01(\x0b\x32\x18.seal.v1.UpdateOverrides\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x18\n\x10training_prompts\x18\x06 \x03(\t\x12%\n\x07\x66\x65wshot\x18\x07 \x01(\x0b\x32\x14.seal.v1.FewShotTaskB\x07\n\x05_seed\"~\n\x15\x41pplySelfEditResponse\x12-\n\x08progress\x18\x01 \x01(\x0b\x32\x19.seal.v1.TrainingProgressH\x00\x12-\n\tcandidate\x18\x02 \x01(\x0b\x32\x18.seal.v1.AdapterManifestH\x00\x42\x07\n\x05\x65vent\"v\n\x0f\x41\x64\x61pterSelector\x12,\n\nbase_model\x18\x01 \x01(\x0b\x32\x16.google.protobuf.EmptyH\x00\x12\x14\n\nadapter_id\x18\x02 \x01(\tH\x00\x12\x15\n\x0bpromoted_of\x18\x03 \x01(\tH\x00\x42\x08\n\x06target\"\xb9\x01\n\x0fGenerateRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12)\n\x07\x61\x64\x61pter\x18\x02 \x01(\x0b\x32\x18.seal.v1.AdapterSelector\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x01\x12\r\n\x05top_p\x18\x05 \x01(\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nraw_prompt\x18\x07 \x01(\x08\x42\x07\n\x05_seed\"L\n\nCompletion\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\"W\n\x10GenerateResponse\x12(\n\x0b\x63ompletions\x18\x01 \x03(\x0b\x32\x13.seal.v1.Completion\x12\x19\n\x11served_adapter_id\x18\x02 \x01(\t\"S\n\x13ListAdaptersRequest\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x01 \x01(\t\x12&\n\x06status\x18\x02 \x01(\x0e\x32\x16.seal.v1.AdapterStatus\"B\n\x14ListAdaptersResponse\x12*\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x18.seal.v1.AdapterManifest\"\'\n\x11GetAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"?\n\x12GetAdapterResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.seal.v1.AdapterManifest\"4\n\x0ePromoteRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"<\n\x0fPromoteResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.seal.v1.AdapterManifest\"L\n\rRejectRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x17\n\x0f\x64iscard_weights\x18\x03 \x01(\x08\";\n\x0eRejectResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.seal.v1.AdapterManifest\"Q\n\x0fRollbackRequest\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x18\n\x10\x61llow_base_model\x18\x03 \x01(\x08\"p\n\x10RollbackResponse\x12-\n\x0brolled_back\x18\x01 \x01(\x0b\x32\x18.seal.v1.AdapterManifest\x12-\n\x0bnow_serving\x18\x02 \x01(\x0b\x32\x18.seal.v1.AdapterManifest2\xf1\x03\n\x0eStudentService\x12P\n\rApplySelfEdit\x12\x1d.seal.v1.ApplySelfEditRequest\x1a\x1e.seal.v1.ApplySelfEditResponse0\x01\x12?\n\x08Generate\x12\x18.seal.v1.GenerateRequest\x1a\x19.seal.v1.GenerateResponse\x12K\n\x0cListAdapters\x12\x1c.seal.v1.ListAdaptersRequest\x1a\x1d.seal.v1.ListAdaptersResponse\x12\x45\n\nGetAdapter\x12\x1a.seal.v1.GetAdapterRequest\x1a\x1b.seal.v1.GetAdapterResponse\x12<\n\x07Promote\x12\x17.seal.v1.PromoteRequest\x1a\x18.seal.v1.PromoteResponse\x12\x39\n\x06Reject\x12\x16.seal.v1.RejectRequest\x1a\x17.seal.v1.RejectResponse\x12?\n\x08Rollback\x12\x18.seal.v1.RollbackRequest\x1a\x19.seal.v1.RollbackResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,37 +34,37 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'seal.v1.student_pb2', _glob
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_APPLYSELFEDITREQUEST']._serialized_start=86
-  _globals['_APPLYSELFEDITREQUEST']._serialized_end=283
-  _globals['_APPLYSELFEDITRESPONSE']._serialized_start=285
-  _globals['_APPLYSELFEDITRESPONSE']._serialized_end=411
-  _globals['_ADAPTERSELECTOR']._serialized_start=413
-  _globals['_ADAPTERSELECTOR']._serialized_end=531
-  _globals['_GENERATEREQUEST']._serialized_start=534
-  _globals['_GENERATEREQUEST']._serialized_end=719
-  _globals['_COMPLETION']._serialized_start=721
-  _globals['_COMPLETION']._serialized_end=797
-  _globals['_GENERATERESPONSE']._serialized_start=799
-  _globals['_GENERATERESPONSE']._serialized_end=886
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=888
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=971
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=973
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1039
-  _globals['_GETADAPTERREQUEST']._serialized_start=1041
-  _globals['_GETADAPTERREQUEST']._serialized_end=1080
-  _globals['_GETADAPTERRESPONSE']._serialized_start=1082
-  _globals['_GETADAPTERRESPONSE']._serialized_end=1145
-  _globals['_PROMOTEREQUEST']._serialized_start=1147
-  _globals['_PROMOTEREQUEST']._serialized_end=1199
-  _globals['_PROMOTERESPONSE']._serialized_start=1201
-  _globals['_PROMOTERESPONSE']._serialized_end=1261
-  _globals['_REJECTREQUEST']._serialized_start=1263
-  _globals['_REJECTREQUEST']._serialized_end=1339
-  _globals['_REJECTRESPONSE']._serialized_start=1341
-  _globals['_REJECTRESPONSE']._serialized_end=1400
-  _globals['_ROLLBACKREQUEST']._serialized_start=1402
-  _globals['_ROLLBACKREQUEST']._serialized_end=1483
-  _globals['_ROLLBACKRESPONSE']._serialized_start=1485
-  _globals['_ROLLBACKRESPONSE']._serialized_end=1597
-  _globals['_STUDENTSERVICE']._serialized_start=1600
-  _globals['_STUDENTSERVICE']._serialized_end=2097
+  _globals['_APPLYSELFEDITREQUEST']._serialized_end=322
+  _globals['_APPLYSELFEDITRESPONSE']._serialized_start=324
+  _globals['_APPLYSELFEDITRESPONSE']._serialized_end=450
+  _globals['_ADAPTERSELECTOR']._serialized_start=452
+  _globals['_ADAPTERSELECTOR']._serialized_end=570
+  _globals['_GENERATEREQUEST']._serialized_start=573
+  _globals['_GENERATEREQUEST']._serialized_end=758
+  _globals['_COMPLETION']._serialized_start=760
+  _globals['_COMPLETION']._serialized_end=836
+  _globals['_GENERATERESPONSE']._serialized_start=838
+  _globals['_GENERATERESPONSE']._serialized_end=925
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=927
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1010
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1012
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1078
+  _globals['_GETADAPTERREQUEST']._serialized_start=1080
+  _globals['_GETADAPTERREQUEST']._serialized_end=1119
+  _globals['_GETADAPTERRESPONSE']._serialized_start=1121
+  _globals['_GETADAPTERRESPONSE']._serialized_end=1184
+  _globals['_PROMOTEREQUEST']._serialized_start=1186
+  _globals['_PROMOTEREQUEST']._serialized_end=1238
+  _globals['_PROMOTERESPONSE']._serialized_start=1240
+  _globals['_PROMOTERESPONSE']._serialized_end=1300
+  _globals['_REJECTREQUEST']._serialized_start=1302
+  _globals['_REJECTREQUEST']._serialized_end=1378
+  _globals['_REJECTRESPONSE']._serialized_start=1380
+  _globals['_REJECTRESPONSE']._serialized_end=1439
+  _globals['_ROLLBACKREQUEST']._serialized_start=1441
+  _globals['_ROLLBACKREQUEST']._serialized_end=1522
+  _globals['_ROLLBACKRESPONSE']._serialized_start=1524
+  _globals['_ROLLBACKRESPONSE']._serialized_end=1636
+  _globals['_STUDENTSERVICE']._serialized_start=1639
+  _globals['_STUDENTSERVICE']._serialized_end=2136
 # @@protoc_insertion_point(module_scope)

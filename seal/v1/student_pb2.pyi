@@ -9,20 +9,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ApplySelfEditRequest(_message.Message):
-    __slots__ = ("adapter_name", "context", "self_edit", "overrides", "seed", "training_prompts")
+    __slots__ = ("adapter_name", "context", "self_edit", "overrides", "seed", "training_prompts", "fewshot")
     ADAPTER_NAME_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     SELF_EDIT_FIELD_NUMBER: _ClassVar[int]
     OVERRIDES_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     TRAINING_PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    FEWSHOT_FIELD_NUMBER: _ClassVar[int]
     adapter_name: str
     context: _common_pb2.Context
     self_edit: str
     overrides: _common_pb2.UpdateOverrides
     seed: int
     training_prompts: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, adapter_name: _Optional[str] = ..., context: _Optional[_Union[_common_pb2.Context, _Mapping]] = ..., self_edit: _Optional[str] = ..., overrides: _Optional[_Union[_common_pb2.UpdateOverrides, _Mapping]] = ..., seed: _Optional[int] = ..., training_prompts: _Optional[_Iterable[str]] = ...) -> None: ...
+    fewshot: _common_pb2.FewShotTask
+    def __init__(self, adapter_name: _Optional[str] = ..., context: _Optional[_Union[_common_pb2.Context, _Mapping]] = ..., self_edit: _Optional[str] = ..., overrides: _Optional[_Union[_common_pb2.UpdateOverrides, _Mapping]] = ..., seed: _Optional[int] = ..., training_prompts: _Optional[_Iterable[str]] = ..., fewshot: _Optional[_Union[_common_pb2.FewShotTask, _Mapping]] = ...) -> None: ...
 
 class ApplySelfEditResponse(_message.Message):
     __slots__ = ("progress", "candidate")

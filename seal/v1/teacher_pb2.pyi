@@ -18,7 +18,7 @@ KEEP_RULE_BEST_OF_K: KeepRule
 KEEP_RULE_BEST_POSITIVE: KeepRule
 
 class AdaptRequest(_message.Message):
-    __slots__ = ("context", "questions", "k", "overrides", "prompt_style", "adapter_name", "seed")
+    __slots__ = ("context", "questions", "k", "overrides", "prompt_style", "adapter_name", "seed", "fewshot")
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     QUESTIONS_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,7 @@ class AdaptRequest(_message.Message):
     PROMPT_STYLE_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_NAME_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    FEWSHOT_FIELD_NUMBER: _ClassVar[int]
     context: _common_pb2.Context
     questions: _containers.RepeatedCompositeFieldContainer[_common_pb2.Question]
     k: int
@@ -33,7 +34,8 @@ class AdaptRequest(_message.Message):
     prompt_style: str
     adapter_name: str
     seed: int
-    def __init__(self, context: _Optional[_Union[_common_pb2.Context, _Mapping]] = ..., questions: _Optional[_Iterable[_Union[_common_pb2.Question, _Mapping]]] = ..., k: _Optional[int] = ..., overrides: _Optional[_Union[_common_pb2.UpdateOverrides, _Mapping]] = ..., prompt_style: _Optional[str] = ..., adapter_name: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
+    fewshot: _common_pb2.FewShotTask
+    def __init__(self, context: _Optional[_Union[_common_pb2.Context, _Mapping]] = ..., questions: _Optional[_Iterable[_Union[_common_pb2.Question, _Mapping]]] = ..., k: _Optional[int] = ..., overrides: _Optional[_Union[_common_pb2.UpdateOverrides, _Mapping]] = ..., prompt_style: _Optional[str] = ..., adapter_name: _Optional[str] = ..., seed: _Optional[int] = ..., fewshot: _Optional[_Union[_common_pb2.FewShotTask, _Mapping]] = ...) -> None: ...
 
 class SelfEdit(_message.Message):
     __slots__ = ("index", "prompt", "text", "completion_tokens")
