@@ -234,8 +234,10 @@ def test_every_container_is_non_root_read_only_and_probed_over_native_grpc(name,
     for component in COMPONENTS:
         c = container(docs, component)
         grpc_port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
+        probe_port = next(p["containerPort"] for p in c["ports"] if p["name"] == "probe")
+        assert probe_port != grpc_port  # the kubelet cannot present TLS or a token to the API port
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-            assert c[probe]["grpc"]["port"] == grpc_port
+            assert c[probe]["grpc"]["port"] == probe_port
         assert c["readinessProbe"]["grpc"]["service"] == f"seal.v1.{component.title()}Service"
         volumes = {v["name"]: v for v in deployment(docs, component)["spec"]["template"]["spec"]["volumes"]}
         assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
@@ -307,6 +309,52 @@ def test_notes_show_a_grpcurl_adapt_call_that_parses_as_an_adapt_request() -> No
     body = re.search(r"grpcurl .*?-d '(\{.*?\})'", notes).group(1)
     request = json_format.Parse(body, teacher_pb2.AdaptRequest())
     assert request.context.passage and request.questions and request.k == 2
+
+
+# --- authentication -----------------------------------------------------------------------------
+
+
+def test_the_generated_auth_secret_is_a_principals_file_seal_accepts_with_each_service_its_own_token(rendered, tmp_path, monkeypatch) -> None:
+    """The chart's Secret holds random tokens and a principals file of their hashes; each pod
+    mounts the principals and only its own token, and its settings point at them."""
+    from seal import auth
+
+    docs = rendered["default"]
+    secret = by_kind(docs, "Secret")["r-seal-auth"]["stringData"]
+    principals = auth.Principals.parse(yaml.safe_load(secret["principals.yaml"]))
+    for component in COMPONENTS:
+        principal = auth.authenticate_token(principals, secret[f"{component}-token"])
+        assert principal.name == component and f"service:{component}" in principal.scopes
+        volumes = {v["name"]: v for v in deployment(docs, component)["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["auth"]["secret"]["items"] == [{"key": "principals.yaml", "path": "principals.yaml"},
+                                                      {"key": f"{component}-token", "path": "token"}]
+        settings = _pod_settings(docs, component, tmp_path, monkeypatch)
+        assert settings.auth.principals_file == "/etc/seal/auth/principals.yaml"
+        assert getattr(settings.auth, f"{component}_token_file") == "/etc/seal/auth/token"
+        assert (settings.auth.insecure, settings.auth.plaintext) == (False, True)
+        probe = getattr(settings.services, f"{component}_probe_port")
+        assert container(docs, component)["livenessProbe"]["grpc"]["port"] == probe == 8081
+    operator = auth.authenticate_token(principals, secret["operator-token"])
+    auth.authorize("/seal.v1.TeacherService/Adapt", operator)
+    with pytest.raises(auth.AuthError):
+        auth.authorize("/seal.v1.AuditorService/RecordEvent", operator)  # the student's alone
+    with pytest.raises(auth.AuthError):
+        auth.authenticate_token(principals, "not-a-token")
+
+
+def test_tls_mode_mounts_each_services_certificate_and_insecure_mounts_nothing(tmp_path, monkeypatch) -> None:
+    tls = ["--set", "auth.mode=tls", "--set", "auth.tlsSecrets.teacher=t-tls", "--set", "auth.tlsSecrets.student=s-tls",
+           "--set", "auth.tlsSecrets.auditor=a-tls"]
+    docs = render(*tls)
+    settings = _pod_settings(docs, "student", tmp_path, monkeypatch)
+    assert (settings.auth.tls_cert_file, settings.auth.plaintext) == ("/etc/seal/tls/tls.crt", False)
+    volumes = {v["name"]: v for v in deployment(docs, "student")["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == "s-tls"
+    missing = helm("template", "r", str(CHART), "--set", "auth.mode=tls", check=False)
+    assert missing.returncode != 0 and "set auth.tlsSecrets.student" in missing.stderr
+    insecure = render("--set", "auth.mode=insecure")
+    assert not by_kind(insecure, "Secret")
+    assert _pod_settings(insecure, "teacher", tmp_path, monkeypatch).auth.insecure is True
 
 
 # --- candidate training as Kubernetes Jobs ------------------------------------------------------

@@ -38,6 +38,21 @@ CHART_MANAGED_SETTINGS = frozenset({
     "services.teacher_address",
     "services.student_address",
     "services.auditor_address",
+    # Health-only plaintext ports and every auth file: the chart mounts the Secrets and points
+    # these at them (values `auth:`), so they are the chart's, not the settings block's.
+    "services.teacher_probe_port",
+    "services.student_probe_port",
+    "services.auditor_probe_port",
+    "auth.insecure",
+    "auth.plaintext",
+    "auth.principals_file",
+    "auth.tls_cert_file",
+    "auth.tls_key_file",
+    "auth.tls_ca_file",
+    "auth.token_file",
+    "auth.teacher_token_file",
+    "auth.student_token_file",
+    "auth.auditor_token_file",
 })
 
 # Defaults of the chart that differ from the application's: the application's suit a laptop

@@ -211,6 +211,40 @@ class SecretKey(_Values):
     key: str = Field("api-key", min_length=1, description="key in that Secret")
 
 
+class TlsSecrets(_Values):
+    teacher: str = Field("", description="kubernetes.io/tls Secret of the teacher (tls.crt, tls.key, ca.crt; server and client usages, SANs for its Service's DNS names)")
+    student: str = Field("", description="the same for the student")
+    auditor: str = Field("", description="the same for the auditor")
+
+
+class Auth(_Values):
+    """Who may call what (docs/auth.md). Every RPC but health checks needs a bearer token whose
+    principal has the RPC's scope; the services call each other with their own identities."""
+
+    mode: Literal["tokens", "tls", "insecure"] = Field(
+        "tokens",
+        description="tokens = bearer tokens over plaintext gRPC on the pod network (the NetworkPolicy limits who can "
+        "reach it); tls = the same tokens over mutual TLS with tlsSecrets (e.g. from cert-manager); insecure = no "
+        "authentication at all (demos only: the services log a warning)",
+    )
+    existingSecret: str = Field(
+        "",
+        description="Secret with keys principals.yaml (the principals file: names, scopes, token sha256) and "
+        "teacher-token, student-token, auditor-token (each service's own identity). Empty = the chart creates one "
+        "with random tokens (kept across upgrades) and an operator principal whose token is under key operator-token",
+    )
+    operatorScopes: list[Literal["adapt", "generate", "read", "admin"]] = Field(
+        default_factory=lambda: ["adapt", "generate", "read", "admin"],
+        description="scopes of the operator principal the chart creates (with existingSecret empty)",
+    )
+    tlsSecrets: TlsSecrets = Field(default_factory=TlsSecrets, description="mode=tls: each service's certificate Secret")
+    probePort: int = Field(
+        8081, ge=1, le=65535,
+        description="plaintext, health-only gRPC port the kubelet's probes and the helm test pod ask (native gRPC probes "
+        "send neither TLS nor tokens)",
+    )
+
+
 class Tests(_Values):
     image: Image = Field(
         default_factory=lambda: Image(repository="ghcr.io/seal-project/seal"),
@@ -225,6 +259,7 @@ class ChartValues(_Values):
     model: Model = Field(default_factory=Model, description="base-model weights on a volume")
     service: Service = Field(default_factory=Service, description="the Services in front of the gRPC and metrics ports")
     serviceAccount: ServiceAccount = Field(default_factory=ServiceAccount, description="the pods' identity")
+    auth: Auth = Field(default_factory=Auth, description="authentication and authorisation of every RPC")
     judgeApiKey: SecretKey = Field(
         default_factory=SecretKey,
         description="API key of the judge grader (settings.auditor.grader=judge), from a Secret; given to the auditor "

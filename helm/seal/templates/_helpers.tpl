@@ -136,6 +136,13 @@ seccompProfile:
 {{- fail "settings.student.executor=kubernetes: training Jobs run on other nodes and write into the student's registry; set components.student.persistence.accessModes to [ReadWriteMany] (an RWX storage class), or an existingClaim that is RWX" -}}
 {{- end -}}
 {{- end -}}
+{{- if eq .Values.auth.mode "tls" -}}
+{{- range $component := include "seal.components" . | fromJsonArray -}}
+{{- if not (index $.Values.auth.tlsSecrets $component) -}}
+{{- fail (printf "auth.mode=tls: set auth.tlsSecrets.%s to the %s's kubernetes.io/tls Secret (tls.crt, tls.key, ca.crt), or use auth.mode=tokens" $component $component) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- range $component := include "seal.components" . | fromJsonArray -}}
 {{- $c := index $.Values.components $component -}}
 {{- if lt ($c.terminationGracePeriodSeconds | float64) ($.Values.settings.services.shutdown_grace_s | float64) -}}
@@ -173,4 +180,36 @@ seccompProfile:
 
 {{- define "seal.executorNamespace" -}}
 {{- default .Release.Namespace .Values.settings.student.kubernetes.namespace -}}
+{{- end -}}
+
+{{- define "seal.authSecret" -}}
+{{- default (printf "%s-auth" (include "seal.fullname" .)) .Values.auth.existingSecret -}}
+{{- end -}}
+
+{{/* Auth environment of one service (dict "root" $ "component" name): its principals file, its
+     own identity token, its certificate, and its plaintext probe port. */}}
+{{- define "seal.authEnv" -}}
+{{- $auth := .root.Values.auth -}}
+- name: SEAL_SERVICES__{{ upper .component }}_PROBE_PORT
+  value: {{ $auth.probePort | quote }}
+{{- if eq $auth.mode "insecure" }}
+- name: SEAL_AUTH__INSECURE
+  value: "true"
+{{- else }}
+- name: SEAL_AUTH__PRINCIPALS_FILE
+  value: /etc/seal/auth/principals.yaml
+- name: SEAL_AUTH__{{ upper .component }}_TOKEN_FILE
+  value: /etc/seal/auth/token
+{{- if eq $auth.mode "tls" }}
+- name: SEAL_AUTH__TLS_CERT_FILE
+  value: /etc/seal/tls/tls.crt
+- name: SEAL_AUTH__TLS_KEY_FILE
+  value: /etc/seal/tls/tls.key
+- name: SEAL_AUTH__TLS_CA_FILE
+  value: /etc/seal/tls/ca.crt
+{{- else }}
+- name: SEAL_AUTH__PLAINTEXT
+  value: "true"
+{{- end }}
+{{- end }}
 {{- end -}}
