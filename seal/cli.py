@@ -294,9 +294,27 @@ def print_result(result: teacher_pb2.AdaptResult) -> None:
     )
 
 
+def fewshot_adapt_request(args: argparse.Namespace) -> teacher_pb2.AdaptRequest:
+    """Adapt on one ARC task: the recipe in each self-edit chooses learning rate and epochs, so
+    no update overrides are sent (the teacher refuses them for few-shot tasks)."""
+    from seal.domains.fewshot import find_arc_task
+    from seal.transport import convert
+
+    if not args.task_id:
+        raise SystemExit("--arc-task needs --task-id (a task id in that file)")
+    try:
+        task = find_arc_task(args.arc_task, args.task_id)
+    except (OSError, ValueError, KeyError) as exc:
+        raise SystemExit(str(exc)) from None
+    request = teacher_pb2.AdaptRequest(fewshot=convert.fewshot_to_proto(task), k=args.k or 0)
+    if args.seed is not None:
+        request.seed = args.seed
+    return request
+
+
 def cmd_adapt(args: argparse.Namespace, settings: Settings) -> int:
-    context = load_context(args)
-    result = run_adapt(args.address or settings.services.address_of("teacher"), adapt_request(context, args), args.timeout,
+    request = fewshot_adapt_request(args) if args.arc_task else adapt_request(load_context(args), args)
+    result = run_adapt(args.address or settings.services.address_of("teacher"), request, args.timeout,
                        auth=settings.auth, token_file=args.token_file)
     print_result(result)
     if args.json_out:
@@ -653,6 +671,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "--passage-file",
                 help="a .txt passage (with --qa, or none: the teacher writes τ) or a .json {title, context, questions}",
             )
+            source.add_argument("--arc-task", help="ARC challenges JSON: adapt on one few-shot task (--task-id) "
+                                "instead of a passage; gold outputs from the sibling …solutions… file")
+            sub.add_argument("--task-id", help="the task's id in --arc-task")
             sub.add_argument("--title")
             sub.add_argument("--qa", action="append", help="'question => answer' (repeatable)")
         sub.add_argument("--index", type=int, default=0, help="passage index in --squad-file")

@@ -320,3 +320,21 @@ def test_find_arc_task_reads_a_task_with_its_solutions_and_names_what_is_there(t
     assert find_arc_task(tmp_path / "x_challenges.json", "flip") == flip_task()
     with pytest.raises(ValueError, match=r"no task 'nope' \(1 tasks: flip\)"):
         find_arc_task(tmp_path / "x_challenges.json", "nope")
+
+
+def test_the_cli_builds_an_adapt_request_from_an_arc_file_with_its_gold_outputs() -> None:
+    import argparse
+    from pathlib import Path
+
+    from seal.cli import build_parser, fewshot_adapt_request
+
+    challenges = Path(__file__).resolve().parents[2] / "shared/data/arc/arc-agi_evaluation_challenges_filtered_1B_eval_set.json"
+    if not challenges.is_file():
+        pytest.skip(f"{challenges} not present (../shared/data)")
+    args = build_parser().parse_args(["adapt", "--arc-task", str(challenges), "--task-id", "66e6c45b", "--k", "2", "--seed", "3"])
+    request = fewshot_adapt_request(args)
+    assert (request.k, request.seed) == (2, 3)
+    assert request.fewshot.task_id == "66e6c45b" and request.fewshot.train
+    assert len(request.fewshot.test_outputs) == len(request.fewshot.test_inputs) >= 1  # τ: the gold outputs
+    with pytest.raises(SystemExit, match="--task-id"):
+        fewshot_adapt_request(argparse.Namespace(arc_task=str(challenges), task_id=None, k=None, seed=None))
