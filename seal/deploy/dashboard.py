@@ -1,6 +1,6 @@
 """seal's Grafana dashboard, built from code (never edited in a UI).
 
-``python -m seal.deploy.dashboard PATH`` writes the JSON model the chart ships as a ConfigMap for
+``python -m seal.deploy`` writes the JSON model the chart ships as a ConfigMap for
 Grafana's dashboard sidecar (``helm/seal/files/grafana/seal-dashboard.json``, read by
 ``helm/seal/templates/dashboard.yaml``). ``tests/test_observability.py`` checks the file for
 drift, parses every panel's PromQL and checks each metric it names exists in the services'
@@ -29,9 +29,7 @@ True
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 SERVICES = ("teacher", "student", "auditor")
@@ -470,17 +468,3 @@ def panels_of(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
 def render_dashboard_json() -> str:
     return json.dumps(build_dashboard(), indent=2, ensure_ascii=False) + "\n"
 
-
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m seal.deploy.dashboard PATH  (e.g. helm/seal/files/grafana/seal-dashboard.json)")
-        return 2
-    path = Path(args[0])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_dashboard_json(), encoding="utf-8")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
