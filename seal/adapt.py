@@ -1,7 +1,7 @@
 """The SEAL step, once: propose → check → train → score → decide (SEAL §3, Algorithm 1 inner loop).
 
 Every caller runs a candidate through :func:`score_candidate`: ``Adapt`` (``run_adapt``, over gRPC
-in ``teacher_svc``), ReST^EM's E-step (``seal.rl.restem`` through :func:`restem_scorer`) and policy
+in ``teacher_svc``), ReST^EM's E-step (``seal.rl.restem`` through ``teacher_svc.restem.pipeline_scorer``) and policy
 evaluation (``seal.evaluation``). They differ only in the ports they are given and in what they
 do with the outcome — Adapt promotes the best candidate that passes every gate, ReST^EM keeps the
 reward and discards the adapter, evaluation keeps the accuracies.
