@@ -26,6 +26,21 @@ from seal.auditor import (
 from seal.config import Settings
 from seal.domains.knowledge import Question
 from seal.grading import build_grader
+from seal.limits import (
+    MAX_GATE_NAME_CHARS,
+    MAX_GUARDRAIL_RESULTS,
+    check_adapter_id,
+    check_adapter_name,
+    check_context,
+    check_count,
+    check_fewshot_size,
+    check_id,
+    check_json_size,
+    check_questions,
+    check_text,
+    echo,
+)
+from seal.registry import KIND_REPAIR
 from seal.rpc import (
     RpcMetrics,
     RunningService,
@@ -40,7 +55,8 @@ from seal.transport import convert
 from seal.v1 import auditor_pb2, auditor_pb2_grpc, common_pb2, student_pb2, student_pb2_grpc
 
 log = logging.getLogger(__name__)
-_REPORTED_KINDS = (KIND_PROMOTE, KIND_REJECT, KIND_ROLLBACK)
+# repair: a status change the student's start-up recovery made (seal.registry.KIND_REPAIR).
+_REPORTED_KINDS = (KIND_PROMOTE, KIND_REJECT, KIND_ROLLBACK, KIND_REPAIR)
 
 
 def record_to_proto(record: RewardRecord) -> auditor_pb2.RewardEvent:
@@ -182,16 +198,29 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServiceServicer):
         for decision in ("pass", "fail"):
             self._scored.labels(decision)
 
+    def _check_candidate_text(self, request: auditor_pb2.CheckSelfEditRequest | auditor_pb2.ScoreRequest) -> None:
+        """What CheckSelfEdit and Score both carry and the audit trail keeps: the self-edit, the
+        prompt that produced it, the request id, and the task (a few-shot task or the context C)."""
+        limits = self._settings.limits
+        check_text("self_edit", request.self_edit, limits.max_self_edit_chars, "max_self_edit_chars")
+        check_text("prompt", request.prompt, limits.max_prompt_chars, "max_prompt_chars")
+        check_id("request_id", request.request_id)
+        if not request.HasField("fewshot"):
+            check_context(request.context.title, request.context.passage, limits, require_passage=False)
+
     def _student_for(self, context: grpc.ServicerContext) -> GrpcAuditedStudent:
         ceiling = self._settings.services.rpc_timeout_s
         return GrpcAuditedStudent(self._student, lambda: remaining_timeout(context, ceiling))
 
     @map_errors
     def CheckSelfEdit(self, request: auditor_pb2.CheckSelfEditRequest, context: grpc.ServicerContext) -> auditor_pb2.CheckSelfEditResponse:
+        self._check_candidate_text(request)
         fewshot = convert.fewshot_field(request)
         if fewshot is not None:
+            task = convert.fewshot_from_proto(fewshot)
+            check_fewshot_size(task, self._settings.limits)
             verdict = self.core.check_recipe(
-                convert.fewshot_from_proto(fewshot), request.self_edit,
+                task, request.self_edit,
                 prompt=request.prompt, seed=request.seed, request_id=request.request_id,
             )
         else:
@@ -210,12 +239,22 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServiceServicer):
 
     @map_errors
     def Score(self, request: auditor_pb2.ScoreRequest, context: grpc.ServicerContext) -> auditor_pb2.ScoreResponse:
+        limits = self._settings.limits
+        self._check_candidate_text(request)
+        if request.adapter_id:
+            check_adapter_id(request.adapter_id)
+        check_count("guardrails", len(request.guardrails), MAX_GUARDRAIL_RESULTS)
+        for index, gate in enumerate(request.guardrails):
+            check_text(f"guardrails[{index}].gate", gate.gate, MAX_GATE_NAME_CHARS)
+            check_text(f"guardrails[{index}].reason", gate.reason, limits.max_reason_chars, "max_reason_chars")
         fewshot = convert.fewshot_field(request)
         if fewshot is not None:
+            task = convert.fewshot_from_proto(fewshot)
+            check_fewshot_size(task, limits)
             scored = self.core.score_fewshot(
                 self._student_for(context),
                 adapter_id=request.adapter_id,
-                task=convert.fewshot_from_proto(fewshot),
+                task=task,
                 guardrails=[convert.guardrail_from_proto(g) for g in request.guardrails],
                 prompt=request.prompt,
                 self_edit=request.self_edit,
@@ -223,12 +262,12 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServiceServicer):
                 request_id=request.request_id,
             )
             return self._score_response(scored, request)
-        if not request.questions:
-            raise ValueError("no questions: scoring needs τ, at least one question with its gold answer")
+        questions = [Question(q.question, q.answer) for q in request.questions]
+        check_questions(questions, limits)
         scored = self.core.score(
             self._student_for(context),
             adapter_id=request.adapter_id,
-            questions=[Question(q.question, q.answer) for q in request.questions],
+            questions=questions,
             title=request.context.title,
             passage=request.context.passage,
             guardrails=[convert.guardrail_from_proto(g) for g in request.guardrails],
@@ -268,20 +307,30 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServiceServicer):
 
     @map_errors
     def RecordEvent(self, request: auditor_pb2.RecordEventRequest, context: grpc.ServicerContext) -> auditor_pb2.RecordEventResponse:
+        # Everything here is written to the append-only audit log for good: each field is bounded.
+        limits = self._settings.limits
         if request.kind not in _REPORTED_KINDS:
-            raise ValueError(f"kind {request.kind!r} cannot be reported; use one of {', '.join(_REPORTED_KINDS)}")
-        if not request.event_id or len(request.event_id) > 128:
-            raise ValueError("event_id is required (at most 128 characters): it makes retried deliveries idempotent")
+            raise ValueError(f"kind {echo(request.kind)} cannot be reported; use one of {', '.join(_REPORTED_KINDS)}")
+        if not request.event_id:
+            raise ValueError("event_id is required: it makes retried deliveries idempotent")
+        check_id("event_id", request.event_id)
+        check_id("source", request.source)
         if not request.adapter_id:
             raise ValueError("adapter_id is required: say which version changed status")
+        check_adapter_id(request.adapter_id)
         if not request.cause.strip():
             raise ValueError("cause is required: every promote/reject/rollback is recorded with why it happened")
+        check_text("cause", request.cause, limits.max_reason_chars, "max_reason_chars")
+        details = check_json_size(
+            "details", json_format.MessageToDict(request.details), limits.max_event_details_bytes,
+            "max_event_details_bytes",
+        )
         sequence, duplicate = self.core.record_event(
             event_id=request.event_id,
             kind=request.kind,
             adapter_id=request.adapter_id,
             cause=request.cause,
-            details=json_format.MessageToDict(request.details),
+            details=details,
             source=request.source,
             reported_at=request.at.ToJsonString() if request.HasField("at") else "",
         )
@@ -301,7 +350,7 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServiceServicer):
     def Recheck(self, request: auditor_pb2.RecheckRequest, context: grpc.ServicerContext) -> auditor_pb2.RecheckResponse:
         ceiling = self._settings.services.rpc_timeout_s
         return self.recheck(
-            request.adapter_name or self._settings.adapter_name,
+            check_adapter_name(request.adapter_name or self._settings.adapter_name),
             dry_run=request.dry_run,
             timeout=lambda: remaining_timeout(context, ceiling),
         )

@@ -567,22 +567,6 @@ def question_writer(
     return write
 
 
-def validate_overrides(overrides: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The bounds a request's update overrides must keep; out of them every candidate would fail
-    alike in the student, so the request is refused before anything is sampled."""
-    learning_rate = overrides.get("learning_rate")
-    if learning_rate is not None and not 0 < learning_rate <= 1:
-        raise ValueError(f"overrides.learning_rate must be in (0, 1], got {learning_rate}")
-    epochs = overrides.get("epochs")
-    if epochs is not None and not 1 <= epochs <= 100:
-        raise ValueError(f"overrides.epochs must be between 1 and 100, got {epochs}")
-    rule = overrides.get("update_rule")
-    if rule is not None and rule not in UPDATE_RULES:
-        raise ValueError(f"overrides.update_rule {rule!r} is unknown; use one of {', '.join(UPDATE_RULES)}")
-    return overrides
-
-
-UPDATE_RULES = ("lora_sft", "sdft")
 ON_POLICY_RULES = ("sdft",)  # rules that distil on prompts about C, so need training prompts
 
 

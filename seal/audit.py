@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from seal.gates import CandidateScores, Decision
+from seal.guardrails import GuardrailSettings, redact_sensitive
 
 GENESIS_HASH = "0" * 64
 # 2: the audit_events index (idempotent reported events); a version-1 file is migrated on open.
@@ -426,6 +427,29 @@ def candidate_payload(
         "gates": [g.to_dict() for g in decision.gates],
         "decision": {"promote": decision.promote, "failed_reasons": decision.failed_reasons},
     }
+
+
+def text_sha256(text: str) -> str:
+    """The digest a manifest records of the self-edit it was trained on (``self_edit_sha256``,
+    seal.student.self_edit_digest), so a redacted record can still be matched to its adapter."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def stored_self_edit(
+    self_edit: str, prompt: str, *, context: str, guardrails: GuardrailSettings
+) -> dict[str, Any]:
+    """The ``self_edit``, ``prompt`` and ``self_edit_sha256`` fields of a record, as they may be
+    kept: what the secrets and personal-data guardrails find is replaced by its masked form (the
+    log is append-only, so a secret written once could never be purged), and the hash of the
+    original text is kept so the record still identifies it. ``redacted_rules`` says which rules
+    masked something; absent when the text is stored as written."""
+    edit = redact_sensitive(self_edit, context, guardrails)
+    asked = redact_sensitive(prompt, context, guardrails)
+    fields: dict[str, Any] = {"self_edit": edit.text, "prompt": asked.text, "self_edit_sha256": text_sha256(self_edit)}
+    rules = sorted(set(edit.rules) | set(asked.rules))
+    if rules:
+        fields["redacted_rules"] = rules
+    return fields
 
 
 def cause_payload(cause: str, **details: Any) -> dict[str, Any]:

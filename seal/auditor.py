@@ -20,6 +20,7 @@ from seal.audit import (
     AuditLog,
     candidate_payload,
     cause_payload,
+    stored_self_edit,
 )
 from seal.domains.fewshot import ArcTask, FewShotSettings
 from seal.domains.knowledge import (
@@ -338,8 +339,12 @@ class Auditing:
         on_append: Callable[[str], None] = lambda kind: None,
         probe_base_dir: Path | None = None,
         fewshot: FewShotSettings | None = None,
+        max_prompts: int = 256,
     ) -> None:
         self.auditor = auditor
+        # The student refuses a Generate with more prompts (limits.max_prompts): larger batches,
+        # such as a retention probe of up to 1024 questions, are asked in parts of this size.
+        self._max_prompts = max_prompts
         # The few-shot domain's recipe limits and answer voting (``seal.domains.fewshot_audit``).
         self._fewshot = fewshot or FewShotSettings()
         self._fewshot_baselines: dict[str, Any] = {}  # context_id → the base model's graded answers
@@ -375,6 +380,7 @@ class Auditing:
             answer_max_new_tokens=settings.auditor.answer_max_new_tokens,
             on_append=on_append,
             fewshot=settings.fewshot,
+            max_prompts=settings.limits.max_prompts,
         )
 
     def close(self) -> None:
@@ -391,10 +397,11 @@ class Auditing:
     def check_self_edit(
         self, title: str, passage: str, self_edit: str, *, prompt: str = "", seed: int = 0, request_id: str = ""
     ) -> GuardrailVerdict:
-        results = check_self_edit(self_edit, f"{title}\n{passage}", self._guardrails)
+        context = f"{title}\n{passage}"
+        results = check_self_edit(self_edit, context, self._guardrails)
         return self._refusal_recorded(
             GuardrailVerdict(results), context_digest(title, passage), self_edit,
-            prompt=prompt, seed=seed, request_id=request_id,
+            prompt=prompt, seed=seed, request_id=request_id, context=context,
         )
 
     def check_recipe(
@@ -404,12 +411,20 @@ class Auditing:
         from seal.domains import fewshot_audit
 
         verdict = GuardrailVerdict([fewshot_audit.check_recipe(self_edit, self._fewshot)])
-        return self._refusal_recorded(verdict, task.context_id, self_edit, prompt=prompt, seed=seed, request_id=request_id)
+        return self._refusal_recorded(
+            verdict, task.context_id, self_edit, prompt=prompt, seed=seed, request_id=request_id, context=""
+        )
+
+    def _stored(self, self_edit: str, prompt: str, context: str) -> dict[str, Any]:
+        """The self-edit and its prompt as records keep them: secrets and personal data masked."""
+        return stored_self_edit(self_edit, prompt, context=context, guardrails=self._guardrails)
 
     def _refusal_recorded(
-        self, verdict: GuardrailVerdict, digest: str, self_edit: str, *, prompt: str, seed: int, request_id: str
+        self, verdict: GuardrailVerdict, digest: str, self_edit: str, *, prompt: str, seed: int, request_id: str,
+        context: str,
     ) -> GuardrailVerdict:
-        """A refused self-edit never becomes an adapter, so its reject record is its only trace."""
+        """A refused self-edit never becomes an adapter, so its reject record is its only trace:
+        with a secret or personal data masked, and the original's sha256."""
         if verdict.passed:
             return verdict
         results = verdict.results
@@ -422,8 +437,7 @@ class Auditing:
                 stage="guardrails",
                 failed_rules=failed,
                 context_digest=digest,
-                prompt=prompt,
-                self_edit=self_edit,
+                **self._stored(self_edit, prompt, context),
                 seed=seed,
                 request_id=request_id,
                 gates=[r.to_dict() for r in results],
@@ -435,7 +449,11 @@ class Auditing:
 
     def _answers(self, student: AuditedStudent, max_new_tokens: int) -> AnswerFunction:
         def answer(prompts: list[str], adapter_id: str) -> list[str]:
-            return student.answer(prompts, adapter_id, max_new_tokens=max_new_tokens)
+            answers: list[str] = []
+            for start in range(0, len(prompts), self._max_prompts):
+                part = prompts[start : start + self._max_prompts]
+                answers.extend(student.answer(part, adapter_id, max_new_tokens=max_new_tokens))
+            return answers
 
         return answer
 
@@ -518,6 +536,7 @@ class Auditing:
         return self._record_scored(
             report, manifest, adapter_id=adapter_id, digest=context_digest(title, passage), prompt=prompt,
             self_edit=self_edit, seed=seed, request_id=request_id, probe_size=probe_size,
+            context=f"{title}\n{passage}",
         )
 
     def score_fewshot(
@@ -555,21 +574,24 @@ class Auditing:
         report = fewshot_audit.score_task(task, baseline, adapted, guardrails).report(guardrails)
         return self._record_scored(
             report, manifest, adapter_id=adapter_id, digest=task.context_id, prompt=prompt, self_edit=self_edit,
-            seed=seed, request_id=request_id, probe_size=0,
+            seed=seed, request_id=request_id, probe_size=0, context="",
         )
 
     def _record_scored(
         self, report: ScoreReport, manifest: AdapterFacts, *, adapter_id: str, digest: str, prompt: str,
-        self_edit: str, seed: int, request_id: str, probe_size: int,
+        self_edit: str, seed: int, request_id: str, probe_size: int, context: str,
     ) -> ScoredCandidate:
         """A scored adapter's reward record (what ReST^EM subscribes to) and its candidate audit
-        record, with everything needed to explain and re-run it."""
+        record, with everything needed to explain and re-run it. Both keep the self-edit as
+        records may (secrets and personal data masked): a caller of Score is not bound to have
+        asked CheckSelfEdit first."""
         assert report.scores is not None
+        stored = self._stored(self_edit, prompt, context)
         record = self.reward_log.append(
             context_id=digest,
             adapter_id=adapter_id,
-            prompt=prompt,
-            self_edit=self_edit,
+            prompt=stored["prompt"],
+            self_edit=stored["self_edit"],
             reward=report.reward,
             baseline_accuracy=report.baseline_accuracy,
             adapted_accuracy=report.adapted_accuracy,
@@ -583,8 +605,8 @@ class Auditing:
         edit_sha256 = self_edit_digest(self_edit)
         payload = candidate_payload(
             context_digest=digest,
-            prompt=prompt,
-            self_edit=self_edit,
+            prompt=stored["prompt"],
+            self_edit=stored["self_edit"],
             hyperparameters=manifest.hyperparameters,
             seed=seed,
             scores=report.scores,
@@ -598,6 +620,7 @@ class Auditing:
             retention_probe_id=report.probe_id,
             retention_probe_size=probe_size,
             self_edit_sha256=edit_sha256,
+            **({"redacted_rules": stored["redacted_rules"]} if "redacted_rules" in stored else {}),
             # The adapter must have been trained on the text being scored; a mismatch is
             # kept on record rather than refused, since scoring itself is still valid.
             self_edit_matches_manifest=manifest.self_edit_sha256 == edit_sha256,

@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from seal.adapt import UPDATE_RULES
+from seal.limits import UPDATE_RULES
 from seal.config import AuthSettings, Settings, get_settings
 from seal.domains.knowledge import KnowledgeContext, Question, load_squad
 from seal.v1 import common_pb2, student_pb2, student_pb2_grpc, teacher_pb2, teacher_pb2_grpc
@@ -513,6 +513,51 @@ def train_request(contexts: list[KnowledgeContext], args: argparse.Namespace) ->
     return with_update_args(request, args)
 
 
+# SEAL's 11 few-shot training tasks (ARC training set, filtered for the 1B model), as shipped in
+# ../shared/data/arc/ with their solutions beside them.
+ARC_TRAIN_FILE = "../shared/data/arc/arc-agi_training_challenges_filtered_1B_training_set.json"
+
+
+def fewshot_train_request(args: argparse.Namespace, default_n: int) -> teacher_pb2.TrainRequest:
+    """A few-shot round: ARC tasks with their gold outputs (τ), read as `seal adapt --arc-task`
+    reads them. --task-ids picks tasks by id, else --start/--n slice the file. No update
+    overrides or prompt style: each self-edit is its own training recipe."""
+    from seal.domains.fewshot import load_arc_tasks, select_arc_tasks
+    from seal.transport import convert
+
+    if args.epochs or args.learning_rate or args.style:
+        raise SystemExit("--epochs, --learning-rate and --style do not apply to --domain fewshot: "
+                         "each self-edit is a recipe that chooses its own learning rate and epochs")
+    path = args.arc_tasks or ARC_TRAIN_FILE
+    try:
+        tasks = load_arc_tasks(path, args.arc_solutions)
+        if args.task_ids:
+            chosen = select_arc_tasks(tasks, [t.strip() for t in args.task_ids.split(",") if t.strip()], source=path)
+        else:
+            if not 0 <= args.start < len(tasks):
+                raise ValueError(f"--start {args.start} is out of range: {path} has {len(tasks)} tasks")
+            chosen = tasks[args.start : args.start + (args.n or default_n)]
+    except (OSError, ValueError) as exc:
+        raise SystemExit(str(exc)) from None
+    if not chosen:
+        raise SystemExit("no ARC task chosen: name at least one with --task-ids, or check --start/--n")
+    unsolved = [t.task_id for t in chosen if not t.has_solutions]
+    if unsolved:
+        raise SystemExit(f"no gold outputs for task {', '.join(unsolved)}: pass --arc-solutions (the round is "
+                         "rewarded on them)")
+    request = teacher_pb2.TrainRequest(
+        contexts=[teacher_pb2.TrainingContext(fewshot=convert.fewshot_to_proto(t)) for t in chosen],
+        domain="fewshot",
+        k=args.k or 0,
+        seeds_per_edit=args.seeds_per_edit or 0,
+        keep_rule=KEEP_RULES.get(args.keep_rule or "", 0),
+        restart=args.restart,
+    )
+    if args.seed is not None:
+        request.seed = args.seed
+    return request
+
+
 def run_train(
     address: str, request: teacher_pb2.TrainRequest, timeout: float, *, auth: AuthSettings | None = None,
     token_file: str = "",
@@ -569,6 +614,7 @@ def print_round_report(report: teacher_pb2.RoundReport) -> None:
     table.add_column("")
     table.add_column("value")
     rows = [
+        ("domain", report.domain or "knowledge"),
         ("keep rule", keep_rule),
         ("contexts × k × seeds", f"{report.contexts} × {report.k} × {report.seeds_per_edit}"),
         ("samples scored / failed / resumed", f"{report.samples_scored} / {report.samples_failed} / {report.samples_resumed}"),
@@ -588,8 +634,13 @@ def print_round_report(report: teacher_pb2.RoundReport) -> None:
 
 
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
-    contexts = _slice_contexts(args.squad_file, args.start, args.n or settings.restem.contexts)
-    report = run_train(args.address or settings.services.address_of("teacher"), train_request(contexts, args), args.timeout,
+    if args.domain == "fewshot":
+        request = fewshot_train_request(args, settings.restem.contexts)
+    else:
+        if args.arc_tasks or args.arc_solutions or args.task_ids:
+            raise SystemExit("--arc-tasks, --arc-solutions and --task-ids need --domain fewshot")
+        request = train_request(_slice_contexts(args.squad_file, args.start, args.n or settings.restem.contexts), args)
+    report = run_train(args.address or settings.services.address_of("teacher"), request, args.timeout,
                        auth=settings.auth, token_file=args.token_file)
     print_round_report(report)
     if args.json_out:
@@ -704,8 +755,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_token_arg(generate)
 
     train = commands.add_parser("train", help="run one ReST^EM round on the teacher (resumes an interrupted one)")
+    train.add_argument("--domain", choices=("knowledge", "fewshot"), default="knowledge",
+                       help="knowledge: SQuAD passages (--squad-file); fewshot: ARC tasks (--arc-tasks), "
+                       "self-edits are training recipes rewarded 1 when they solve the task")
     train.add_argument("--squad-file", default=TRAIN_FILE, help="SEAL's grouped SQuAD JSON of training contexts")
-    train.add_argument("--start", type=int, default=0, help="first passage index")
+    train.add_argument("--arc-tasks", help=f"ARC challenges JSON (--domain fewshot; default {ARC_TRAIN_FILE})")
+    train.add_argument("--arc-solutions", help="ARC solutions JSON (default: the …solutions… file beside --arc-tasks)")
+    train.add_argument("--task-ids", help="comma-separated task ids in --arc-tasks (default: --start/--n)")
+    train.add_argument("--start", type=int, default=0, help="first passage (or ARC task) index")
     train.add_argument("--n", type=int, help="training contexts (default restem.contexts)")
     train.add_argument("--k", type=int, help="self-edits per context (default restem.k)")
     train.add_argument("--seeds-per-edit", type=int, help="inner-loop seeds per self-edit (default restem.seeds_per_edit)")

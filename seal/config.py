@@ -207,6 +207,16 @@ class TeacherSettings(BaseModel):
         description="vllm engine: share of the GPU's memory vLLM may take; the rest is left for training the "
         "policy adapter in the same process",
     )
+    adapt_queue_depth: int = Field(
+        4, ge=0,
+        description="Adapt (and Train) calls that may wait while one runs; one more is refused at once with "
+        "RESOURCE_EXHAUSTED and a retry hint (trailing metadata retry-after-ms and grpc-retry-pushback-ms)",
+    )
+    adapt_queue_wait_s: float = Field(
+        120.0, ge=0,
+        description="longest an Adapt call waits in the queue for the running one to finish (less when its "
+        "deadline is sooner); then RESOURCE_EXHAUSTED with a retry hint",
+    )
     vllm_max_lora_rank: int = Field(
         16, ge=1, le=512,
         description="vllm engine: largest LoRA rank it can load (raised to restem.policy_rank if that is larger, "
@@ -234,6 +244,13 @@ class RestemSettings(BaseModel):
         description="which self-edit a context contributes to the policy's SFT, when the request names no rule: "
         "best_of_k = the highest mean reward, even zero or negative; best_positive = only a strictly positive "
         "mean reward, ties to the shorter self-edit",
+    )
+    # With a binary reward best_of_k would keep a failed recipe whenever none of the k solved the
+    # task; SEAL's ARC round keeps only the self-edits that solved it, which is best_positive.
+    fewshot_keep_rule: Literal["best_of_k", "best_positive"] = Field(
+        "best_positive",
+        description="keep_rule of a few-shot (ARC) round when the request names no rule; best_positive keeps "
+        "only recipes whose candidate solved the task (reward 1), as SEAL does",
     )
     candidate_adapter_name: str = Field(
         "restem", pattern=ADAPTER_NAME_PATTERN,
@@ -307,7 +324,35 @@ class LimitSettings(BaseModel):
     max_questions: int = Field(64, ge=1, description="most τ questions per Adapt request or Train context")
     max_question_chars: int = Field(1_000, ge=1, description="longest τ question, in characters")
     max_self_edit_chars: int = Field(
-        8_000, ge=1, description="longest self-edit, in characters, that the student's ApplySelfEdit accepts"
+        8_000, ge=1,
+        description="longest self-edit, in characters, that the student's ApplySelfEdit and the auditor's "
+        "CheckSelfEdit and Score accept",
+    )
+    # The limits below are checked by the student and the auditor themselves (seal/limits.py),
+    # whoever calls them: the teacher's checks protect only requests that come through Adapt.
+    max_answer_chars: int = Field(1_000, ge=1, description="longest gold answer of a τ question, in characters")
+    max_prompts: int = Field(
+        256, ge=1, description="most prompts in one Generate request (the auditor splits longer batches, such as "
+        "a large retention probe, into requests of this size)",
+    )
+    max_prompt_chars: int = Field(
+        64_000, ge=1,
+        description="longest prompt, in characters: each Generate prompt, and the self-edit prompt recorded "
+        "with CheckSelfEdit and Score (it holds the passage, so keep it above max_passage_chars)",
+    )
+    max_new_tokens: int = Field(
+        4_096, ge=1, description="most tokens a Generate request may ask for per prompt"
+    )
+    max_reason_chars: int = Field(
+        2_000, ge=1,
+        description="longest reason or cause of a status change (Promote, Reject, Rollback, RecordEvent) and "
+        "longest guardrail detail a Score carries: each is kept in a manifest or the append-only audit log for good",
+    )
+    max_event_details_bytes: int = Field(
+        16_384, ge=256, description="largest RecordEvent details, in bytes of JSON, written to the audit log"
+    )
+    max_fewshot_pairs: int = Field(
+        16, ge=1, description="most demonstrations, and most test inputs, in one few-shot task"
     )
 
 
@@ -355,6 +400,33 @@ class ServiceSettings(BaseModel):
         10.0, ge=0, description="seconds in-flight RPCs get to finish after SIGTERM/SIGINT before the server stops"
     )
     rpc_timeout_s: float = Field(3600.0, gt=0, description="deadline for inter-service calls")
+    # --- memory held by requests (seal.rpc._RequestBytesBudget; health checks excepted) ---
+    max_request_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024,
+        description="largest request message a server accepts, in bytes; grpc refuses a larger one with "
+        "RESOURCE_EXHAUSTED before reading it (the largest legitimate request, an Adapt or Train with passages at "
+        "limits.max_passage_chars, is far below)",
+    )
+    method_max_request_bytes: dict[str, int] = Field(
+        default_factory=lambda: {
+            # Requests that name a version or a lineage and little else.
+            **dict.fromkeys(
+                ("GetAdapter", "ListAdapters", "Promote", "Reject", "Rollback", "Recheck", "SubscribeRewards"),
+                64 * 1024,
+            ),
+            "RecordEvent": 256 * 1024,
+            "Generate": 1024 * 1024,  # more prompt than any context window holds
+            "CheckSelfEdit": 1024 * 1024,
+        },
+        description="lower request-size caps, in bytes, by method name (e.g. Promote); a method not listed gets "
+        "max_request_bytes; a larger request is refused with RESOURCE_EXHAUSTED before it is parsed",
+    )
+    inflight_request_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024,
+        description="budget, in bytes, for the requests of all calls a server has in flight (streams until their "
+        "last message); a request that would pass it is refused with RESOURCE_EXHAUSTED and a retry hint; a lone "
+        "request within its method's cap always passes",
+    )
 
     def address_of(self, service: Literal["teacher", "student", "auditor"]) -> str:
         explicit = getattr(self, f"{service}_address")
@@ -675,6 +747,46 @@ class StudentSettings(BaseModel):
     )
     kubernetes: KubernetesExecutorSettings = Field(
         default_factory=KubernetesExecutorSettings, description="the Kubernetes Job executor"
+    )
+    batch_candidates: bool = Field(
+        True,
+        description="in_process executor: train the lora_sft candidates of one batch together as adapters of the "
+        "one base model, each example routed to its own adapter in the same forward/backward pass "
+        "(seal/update/multi_lora.py; same adapters as one at a time, measured by bench/candidates.py); false = "
+        "one candidate after the other",
+    )
+    # --- admission: training and generation are bounded apart, so Generate is never starved by
+    # ApplySelfEdit (seal.rpc.WorkQueue). Keep the sum of both (slots + depth) below
+    # services.max_concurrent_rpcs, so admitted work never takes every RPC slot. ---
+    training_slots: int = Field(
+        1, ge=1,
+        description="ApplySelfEdit calls that train at once (in process they take turns anyway; with the "
+        "Kubernetes executor each is a Job)",
+    )
+    training_queue_depth: int = Field(
+        2, ge=0,
+        description="ApplySelfEdit calls that may wait for a training slot; one more is refused at once with "
+        "RESOURCE_EXHAUSTED and a retry hint",
+    )
+    training_queue_wait_s: float = Field(
+        300.0, ge=0,
+        description="longest an ApplySelfEdit call waits for a training slot (less when its deadline is sooner); "
+        "then RESOURCE_EXHAUSTED with a retry hint",
+    )
+    generation_slots: int = Field(
+        4, ge=1,
+        description="Generate calls admitted at once (the in-process backend still generates one batch at a time; "
+        "Triton batches them)",
+    )
+    generation_queue_depth: int = Field(
+        8, ge=0,
+        description="Generate calls that may wait for a generation slot; one more is refused at once with "
+        "RESOURCE_EXHAUSTED and a retry hint",
+    )
+    generation_queue_wait_s: float = Field(
+        30.0, ge=0,
+        description="longest a Generate call waits for a generation slot (less when its deadline is sooner); then "
+        "RESOURCE_EXHAUSTED with a retry hint",
     )
 
 

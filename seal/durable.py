@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import json
 import logging
 import os
@@ -33,9 +34,12 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "abandoned_temporaries",
     "file_lock",
     "fsync_directory",
     "fsync_file",
+    "is_lock_held",
+    "liveness_lock",
 ]
 
 
@@ -76,6 +80,24 @@ def fsync_file(path: Path | str) -> None:
 # --- atomic replacement -------------------------------------------------------------------------
 
 
+_TEMPORARY_SUFFIX = ".tmp"
+
+
+def abandoned_temporaries(path: Path | str) -> list[Path]:
+    """The random-named temporaries :func:`atomic_write_bytes` left beside ``path`` when it was
+    killed before its rename. Only the caller knows no writer of ``path`` is alive (it holds the
+    file's owner lock), so it decides whether to remove them.
+
+    >>> import tempfile, pathlib
+    >>> target = pathlib.Path(tempfile.mkdtemp()) / "outbox.jsonl"
+    >>> _ = (target.parent / ".outbox.jsonl.0123abcd.tmp").write_text("half")
+    >>> [p.name for p in abandoned_temporaries(target)]
+    ['.outbox.jsonl.0123abcd.tmp']
+    """
+    target = Path(path)
+    return sorted(target.parent.glob(f".{glob.escape(target.name)}.*{_TEMPORARY_SUFFIX}"))
+
+
 def atomic_write_bytes(path: Path | str, data: bytes, *, temporary: Path | str | None = None) -> None:
     """Replace ``path`` with ``data`` so that readers, and the disk after a crash, see the old
     file or the new one, never a partial one.
@@ -96,7 +118,7 @@ def atomic_write_bytes(path: Path | str, data: bytes, *, temporary: Path | str |
     """
     target = Path(path)
     if temporary is None:
-        staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}{_TEMPORARY_SUFFIX}")
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
     else:
         staging = Path(temporary)
@@ -186,6 +208,61 @@ def file_lock(path: Path | str, *, on_wait: Callable[[], None] | None = None) ->
         yield
     finally:
         os.close(descriptor)
+
+
+@contextlib.contextmanager
+def liveness_lock(path: Path | str) -> Iterator[None]:
+    """Create ``path`` and hold an ``flock`` on it for the ``with`` block, then delete it.
+
+    It marks work in progress that a crash would leave half done (a staging directory): whoever
+    finds the work later asks :func:`is_lock_held`, and a lock nobody holds means the worker died,
+    however recently. The kernel drops the lock with the process, so a SIGKILL frees it too. The
+    file must not exist yet (each piece of work names its own); callers create it under a lock the
+    cleaner also takes, so a cleaner never sees it between creation and locking.
+
+    >>> import tempfile, pathlib
+    >>> marker = pathlib.Path(tempfile.mkdtemp()) / ".staging-1.lock"
+    >>> with liveness_lock(marker):
+    ...     is_lock_held(marker)
+    True
+    >>> marker.exists()
+    False
+    """
+    lock_path = Path(path)
+    descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield
+    finally:
+        # Unlinked before it is unlocked: a checker never finds it unlocked while the work is live.
+        with contextlib.suppress(FileNotFoundError):
+            lock_path.unlink()
+        os.close(descriptor)
+
+
+def is_lock_held(path: Path | str) -> bool:
+    """Whether some open file (in any process, this one included) holds an ``flock`` on ``path``;
+    False when the file does not exist.
+
+    >>> import tempfile, pathlib
+    >>> lock = pathlib.Path(tempfile.mkdtemp()) / "x.lock"
+    >>> is_lock_held(lock)
+    False
+    >>> with file_lock(lock):
+    ...     is_lock_held(lock)
+    True
+    """
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(descriptor)
+    return False
 
 
 # --- JSON lines ---------------------------------------------------------------------------------

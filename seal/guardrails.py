@@ -286,7 +286,15 @@ def _check_length(text: str, rule: LengthRule) -> GuardrailResult:
 # --- secrets ---------------------------------------------------------------------------------
 
 _SECRET_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("private key block", re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----")),
+    # The whole block (to its END line, else over the base64 lines that follow the header): the
+    # key material is what must never be kept, the header alone is harmless.
+    (
+        "private key block",
+        re.compile(
+            r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
+            r"(?:[\s\S]*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----|(?:\s*[A-Za-z0-9+/=]{16,})*)"
+        ),
+    ),
     ("API key (sk-…)", re.compile(r"(?<![\w-])sk-[A-Za-z0-9_-]{20,}")),
     ("Stripe secret key", re.compile(r"(?<!\w)(?:sk|rk)_(?:live|test)_[A-Za-z0-9]{16,}")),
     ("AWS access key id", re.compile(r"(?<![A-Z0-9])(?:AKIA|ASIA)[0-9A-Z]{16}(?![0-9A-Z])")),
@@ -327,16 +335,25 @@ def _looks_random(token: str, rule: SecretsRule) -> bool:
     )
 
 
-def _check_secrets(
+@dataclass(frozen=True)
+class _Finding:
+    """One sensitive match: where it is, what kind, and the masked form shown instead of it."""
+
+    start: int
+    end: int
+    kind: str
+    shown: str
+
+
+def _secret_findings(
     text: str, context: str, rule: SecretsRule, urls: Sequence[tuple[int, int]]
-) -> GuardrailResult:
-    where = _Locator(text)
-    findings: list[str] = []
+) -> list[_Finding]:
+    found: list[_Finding] = []
     taken: list[tuple[int, int]] = []
 
     def add(kind: str, start: int, end: int, shown: str) -> None:
         taken.append((start, end))
-        findings.append(f"{kind} '{shown}' at {where(start)}")
+        found.append(_Finding(start, end, kind, shown))
 
     patterns = list(_SECRET_PATTERNS) + [
         (f"custom pattern {p.pattern!r}", p) for p in _compile_all(rule.extra_patterns, 0)
@@ -359,6 +376,14 @@ def _check_secrets(
             continue
         if _looks_random(token, rule):
             add(f"high-entropy token ({_entropy(token):.1f} bits/char)", *m.span(), _mask(token))
+    return found
+
+
+def _check_secrets(
+    text: str, context: str, rule: SecretsRule, urls: Sequence[tuple[int, int]]
+) -> GuardrailResult:
+    where = _Locator(text)
+    findings = [f"{f.kind} '{f.shown}' at {where(f.start)}" for f in _secret_findings(text, context, rule, urls)]
     if findings:
         return GuardrailResult(
             "secrets", False, f"possible secret: {_listing(findings)} — remove credentials before training"
@@ -450,27 +475,31 @@ def _phone_spans(text: str) -> list[tuple[int, int]]:
     return merged
 
 
-def _check_personal_data(text: str, rule: PersonalDataRule) -> GuardrailResult:
-    where = _Locator(text)
-    findings: list[tuple[int, str]] = []
+def _personal_data_findings(text: str, rule: PersonalDataRule) -> list[_Finding]:
+    found: list[_Finding] = []
     taken: list[tuple[int, int]] = []
     if rule.emails:
         for m in _EMAIL.finditer(text):
             taken.append(m.span())
-            findings.append((m.start(), f"e-mail address '{_mask_email(m.group())}' at {where(m.start())}"))
+            found.append(_Finding(*m.span(), "e-mail address", _mask_email(m.group())))
     if rule.credit_cards:
         for m in _CARD.finditer(text):
             digits = _digits(m.group())
             if 13 <= len(digits) <= 19 and _CARD_PREFIX.match(digits) and _luhn_ok(digits) and not _overlaps(m.span(), taken):
                 taken.append(m.span())
-                findings.append((m.start(), f"card-like number '{_mask_digits(m.group(), 4)}' at {where(m.start())}"))
+                found.append(_Finding(*m.span(), "card-like number", _mask_digits(m.group(), 4)))
     if rule.phones:
         for start, end in _phone_spans(text):
             if not _overlaps((start, end), taken):
-                shown = _mask_digits(text[start:end], 2)
-                findings.append((start, f"phone number '{shown}' at {where(start)}"))
+                found.append(_Finding(start, end, "phone number", _mask_digits(text[start:end], 2)))
+    return sorted(found, key=lambda f: f.start)
+
+
+def _check_personal_data(text: str, rule: PersonalDataRule) -> GuardrailResult:
+    where = _Locator(text)
+    findings = _personal_data_findings(text, rule)
     if findings:
-        listed = [message for _, message in sorted(findings)]
+        listed = [f"{f.kind} '{f.shown}' at {where(f.start)}" for f in findings]
         return GuardrailResult(
             "personal_data", False, f"personal data: {_listing(listed)} — training would memorise it"
         )
@@ -756,3 +785,48 @@ def check_self_edit(
 
 def failed(results: Iterable[GuardrailResult]) -> list[GuardrailResult]:
     return [result for result in results if not result.passed]
+
+
+# --- redaction -------------------------------------------------------------------------------
+
+# The rules whose findings must never be written anywhere: a refused self-edit's record keeps
+# the masked text and a hash instead (an append-only audit log can never be purged).
+SENSITIVE_RULES: tuple[str, ...] = ("secrets", "personal_data")
+
+
+@dataclass(frozen=True)
+class Redaction:
+    text: str  # the text with every sensitive finding replaced by its masked form
+    rules: tuple[str, ...]  # the SENSITIVE_RULES that found something; () = the text is unchanged
+
+    @property
+    def redacted(self) -> bool:
+        return bool(self.rules)
+
+
+def redact_sensitive(text: str, context: str, settings: GuardrailSettings | None = None) -> Redaction:
+    """``text`` fit to be stored: what the enabled secrets and personal-data rules find (the same
+    matches their results report) replaced by the masked form the results show, e.g.
+    ``AKIA…(20 chars)`` or ``i***@velmora.example``. Everything else is kept as written."""
+    settings = settings or GuardrailSettings()
+    spans: list[_Finding] = []
+    rules: list[str] = []
+    if settings.secrets.enabled:
+        urls = [(start, end) for start, end, _ in _find_urls(text)]
+        found = _secret_findings(text, context, settings.secrets, urls)
+        spans.extend(found)
+        rules.extend(["secrets"] if found else [])
+    if settings.personal_data.enabled:
+        found = [f for f in _personal_data_findings(text, settings.personal_data) if not _overlaps(
+            (f.start, f.end), [(s.start, s.end) for s in spans])]
+        spans.extend(found)
+        rules.extend(["personal_data"] if found else [])
+    if not spans:
+        return Redaction(text, ())
+    pieces, cursor = [], 0
+    for finding in sorted(spans, key=lambda f: f.start):
+        pieces.append(text[cursor:finding.start])
+        pieces.append(f"[{finding.kind}: {finding.shown}]")
+        cursor = finding.end
+    pieces.append(text[cursor:])
+    return Redaction("".join(pieces), tuple(rules))

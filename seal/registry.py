@@ -11,6 +11,16 @@ directory, so a reader never sees half an adapter. Statuses live in each version
 change only along ``TRANSITIONS``. Operations that touch two manifests (promote, rollback) write
 them in an order that ``repair`` can finish after a crash. This module stays free of torch: it only
 deals with files, so the CLI and the services can import it cheaply.
+
+Audited changes: with a ``journal`` (the student's audit outbox), every status change is first
+recorded there as an intent (durably) under a transition id, then written to the manifests, each
+history entry carrying that id. A kill between the two leaves an intent the next start reconciles
+against the manifests (``reconcile``): finished if any manifest carries its id, abandoned if none
+does. So the audit trail gets exactly one event per transition, whichever moment the process died.
+
+Staging directories are decided by their writer's liveness, not their age: a writer holds an
+``flock`` on ``.staging-<id>.lock`` for as long as it fills ``.staging-<id>/``; a staging
+directory whose lock nobody holds belongs to a writer that died and is removed.
 """
 
 from __future__ import annotations
@@ -25,11 +35,12 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import (
     BaseModel,
@@ -40,7 +51,7 @@ from pydantic import (
     model_validator,
 )
 
-from seal.durable import atomic_write_text, file_lock, fsync_directory
+from seal.durable import atomic_write_text, file_lock, fsync_directory, is_lock_held, liveness_lock
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +69,8 @@ __all__ = [
     "RegistryError",
     "Status",
     "StatusChange",
+    "Transition",
+    "TransitionJournal",
     "check_transition",
     "format_adapter_id",
     "parse_adapter_id",
@@ -69,7 +82,9 @@ _MANIFEST_TMP = "manifest.json.tmp"
 _RESERVED_FILES = frozenset({MANIFEST_FILE, _MANIFEST_TMP})
 _LOCK_FILE = ".lock"
 STAGING_PREFIX = ".staging-"
-# A staging directory this old belongs to a writer that died; younger ones may still be filling.
+STAGING_LOCK_SUFFIX = ".lock"
+# Only for staging directories without a lock file, which writers before the liveness lock made:
+# for those, age is the only clue. Every directory written now is decided by its lock.
 DEFAULT_STALE_STAGING_SECONDS = 15 * 60
 
 # The one spelling of a lineage name: settings validate their adapter names with it too.
@@ -233,6 +248,9 @@ class StatusChange(BaseModel):
     status: Status
     at: str
     reason: str
+    # The audited transition this change belongs to ('' before transitions had ids): a promote's
+    # two manifest writes share one, and so does the audit event that reports them.
+    transition_id: str = ""
 
     @field_validator("at")
     @classmethod
@@ -291,10 +309,65 @@ class Manifest(BaseModel):
                 return _parse_time(change.at)
         return None
 
-    def with_status(self, status: Status, reason: str, at: str) -> Manifest:
+    def with_status(self, status: Status, reason: str, at: str, transition_id: str = "") -> Manifest:
         check_transition(self.status, status, self.adapter_id)
-        change = StatusChange(status=status, at=at, reason=reason)
+        change = StatusChange(status=status, at=at, reason=reason, transition_id=transition_id)
         return self.model_copy(update={"status": status, "history": [*self.history, change]})
+
+    def has_transition(self, transition_id: str) -> bool:
+        return any(change.transition_id == transition_id for change in self.history)
+
+
+# --- audited transitions -----------------------------------------------------------------------
+
+KIND_REPAIR = "repair"  # a status change made by start-up repair, not by a request
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One audited change of a lineage: the manifest writes it makes, in order, and what the audit
+    event says about it. ``changes`` is what lets recovery finish it after a crash."""
+
+    transition_id: str
+    kind: str  # promote | reject | rollback | repair
+    adapter_id: str  # the version the event is about (promoted, rejected, rolled back, repaired)
+    cause: str
+    at: str
+    changes: tuple[tuple[str, Status], ...]  # (adapter_id, new status), in write order
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "transition_id": self.transition_id, "kind": self.kind, "adapter_id": self.adapter_id,
+            "cause": self.cause, "at": self.at, "changes": [[a, str(s)] for a, s in self.changes],
+            "details": dict(self.details),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Transition:
+        return cls(
+            transition_id=data["transition_id"], kind=data["kind"], adapter_id=data["adapter_id"],
+            cause=data["cause"], at=data["at"], changes=tuple((a, Status(s)) for a, s in data["changes"]),
+            details=dict(data.get("details") or {}),
+        )
+
+
+class TransitionJournal(Protocol):
+    """Where intents go before the manifests change (the student's audit outbox implements it)."""
+
+    def intend(self, transition: Transition) -> None:
+        """Record ``transition`` durably; raising stops the change before any manifest is written."""
+
+    def settle(self, transition_id: str, *, happened: bool, awaits_report: bool) -> None:
+        """The manifests are written (``happened``) or nothing was. ``awaits_report``: the caller
+        will report it with the request's details (``AuditOutbox.record``); else it is complete."""
+
+    def unsettled(self) -> list[Transition]:
+        """Intents whose outcome this process has not settled (a previous one died first)."""
+
+
+def _new_transition_id() -> str:
+    return uuid.uuid4().hex
 
 
 def _check_relative_filename(filename: str) -> None:
@@ -388,15 +461,25 @@ AdapterSource = Path | Callable[[Path], None]
 class AdapterRegistry:
     """Adapter versions under ``root``; safe for many threads and, for every write, many processes.
 
-    Opening the registry removes staging directories left by writers that died more than
-    ``stale_staging_seconds`` ago and repairs promotions or rollbacks a crash interrupted."""
+    Opening the registry removes staging directories whose writers died (``stale_staging_seconds``
+    only judges lock-less ones left by older writers), settles the ``journal``'s intents a crash
+    left (``reconcile``) and repairs promotions or rollbacks a crash interrupted. With a
+    ``journal`` every status change, repairs included, is recorded there before it is made."""
 
-    def __init__(self, root: Path | str, *, stale_staging_seconds: float = DEFAULT_STALE_STAGING_SECONDS) -> None:
+    def __init__(
+        self,
+        root: Path | str,
+        *,
+        journal: TransitionJournal | None = None,
+        stale_staging_seconds: float = DEFAULT_STALE_STAGING_SECONDS,
+    ) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.journal = journal
         self._guard = threading.Lock()
         self._name_locks: dict[str, threading.Lock] = {}
         self._remove_staging(older_than=stale_staging_seconds)
+        self.reconcile()
         self.repair()
 
     # --- locking ------------------------------------------------------------------------------
@@ -522,52 +605,57 @@ class AdapterRegistry:
             name_dir.mkdir(exist_ok=True)
             fsync_directory(self.root)
         staging = name_dir / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
-        staging.mkdir()
-        published = False
-        try:
-            if callable(source):
-                source(staging)
-            else:
-                source_dir = Path(source)
-                if not source_dir.is_dir():
-                    raise RegistryError(f"adapter source {source_dir} is not a directory")
-                shutil.copytree(source_dir, staging, dirs_exist_ok=True, ignore=_ignore_manifests_at(source_dir))
-            files = _hash_and_sync_tree(staging)
-            if not files:
-                raise RegistryError(
-                    f"no adapter files were written into {staging}; the writer must save the adapter "
-                    "(adapter_config.json, adapter_model.safetensors) into the directory it is given"
-                )
-            created_at = _iso(_now())
+        with contextlib.ExitStack() as writer_alive:
+            # Under the name lock, which the cleaner takes too: it never sees the directory before
+            # its liveness lock is held. The lock outlives the directory (the stack exits last).
             with self._exclusive(adapter_name):
-                versions = self._versions(adapter_name)
-                version = versions[-1] + 1 if versions else 1
-                manifest = _write_manifest(
-                    staging,
-                    Manifest(
-                        adapter_name=adapter_name,
-                        version=version,
-                        adapter_id=format_adapter_id(adapter_name, version),
-                        base_model=base_model,
-                        base_model_fingerprint=base_model_fingerprint,
-                        context_id=context_id,
-                        self_edit_sha256=self_edit_sha256,
-                        files=files,
-                        seed=seed,
-                        hyperparameters=dict(hyperparameters),
-                        metrics=dict(metrics or {}),
-                        created_at=created_at,
-                        status=Status.CANDIDATE,
-                        history=[StatusChange(status=Status.CANDIDATE, at=created_at, reason="trained")],
-                    ),
-                )
-                # rename, not replace: it refuses a non-empty target, so a version is never overwritten.
-                os.rename(staging, name_dir / _version_dir_name(version))
-                published = True
-                fsync_directory(name_dir)
-        finally:
-            if not published:
-                shutil.rmtree(staging, ignore_errors=True)
+                writer_alive.enter_context(liveness_lock(_staging_lock_path(staging)))
+                staging.mkdir()
+            published = False
+            try:
+                if callable(source):
+                    source(staging)
+                else:
+                    source_dir = Path(source)
+                    if not source_dir.is_dir():
+                        raise RegistryError(f"adapter source {source_dir} is not a directory")
+                    shutil.copytree(source_dir, staging, dirs_exist_ok=True, ignore=_ignore_manifests_at(source_dir))
+                files = _hash_and_sync_tree(staging)
+                if not files:
+                    raise RegistryError(
+                        f"no adapter files were written into {staging}; the writer must save the adapter "
+                        "(adapter_config.json, adapter_model.safetensors) into the directory it is given"
+                    )
+                created_at = _iso(_now())
+                with self._exclusive(adapter_name):
+                    versions = self._versions(adapter_name)
+                    version = versions[-1] + 1 if versions else 1
+                    manifest = _write_manifest(
+                        staging,
+                        Manifest(
+                            adapter_name=adapter_name,
+                            version=version,
+                            adapter_id=format_adapter_id(adapter_name, version),
+                            base_model=base_model,
+                            base_model_fingerprint=base_model_fingerprint,
+                            context_id=context_id,
+                            self_edit_sha256=self_edit_sha256,
+                            files=files,
+                            seed=seed,
+                            hyperparameters=dict(hyperparameters),
+                            metrics=dict(metrics or {}),
+                            created_at=created_at,
+                            status=Status.CANDIDATE,
+                            history=[StatusChange(status=Status.CANDIDATE, at=created_at, reason="trained")],
+                        ),
+                    )
+                    # rename, not replace: it refuses a non-empty target, so a version is never overwritten.
+                    os.rename(staging, name_dir / _version_dir_name(version))
+                    published = True
+                    fsync_directory(name_dir)
+            finally:
+                if not published:
+                    shutil.rmtree(staging, ignore_errors=True)
         log.info("stored adapter %s (%d files)", manifest.adapter_id, len(files))
         return manifest
 
@@ -627,13 +715,34 @@ class AdapterRegistry:
             updated = manifest.model_copy(update={"metrics": {**manifest.metrics, **dict(metrics)}})
             return _write_manifest(self.path_of(manifest), updated)
 
+    def _apply(self, transition: Transition, changed: list[Manifest], *, awaits_report: bool) -> list[Manifest]:
+        """Make one transition: journal the intent (durably), write ``changed`` in order, settle.
+        Called under the name lock. A failure after the first write leaves the intent unsettled
+        on purpose: the next start finds its id in a manifest and finishes it (``reconcile``)."""
+        if self.journal is not None:
+            self.journal.intend(transition)
+        written: list[Manifest] = []
+        try:
+            for manifest in changed:
+                written.append(_write_manifest(self.path_of(manifest), manifest))
+        except BaseException:
+            if not written and self.journal is not None:
+                self.journal.settle(transition.transition_id, happened=False, awaits_report=False)
+            raise
+        if self.journal is not None:
+            self.journal.settle(transition.transition_id, happened=True, awaits_report=awaits_report)
+        return written
+
     def mark_rejected(self, adapter_id: str, reason: str) -> Manifest:
         adapter_name, version = self._existing_name_and_version(adapter_id)
         with self._exclusive(adapter_name):
             lineage = self._repair_locked(adapter_name)
             manifest = _find(lineage, version) or self._read(adapter_name, version)
-            rejected = manifest.with_status(Status.REJECTED, reason, _stamp_after(lineage))
-            return _write_manifest(self.path_of(manifest), rejected)
+            at, transition_id = _stamp_after(lineage), _new_transition_id()
+            rejected = manifest.with_status(Status.REJECTED, reason, at, transition_id)
+            transition = _transition_of("reject", rejected, reason, at, [rejected])
+            [written] = self._apply(transition, [rejected], awaits_report=True)
+            return written
 
     def discard_weights(self, adapter_id: str) -> Manifest:
         """Delete a rejected version's adapter files and keep its manifest (sha256 of every
@@ -670,16 +779,19 @@ class AdapterRegistry:
             target = _find(lineage, version) or self._read(adapter_name, version)
             check_transition(target.status, Status.PROMOTED, target.adapter_id)
             self.verify(target)
-            at = _stamp_after(lineage)
+            at, transition_id = _stamp_after(lineage), _new_transition_id()
             # Target first: a crash in between leaves two promoted, and repair keeps the newer one.
             # The other order would leave a window where nothing is served at all.
-            promoted = _write_manifest(self.path_of(target), target.with_status(Status.PROMOTED, reason, at))
+            changed = [target.with_status(Status.PROMOTED, reason, at, transition_id)]
+            previous_ids = []
             for previous in lineage:
                 if previous.status == Status.PROMOTED and previous.version != version:
-                    _write_manifest(
-                        self.path_of(previous),
-                        previous.with_status(Status.SUPERSEDED, f"superseded by {adapter_id}: {reason}", at),
-                    )
+                    changed.append(previous.with_status(
+                        Status.SUPERSEDED, f"superseded by {adapter_id}: {reason}", at, transition_id))
+                    previous_ids.append(previous.adapter_id)
+            transition = _transition_of("promote", changed[0], reason, at, changed,
+                                        previous_adapter_id=", ".join(previous_ids))
+            promoted = self._apply(transition, changed, awaits_report=True)[0]
         log.info("promoted %s: %s", adapter_id, reason)
         return promoted
 
@@ -704,21 +816,24 @@ class AdapterRegistry:
                 )
             if restore is not None:
                 self.verify(restore)
-            at = _stamp_after(lineage)
+            at, transition_id = _stamp_after(lineage), _new_transition_id()
             # Rolled-back first: a crash in between leaves nothing promoted while a superseded
             # version exists, a state no finished operation produces, so repair can finish the
             # restore. Promoting first would make repair demote the bad version to superseded,
             # where a later rollback could serve it again.
-            _write_manifest(self.path_of(current), current.with_status(Status.ROLLED_BACK, reason, at))
+            changed = [current.with_status(Status.ROLLED_BACK, reason, at, transition_id)]
+            if restore is not None:
+                changed.append(restore.with_status(
+                    Status.PROMOTED, f"restored by rollback of {current.adapter_id}: {reason}", at, transition_id))
+            transition = _transition_of("rollback", changed[0], reason, at, changed,
+                                        now_serving_adapter_id=restore.adapter_id if restore is not None else "")
+            written = self._apply(transition, changed, awaits_report=True)
             if restore is None:
                 log.warning(
                     "rolled back %s; %s now serves the base model: %s", current.adapter_id, adapter_name, reason
                 )
                 return None
-            restored = _write_manifest(
-                self.path_of(restore),
-                restore.with_status(Status.PROMOTED, f"restored by rollback of {current.adapter_id}: {reason}", at),
-            )
+            restored = written[1]
         log.warning("rolled back %s to %s: %s", current.adapter_id, restored.adapter_id, reason)
         return restored
 
@@ -739,11 +854,54 @@ class AdapterRegistry:
         return changed
 
     def recover(self) -> list[Path]:
-        """Remove every staging directory, however young, then repair. Only for when no other
-        process is writing to this registry (e.g. at service start after a crash)."""
+        """At a service's start after a crash: remove the staging directories of dead writers
+        (lock-less ones too, whatever their age), settle the journal's intents, repair. A live
+        writer in another process keeps its staging directory. Returns what was removed."""
         removed = self._remove_staging(older_than=0.0)
+        self.reconcile()
         self.repair()
         return removed
+
+    def reconcile(self) -> list[Transition]:
+        """Settle every intent the journal holds from a process that died: a transition whose id
+        some manifest carries happened (at least its first write), so its remaining writes are
+        made and it is reported once; one no manifest carries never happened and is dropped.
+        Returns the transitions found to have happened."""
+        if self.journal is None:
+            return []
+        happened = []
+        for transition in self.journal.unsettled():
+            adapter_name, _ = parse_adapter_id(transition.adapter_id)
+            with self._exclusive(adapter_name):
+                if transition not in self.journal.unsettled():
+                    continue  # this process's own, settled by its writer while we waited for the lock
+                lineage = self._read_all(adapter_name)
+                if not any(m.has_transition(transition.transition_id) for m in lineage):
+                    self.journal.settle(transition.transition_id, happened=False, awaits_report=False)
+                    log.info("start-up: %s of %s never reached the registry; dropped", transition.kind,
+                             transition.adapter_id)
+                    continue
+                self._finish_locked(transition, lineage)
+                self.journal.settle(transition.transition_id, happened=True, awaits_report=False)
+                happened.append(transition)
+        return happened
+
+    def _finish_locked(self, transition: Transition, lineage: list[Manifest]) -> None:
+        """The writes of ``transition`` a crash cut off, made now under its own id."""
+        at = _stamp_after(lineage)
+        for adapter_id, status in transition.changes:
+            manifest = _find(lineage, parse_adapter_id(adapter_id)[1])
+            if manifest is None or manifest.has_transition(transition.transition_id):
+                continue
+            reason = f"{transition.cause} (finished at start-up after an interrupted {transition.kind})"
+            try:
+                fixed = manifest.with_status(status, reason, at, transition.transition_id)
+            except InvalidTransition as exc:  # changed since by someone else: theirs stands
+                log.warning("start-up: could not finish %s of %s: %s", transition.kind, transition.adapter_id, exc)
+                continue
+            lineage = _replace(lineage, _write_manifest(self.path_of(fixed), fixed))
+            log.warning("start-up: finished the interrupted %s of %s: %s is %s", transition.kind,
+                        transition.adapter_id, adapter_id, status)
 
     def _repair_locked(self, adapter_name: str) -> list[Manifest]:
         lineage = self._read_all(adapter_name)
@@ -753,40 +911,89 @@ class AdapterRegistry:
         promoted = [m for m in lineage if m.status == Status.PROMOTED]
         keep = _serving(lineage)
         if len(promoted) > 1 and keep is not None:
-            at = _stamp_after(lineage)
             for extra in promoted:
                 if extra.version != keep.version:
-                    fixed = extra.with_status(Status.SUPERSEDED, "repaired after interrupted promote", at)
-                    lineage = _replace(lineage, _write_manifest(self.path_of(extra), fixed))
+                    lineage = self._repair_one(lineage, extra, Status.SUPERSEDED, "repaired after interrupted promote",
+                                               interrupted=keep, kind="promote")
                     log.warning(
                         "repair: %s was still promoted next to %s; now superseded", extra.adapter_id, keep.adapter_id
                     )
         elif not promoted and (restore := _latest_superseded(lineage)) is not None:
             # The rollback verified this version before it wrote anything; finish it as it meant to.
-            fixed = restore.with_status(Status.PROMOTED, "repaired after interrupted rollback", _stamp_after(lineage))
-            lineage = _replace(lineage, _write_manifest(self.path_of(restore), fixed))
+            lineage = self._repair_one(lineage, restore, Status.PROMOTED, "repaired after interrupted rollback",
+                                       interrupted=_latest_rolled_back(lineage), kind="rollback")
             log.warning("repair: finished an interrupted rollback; %s is promoted again", restore.adapter_id)
         return lineage
 
+    def _repair_one(
+        self, lineage: list[Manifest], manifest: Manifest, status: Status, reason: str, *,
+        interrupted: Manifest | None, kind: str,
+    ) -> list[Manifest]:
+        """One repair write. It finishes the transition a crash cut short (whose first write is
+        ``interrupted``'s last change), so it carries that transition's id and is reported as that
+        transition: whoever repairs it (the student, or any process that opens the registry while
+        the student is down), the manifests and the audit trail name one transition, and the
+        intent the student journaled for it is reported once by its next start. Only a lineage
+        written before transitions had ids gets a 'repair' transition of its own."""
+        at = _stamp_after(lineage)
+        origin = interrupted.history[-1] if interrupted is not None else None
+        if interrupted is not None and origin is not None and origin.transition_id:
+            fixed = manifest.with_status(status, reason, at, origin.transition_id)
+            transition = _transition_of(kind, interrupted, origin.reason, at, [fixed], repaired_at_start=True)
+        else:
+            fixed = manifest.with_status(status, reason, at, _new_transition_id())
+            transition = _transition_of(KIND_REPAIR, fixed, reason, at, [fixed], status=str(status))
+        [written] = self._apply(transition, [fixed], awaits_report=False)
+        return _replace(lineage, written)
+
     def _remove_staging(self, *, older_than: float) -> list[Path]:
+        """Remove staging directories (and their lock files) whose writer is dead: its liveness
+        lock is not held. ``older_than`` applies only to lock-less directories (older writers)."""
         removed = []
         cutoff = time.time() - older_than
         for name in self._adapter_names():
-            for entry in (self.root / name).iterdir():
-                if not entry.name.startswith(STAGING_PREFIX) or not entry.is_dir():
-                    continue
-                try:
-                    if older_than > 0 and _newest_mtime(entry) > cutoff:
+            with self._exclusive(name):  # a writer creates its lock and directory under it
+                for entry in sorted((self.root / name).iterdir()):
+                    if not entry.name.startswith(STAGING_PREFIX) or not entry.is_dir():
                         continue
-                    shutil.rmtree(entry)
-                except FileNotFoundError:
-                    continue  # its writer finished or cleaned it meanwhile
-                removed.append(entry)
-                log.info("removed abandoned staging directory %s", entry)
+                    lock_path = _staging_lock_path(entry)
+                    if is_lock_held(lock_path):
+                        continue  # its writer is alive, however long it takes
+                    if not lock_path.exists() and older_than > 0 and _newest_mtime(entry) > cutoff:
+                        continue
+                    shutil.rmtree(entry, ignore_errors=True)
+                    lock_path.unlink(missing_ok=True)
+                    removed.append(entry)
+                    log.info("removed the staging directory of a writer that died: %s", entry)
+                for orphan in (self.root / name).glob(f"{STAGING_PREFIX}*{STAGING_LOCK_SUFFIX}"):
+                    # A writer killed after its lock file and before its directory.
+                    if not orphan.with_name(orphan.name.removesuffix(STAGING_LOCK_SUFFIX)).exists() \
+                            and not is_lock_held(orphan):
+                        orphan.unlink(missing_ok=True)
         return removed
 
 
 # --- pure helpers over one lineage -------------------------------------------------------------
+
+
+def _staging_lock_path(staging: Path) -> Path:
+    return staging.with_name(staging.name + STAGING_LOCK_SUFFIX)
+
+
+def _transition_of(
+    kind: str, subject: Manifest, cause: str, at: str, changed: Iterable[Manifest], **details: Any
+) -> Transition:
+    """The transition whose writes are ``changed`` (each already carrying its id)."""
+    changed = list(changed)
+    return Transition(
+        transition_id=changed[0].history[-1].transition_id,
+        kind=kind,
+        adapter_id=subject.adapter_id,
+        cause=cause,
+        at=at,
+        changes=tuple((m.adapter_id, m.status) for m in changed),
+        details=details,
+    )
 
 
 def _find(lineage: Iterable[Manifest], version: int) -> Manifest | None:
@@ -806,6 +1013,11 @@ def _serving(lineage: Iterable[Manifest]) -> Manifest | None:
 def _latest_superseded(lineage: Iterable[Manifest]) -> Manifest | None:
     superseded = [m for m in lineage if m.status == Status.SUPERSEDED]
     return max(superseded, key=lambda m: (m.last_time(Status.SUPERSEDED), m.version), default=None)
+
+
+def _latest_rolled_back(lineage: Iterable[Manifest]) -> Manifest | None:
+    rolled_back = [m for m in lineage if m.status == Status.ROLLED_BACK]
+    return max(rolled_back, key=lambda m: (m.last_time(Status.ROLLED_BACK), m.version), default=None)
 
 
 def _stamp_after(lineage: Iterable[Manifest]) -> str:

@@ -1,6 +1,8 @@
 """What every seal gRPC service shares: server bootstrap (health, reflection, bounded concurrency
-that health checks skip, graceful shutdown), authentication and scopes on every call (the
-decisions are seal/auth.py's; TLS and token credentials here, server and client side: ``dial``),
+that health checks skip, a size cap per method and a budget for the bytes of in-flight requests,
+graceful shutdown), bounded work queues that refuse with a retry hint (``WorkQueue``),
+authentication and scopes on every call (the decisions are seal/auth.py's; TLS and token
+credentials here, server and client side: ``dial``),
 Prometheus metrics for every RPC, and the mapping from core errors to status codes. Algorithms
 never import this module; the services do."""
 
@@ -14,6 +16,7 @@ import os
 import signal
 import threading
 import time
+import weakref
 from collections import namedtuple
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -76,6 +79,9 @@ def map_errors(method: Callable) -> Callable:
         code = status_code_for(exc)
         if code is grpc.StatusCode.INTERNAL:
             log.exception("unexpected error in %s", method.__qualname__)
+        retry_after = getattr(exc, "retry_after_s", None)
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED and isinstance(retry_after, (int, float)):
+            set_retry_after(context, retry_after)
         context.abort(code, error_message(exc))
 
     if inspect.isgeneratorfunction(method):
@@ -101,6 +107,132 @@ def map_errors(method: Callable) -> Callable:
             abort(context, exc)
 
     return unary_wrapper
+
+
+def set_retry_after(context: grpc.ServicerContext, seconds: float) -> None:
+    """Tell a refused caller when to come back, in the trailing metadata: ``retry-after-ms`` for
+    people and clients of their own, ``grpc-retry-pushback-ms`` for grpc's built-in retry policy
+    (which then waits that long instead of its own backoff)."""
+    milliseconds = str(max(1, round(seconds * 1000)))
+    context.set_trailing_metadata((("retry-after-ms", milliseconds), ("grpc-retry-pushback-ms", milliseconds)))
+
+
+# --- admission: bounded work queues (the teacher's Adapt, the student's training and generation) --
+
+
+class Overloaded(RuntimeError):
+    """A bounded queue is full, or a call waited its longest for a slot: RESOURCE_EXHAUSTED, with
+    ``retry_after_s`` sent back as the retry hint (:func:`set_retry_after`)."""
+
+    code = "resource_exhausted"
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class CallerGone(RuntimeError):
+    """The caller's deadline passed or it cancelled while its call waited for a slot."""
+
+    code = "deadline_exceeded"
+
+
+def retry_after_estimate(mean_hold_s: float, ahead: int, slots: int, *, floor_s: float = 1.0, ceiling_s: float = 3600.0) -> float:
+    """Seconds until a call arriving now would likely get a slot: the ``ahead`` calls holding or
+    waiting for one drain ``slots`` at a time, each taking about ``mean_hold_s``. Clamped, so that
+    a queue with no history yet still says "soon" and a stuck one never says "tomorrow"."""
+    rounds = max(1, -(-ahead // max(1, slots)))  # ceil(ahead / slots), at least one
+    return min(ceiling_s, max(floor_s, mean_hold_s * rounds))
+
+
+class WorkQueue:
+    """At most ``slots`` callers hold the work at once and ``depth`` more wait for it, first come
+    first served, each at most ``wait_s`` (less when its deadline is sooner). A caller that finds
+    the queue full, or waits its longest, gets :class:`Overloaded` at once with a retry hint from
+    the recent hold times: refused work never occupies a server thread. ``setting`` names the
+    settings that size it, so the message tells an operator what to raise."""
+
+    def __init__(self, name: str, *, slots: int, depth: int, wait_s: float, setting: str) -> None:
+        if slots < 1 or depth < 0 or wait_s < 0:
+            raise ValueError(f"{name}: slots must be >= 1, depth and wait_s >= 0 (got {slots}, {depth}, {wait_s})")
+        self.name, self.slots, self.depth, self.wait_s, self.setting = name, slots, depth, wait_s, setting
+        self._condition = threading.Condition()
+        self._running = 0
+        self._waiting: list[object] = []  # tickets, oldest first
+        self._started: list[float] = []  # start times of the current holders, oldest first
+        self._mean_hold_s = 5.0  # a first guess until a hold has been measured
+
+    @property
+    def running(self) -> int:
+        with self._condition:
+            return self._running
+
+    @property
+    def waiting(self) -> int:
+        with self._condition:
+            return len(self._waiting)
+
+    def _overloaded(self, why: str) -> Overloaded:
+        retry = retry_after_estimate(self._mean_hold_s, self._running + len(self._waiting), self.slots)
+        return Overloaded(f"{self.name} {why}; retry in about {retry:.0f} s", retry)
+
+    def acquire(self, timeout: float | None = None, should_stop: Callable[[], bool] | None = None) -> bool:
+        """Take a slot (True), waiting at most ``min(timeout, wait_s)``; raises :class:`Overloaded`
+        when the queue is full or the wait ran out, :class:`CallerGone` once ``should_stop()``."""
+        wait = self.wait_s if timeout is None else max(0.0, min(timeout, self.wait_s))
+        with self._condition:
+            if self._running < self.slots and not self._waiting:
+                return self._take()
+            if len(self._waiting) >= self.depth:
+                raise self._overloaded(
+                    f"is full: {self._running} running and {len(self._waiting)} waiting, the most it queues "
+                    f"({self.setting}_depth={self.depth})"
+                )
+            ticket = object()
+            self._waiting.append(ticket)
+            ends = time.monotonic() + wait
+            try:
+                while not (self._running < self.slots and self._waiting[0] is ticket):
+                    left = ends - time.monotonic()
+                    if left <= 0:
+                        raise self._overloaded(
+                            f"had no free slot within {wait:.1f} s ({self._running} running, "
+                            f"{len(self._waiting) - 1} waiting besides this call; {self.setting}_wait_s={self.wait_s:g})"
+                        )
+                    if should_stop is not None and should_stop():
+                        raise CallerGone(f"{self.name}: the caller left while its call waited for a slot")
+                    # Woken by release(); the slice bounds how late a departed caller is noticed.
+                    self._condition.wait(min(left, 0.25))
+                if should_stop is not None and should_stop():  # gone while it waited: no slot for it
+                    raise CallerGone(f"{self.name}: the caller left while its call waited for a slot")
+                self._waiting.remove(ticket)
+                return self._take()
+            finally:
+                if ticket in self._waiting:
+                    self._waiting.remove(ticket)
+                    self._condition.notify_all()  # the next in line may now be first
+
+    def _take(self) -> bool:
+        self._running += 1
+        self._started.append(time.monotonic())
+        return True
+
+    def release(self) -> None:
+        with self._condition:
+            if self._running == 0:
+                raise RuntimeError(f"{self.name}: release() without a slot held")
+            self._running -= 1
+            held = time.monotonic() - self._started.pop(0)  # holders overlap: the oldest is a fair guess
+            self._mean_hold_s = 0.7 * self._mean_hold_s + 0.3 * held
+            self._condition.notify_all()
+
+    @contextmanager
+    def admitted(self, timeout: float | None = None, should_stop: Callable[[], bool] | None = None) -> Iterator[None]:
+        self.acquire(timeout, should_stop)
+        try:
+            yield
+        finally:
+            self.release()
 
 
 def _is_abort(exc: BaseException) -> bool:
@@ -384,6 +516,7 @@ class _ConcurrencyLimiter(grpc.ServerInterceptor):
     @contextmanager
     def _slot(self, context: grpc.ServicerContext) -> Iterator[None]:
         if not self._slots.acquire(blocking=False):
+            set_retry_after(context, 1.0)  # calls here are short or streams: any slot frees soon
             context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{self._service} is running {self.limit} calls, its limit (services.max_concurrent_rpcs): "
@@ -393,6 +526,182 @@ class _ConcurrencyLimiter(grpc.ServerInterceptor):
             yield
         finally:
             self._slots.release()
+
+
+class _Counted:
+    """A parsed request and the bytes it holds in the budget, given back when its call ends (or,
+    should the call never run, when the request is garbage-collected: nothing leaks)."""
+
+    __slots__ = ("message", "release", "__weakref__")
+
+    def __init__(self, message: Any, size: int, budget: _RequestBytesBudget) -> None:
+        self.message = message
+        self.release = weakref.finalize(self, budget._give_back, size)
+
+
+@dataclass(frozen=True)
+class _Refused:
+    message: str
+    retry_after_s: float | None  # None: retrying cannot help (the request is over its method's cap)
+
+
+class _RequestBytesBudget(grpc.ServerInterceptor):
+    """Memory held by requests: a size cap per method (``limits``, else ``default_limit``; grpc
+    itself refuses anything above the server-wide max before reading it) and a budget for the
+    bytes of all requests whose calls are in flight, streams until their last message. Checked on
+    the raw bytes before they are parsed: a refused request is never turned into Python objects.
+    A lone request within its method's cap always passes, whatever the budget."""
+
+    def __init__(self, service: str, *, budget: int, default_limit: int, limits: dict[str, int]) -> None:
+        self._service = service
+        self._budget = budget
+        self._default_limit = default_limit
+        self._limits = limits
+        self._lock = threading.Lock()
+        self.in_flight = 0
+
+    def _give_back(self, size: int) -> None:
+        with self._lock:
+            self.in_flight -= size
+
+    def _take(self, method: str, size: int) -> _Refused | None:
+        """Reserve ``size`` bytes for a request to ``method``; why not, when refused."""
+        limit = self._limits.get(method, self._default_limit)
+        if size > limit:
+            return _Refused(f"{method} request is {size} bytes, above its limit of {limit} bytes "
+                            "(services.method_max_request_bytes, else services.max_request_bytes): send less", None)
+        with self._lock:
+            if self.in_flight and self.in_flight + size > self._budget:
+                return _Refused(f"{self._service} holds {self.in_flight} bytes of requests in flight and this "
+                                f"{size}-byte request would pass its budget of {self._budget} "
+                                "(services.inflight_request_bytes): retry shortly", 1.0)
+            self.in_flight += size
+        return None
+
+    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_streaming:  # seal has no client-streaming RPC
+            return handler
+        if handler_call_details.method.lstrip("/").startswith(_UNLIMITED_SERVICES):
+            return handler
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        parse = handler.request_deserializer
+
+        def deserialize(raw: bytes) -> Any:
+            refusal = self._take(method, len(raw))
+            if refusal is not None:
+                return refusal
+            try:
+                message = parse(raw) if parse is not None else raw
+            except BaseException:
+                self._give_back(len(raw))
+                raise
+            return _Counted(message, len(raw), self)
+
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            def unary_unary(request, context):  # type: ignore[no-untyped-def]
+                with _claimed(request, context) as message:
+                    return inner(message, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, handler.response_serializer)
+        inner_stream = handler.unary_stream
+
+        def unary_stream(request, context):  # type: ignore[no-untyped-def]
+            with _claimed(request, context) as message:
+                yield from inner_stream(message, context)
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream, deserialize, handler.response_serializer)
+
+
+@contextmanager
+def _claimed(request: _Counted | _Refused, context: grpc.ServicerContext) -> Iterator[Any]:
+    if isinstance(request, _Refused):
+        if request.retry_after_s is not None:
+            set_retry_after(context, request.retry_after_s)
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, request.message)
+    try:
+        yield request.message
+    finally:
+        request.release()
+
+
+@dataclass(frozen=True)
+class _Undecodable:
+    reason: str
+
+
+def unknown_enum_values(message: Any, prefix: str = "") -> list[str]:
+    """``field=number`` for every enum field of ``message`` (nested messages included) holding a
+    number its enum does not define. proto3 enums are open: such a number parses and reaches the
+    servicer as a plain int, where it would be read as "unset" or ignored."""
+    found: list[str] = []
+    for descriptor, value in message.ListFields():
+        name = f"{prefix}{descriptor.name}"
+        repeated = descriptor.is_repeated
+        if descriptor.message_type is not None and descriptor.message_type.GetOptions().map_entry:
+            value_field = descriptor.message_type.fields_by_name["value"]
+            items = [(f"{name}[{key!r}]", item) for key, item in value.items()]
+            descriptor, repeated = value_field, False
+            if value_field.message_type is not None:
+                for label, item in items:
+                    found.extend(unknown_enum_values(item, f"{label}."))
+                continue
+        else:
+            items = [(f"{name}[{i}]", item) for i, item in enumerate(value)] if repeated else [(name, value)]
+        for label, item in items:
+            if descriptor.enum_type is not None and item not in descriptor.enum_type.values_by_number:
+                known = ", ".join(v.name for v in descriptor.enum_type.values)
+                found.append(f"{label}={item} is not a value of {descriptor.enum_type.full_name} ({known})")
+            elif descriptor.message_type is not None:
+                found.extend(unknown_enum_values(item, f"{label}."))
+    return found
+
+
+class _RequestDecoder(grpc.ServerInterceptor):
+    """A request whose bytes do not parse, or that names an enum value its type does not define,
+    is the caller's error: INVALID_ARGUMENT saying so. (grpc answers INTERNAL, "Exception
+    deserializing request!", for the first, and passes the second through as a bare int.)"""
+
+    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler  # seal has no client-streaming RPC
+        parse = handler.request_deserializer
+        type_name = getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None)
+        type_name = type_name.full_name if type_name is not None else "request"
+
+        def deserialize(raw: bytes) -> Any:
+            try:
+                message = parse(raw)
+            except Exception as exc:  # noqa: BLE001 - DecodeError, or any other parse failure
+                return _Undecodable(f"the request's bytes do not decode as a {type_name} ({exc}); "
+                                    "send a message serialised from the seal.v1 protos")
+            unknown = unknown_enum_values(message) if hasattr(message, "ListFields") else []
+            if unknown:
+                return _Undecodable(f"{'; '.join(unknown[:5])}: use a value the enum defines")
+            return message
+
+        def refused(request: Any, context: grpc.ServicerContext) -> None:
+            if isinstance(request, _Undecodable):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            def unary_unary(request, context):  # type: ignore[no-untyped-def]
+                refused(request, context)
+                return inner(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, handler.response_serializer)
+        inner_stream = handler.unary_stream
+
+        def unary_stream(request, context):  # type: ignore[no-untyped-def]
+            refused(request, context)
+            yield from inner_stream(request, context)
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream, deserialize, handler.response_serializer)
 
 
 def _server_credentials(auth: AuthSettings) -> grpc.ServerCredentials:
@@ -584,6 +893,9 @@ def start_configured_service(
         metrics_port=metrics_port,
         max_workers=services.max_workers,
         max_concurrent_rpcs=services.max_concurrent_rpcs,
+        max_request_bytes=services.max_request_bytes,
+        method_max_request_bytes=services.method_max_request_bytes,
+        inflight_request_bytes=services.inflight_request_bytes,
         auth=auth,
         probe_port=(getattr(services, f"{name}_probe_port") or None) if probe_port is None else probe_port,
         tracing=tracing,
@@ -605,6 +917,9 @@ def start_service(
     probe_port: int | None = None,
     tracing: Tracing | None = None,
     untraced_methods: tuple[str, ...] = (),
+    max_request_bytes: int = 4 * 1024 * 1024,
+    method_max_request_bytes: dict[str, int] | None = None,
+    inflight_request_bytes: int = 64 * 1024 * 1024,
 ) -> RunningService:
     """Start a gRPC server whose servicers ``register`` adds; returns once it accepts calls.
 
@@ -621,7 +936,12 @@ def start_service(
 
     ``probe_port`` (0 = a free one): a second, plaintext server with the health service alone, for
     Kubernetes' native gRPC probes, which can neither do TLS nor send credentials. It shares the
-    health servicer, so it reports NOT_SERVING on graceful shutdown too."""
+    health servicer, so it reports NOT_SERVING on graceful shutdown too.
+
+    Memory held by requests (health checks excepted): grpc refuses a message above
+    ``max_request_bytes`` before reading it; ``method_max_request_bytes`` caps methods by their
+    short name lower; the raw bytes of the requests of all calls in flight stay within
+    ``inflight_request_bytes``. Every refusal is RESOURCE_EXHAUSTED."""
     authz.check_server_settings(auth)  # fails here, naming the setting, before anything binds
     interceptors: list[grpc.ServerInterceptor] = [_MetricsInterceptor(metrics)]
     if tracing is not None and tracing.enabled:
@@ -634,6 +954,14 @@ def start_service(
             certificates=bool(auth.tls_cert_file and auth.require_client_cert),
         ))
     interceptors.append(_ConcurrencyLimiter(name, max_concurrent_rpcs))
+    # Last: the interceptors above pass its request holder along untouched and it hands the servicer
+    # the parsed message; a call auth refuses is never parsed nor counted; the metrics count its refusals.
+    interceptors.append(_RequestBytesBudget(
+        name, budget=inflight_request_bytes, default_limit=max_request_bytes, limits=dict(method_max_request_bytes or {}),
+    ))
+    # Innermost: the bytes budget calls its parser, so an undecodable request is still counted
+    # and given back; it reaches the servicer only as a valid message.
+    interceptors.append(_RequestDecoder())
     threads = max(max_workers, max_concurrent_rpcs + _RESERVED_THREADS)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"{name}-rpc"),
@@ -642,7 +970,7 @@ def start_service(
         # refuse health checks too.
         maximum_concurrent_rpcs=4 * threads,
         options=[
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_receive_message_length", max([max_request_bytes, *(method_max_request_bytes or {}).values()])),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
         ],
     )

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 from seal.anchors import AnchorSet, AnchorStore, anchor_examples, kl_drift
@@ -34,10 +35,17 @@ from seal.models import (
     model_fingerprint,
     resolve_model_path,
 )
-from seal.registry import AdapterRegistry, Manifest, parse_adapter_id
+from seal.registry import AdapterRegistry, Manifest, TransitionJournal, parse_adapter_id
 from seal.serving import ROUTED, BackendKind, ServingBackend, Target
 from seal.serving.in_process import InProcessBackend
-from seal.update.lora_sft import LoraSFTConfig, LoraSFTTrainer, TrainResult, lora_sft_config, save_adapter
+from seal.update.lora_sft import (
+    LoraSFTConfig,
+    LoraSFTTrainer,
+    TrainResult,
+    lora_sft_config,
+    save_adapter,
+)
+from seal.update.multi_lora import AdapterRun, AdapterSpec, MultiLoraTrainer, MultiTrainResult
 from seal.update.sdft import SDFTUpdate, privileged_context, sdft_config
 
 log = logging.getLogger(__name__)
@@ -139,15 +147,9 @@ class CandidateTrainer:
             )
         if rule != "lora_sft":
             raise UnusableSelfEdit(f"update rule {rule!r} is unknown; use lora_sft or sdft")
-        lines = parse_self_edit(self_edit, max_lines=self.settings.lora.max_examples)
-        if not lines:
-            raise UnusableSelfEdit(
-                "the self-edit has no usable lines (each training line needs at least 8 characters "
-                "of text besides list markers); send a self-edit with one statement per line"
-            )
         return self.train_sequences(
             adapter_name=adapter_name,
-            sequences=build_training_sequences(title, passage, lines, include_passage=include_passage),
+            sequences=self._knowledge_sequences(title, passage, self_edit, include_passage=include_passage),
             context_id=context_id,
             self_edit_sha256=self_edit_digest(self_edit),
             overrides=overrides,
@@ -156,6 +158,128 @@ class CandidateTrainer:
             on_step=on_step,
             should_stop=should_stop,
         )
+
+    def _knowledge_sequences(self, title: str, passage: str, self_edit: str, *, include_passage: bool) -> list[str]:
+        """The LoRA SFT training texts of a knowledge self-edit; UnusableSelfEdit when it has none."""
+        lines = parse_self_edit(self_edit, max_lines=self.settings.lora.max_examples)
+        if not lines:
+            raise UnusableSelfEdit(
+                "the self-edit has no usable lines (each training line needs at least 8 characters "
+                "of text besides list markers); send a self-edit with one statement per line"
+            )
+        return build_training_sequences(title, passage, lines, include_passage=include_passage)
+
+    def train_candidates_together(
+        self,
+        jobs: Sequence[CandidateJob],
+        *,
+        on_step: StepCallback | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[CandidateResult | Exception]:
+        """Every job's candidate, in order: a result or the exception that candidate alone raised.
+
+        Knowledge jobs with the lora_sft rule and no LoRA dropout train together on the one base
+        model (:mod:`seal.update.multi_lora`: one forward/backward per step for all of them, the
+        same adapters as one at a time); the rest (few-shot, SDFT, dropout, or a lone batchable
+        job) go through :meth:`train_candidate` one after the other. A cancellation
+        (``should_stop``) fails every candidate not yet trained."""
+        outcomes: list[CandidateResult | Exception | None] = [None] * len(jobs)
+        together: list[tuple[int, CandidateJob, LoraSFTConfig, list[str]]] = []
+        for position, job in enumerate(jobs):
+            try:
+                prepared = self._batchable(job)
+            except Exception as exc:  # noqa: BLE001 - an unusable self-edit fails its own candidate only
+                outcomes[position] = exc
+                continue
+            if prepared is not None:
+                together.append((position, job, *prepared))
+        if len(together) > 1:  # a lone one gains nothing from the batched path
+            for (position, *_), outcome in zip(together, self._train_batched(together, on_step, should_stop), strict=True):
+                outcomes[position] = outcome
+        for position, job in enumerate(jobs):
+            if outcomes[position] is not None:
+                continue
+            try:
+                outcomes[position] = self.train_candidate(
+                    **job.train_kwargs(), should_stop=should_stop,
+                    on_step=None if on_step is None else partial(on_step, position),
+                )
+            except Exception as exc:  # noqa: BLE001 - one candidate's failure is its outcome, not the batch's
+                outcomes[position] = exc
+        finished = [outcome for outcome in outcomes if outcome is not None]
+        assert len(finished) == len(jobs), "every job ends with a result or its exception"
+        return finished
+
+    def _batchable(self, job: CandidateJob) -> tuple[LoraSFTConfig, list[str]] | None:
+        """(config, training texts) when ``job`` can train in a multi-LoRA batch, else None (it
+        then trains alone, where an unknown rule or other problem is reported as before)."""
+        overrides = dict(job.overrides)
+        rule = overrides.pop("update_rule", None) or self.settings.update.rule
+        if job.fewshot_task is not None or rule != "lora_sft":
+            return None
+        config = self.lora_config(overrides, self.settings.seed if job.seed is None else job.seed)
+        if config.dropout > 0:  # PEFT's mixed-adapter forward runs without dropout
+            return None
+        return config, self._knowledge_sequences(job.title, job.passage, job.self_edit, include_passage=job.include_passage)
+
+    def _train_batched(
+        self,
+        together: Sequence[tuple[int, CandidateJob, LoraSFTConfig, list[str]]],
+        on_step: StepCallback | None,
+        should_stop: Callable[[], bool] | None,
+    ) -> list[CandidateResult | Exception]:
+        """One multi-LoRA run for ``together`` (position, job, config, texts), each adapter saved as
+        its own candidate version exactly as :meth:`train_sequences` saves one."""
+        with self._train_lock:
+            specs = []
+            for index, (_position, _job, config, texts) in enumerate(together):
+                trainer = LoraSFTTrainer(self._train_base, self.tokenizer, config)
+                anchors = self._anchor_examples(config.max_seq_len) if config.uses_anchors else ()
+                specs.append(AdapterSpec(f"candidate_{index}", config, trainer.tokenize(texts), anchors))
+
+            def report(index: int, step: int, total: int, loss: float) -> None:
+                if on_step is not None:
+                    on_step(together[index][0], step, total, loss)
+
+            try:
+                with MultiLoraTrainer(self._train_base, self.tokenizer, specs).train(
+                    on_step=report, should_stop=should_stop
+                ) as trained:
+                    saved: list[CandidateResult | Exception] = []
+                    for run, (_position, job, config, texts) in zip(trained.runs, together, strict=True):
+                        if run.error is not None:  # diverged: the others were trained regardless
+                            saved.append(run.error)
+                            continue
+                        try:
+                            saved.append(self._save_batched(trained, run, job, config, texts))
+                        except Exception as exc:  # noqa: BLE001 - one candidate's failure is its own
+                            saved.append(exc)
+                    return saved
+            except Exception as exc:  # noqa: BLE001 - cancelled, or the batch itself failed: no adapter was saved
+                return [exc] * len(together)
+
+    def _save_batched(
+        self, trained: MultiTrainResult, run: AdapterRun, job: CandidateJob, config: LoraSFTConfig, texts: list[str]
+    ) -> CandidateResult:
+        result = TrainResult(
+            model=trained.model_for(run.name), losses=run.losses, steps=run.steps, seconds=run.seconds,
+            tokens=run.tokens, rehearsal_losses=run.rehearsal_losses, kl_losses=run.kl_losses,
+        )
+        hyperparameters = {
+            "update_rule": "lora_sft",
+            **asdict(config),
+            "include_passage": job.include_passage,
+            "training_sequences": len(texts),
+            # Provenance only: the adapter equals a sequential one (tests/test_multi_lora.py).
+            "trained_with": f"multi_lora x{len(trained.runs)}",
+        }
+        if config.uses_anchors:
+            assert self._anchors is not None
+            hyperparameters["anchor_set_id"] = self._anchors.anchor_set_id
+        manifest = self._save_candidate(
+            job.adapter_name, result, job.context_id, self_edit_digest(job.self_edit), config.seed, hyperparameters
+        )
+        return CandidateResult(manifest, len(texts), run.losses, run.seconds)
 
     def train_fewshot(
         self,
@@ -314,20 +438,35 @@ class CandidateTrainer:
         return self._anchor_examples_by_len[max_seq_len]
 
 
+def open_registry_after_crash(settings: Settings, audit: TransitionJournal | None) -> AdapterRegistry:
+    """The student's registry as a start-up after a kill must leave it: staging directories of dead
+    writers removed, intents the last process left settled against the manifests, interrupted
+    promotions and rollbacks finished; with ``audit`` each of those status changes is reported."""
+    registry = AdapterRegistry(settings.registry_dir, journal=audit)
+    registry.recover()
+    return registry
+
+
 class Student(CandidateTrainer):
     def __init__(
-        self, settings: Settings, *, serving: ServingBackend | None = None, executor: TrainingExecutor | None = None
+        self,
+        settings: Settings,
+        *,
+        serving: ServingBackend | None = None,
+        executor: TrainingExecutor | None = None,
+        audit: TransitionJournal | None = None,
     ) -> None:
         """``serving`` answers Generate for this student's registry (``settings.registry_dir``);
         the student starts it and owns it from then on (``close``). None: in-process generation,
         so that library users (benches, evaluation scripts) never get a tritonserver started
         behind their back; the service passes ``seal.serving.resolve_backend(settings)``.
-        ``executor`` trains batches (``train_candidates``); None = the one ``student.executor`` names."""
+        ``executor`` trains batches (``train_candidates``); None = the one ``student.executor`` names.
+        ``audit`` (the service's ``AuditOutbox``) journals every status change before it is made."""
         # Two copies of the base model on purpose: PEFT injects LoRA layers into the model it
         # wraps, so the copy that serves loaded adapters must never be the one each training run
         # starts from. With training Jobs the pods load theirs; this one loads only if asked to.
         super().__init__(
-            settings, AdapterRegistry(settings.registry_dir), load_model=settings.student.executor == "in_process"
+            settings, open_registry_after_crash(settings, audit), load_model=settings.student.executor == "in_process"
         )
         # Before the backend starts: a misconfigured executor must not leave a tritonserver behind.
         self.executor: TrainingExecutor = executor if executor is not None else resolve_executor(settings, self)

@@ -12,19 +12,32 @@ import grpc
 from prometheus_client import Gauge
 
 from seal.audit_outbox import AuditOutbox
+from seal.cancellation import stop_when
 from seal.config import AuthSettings, Settings
 from seal.domains.fewshot import task_to_dict
 from seal.domains.knowledge import context_digest
 from seal.executors import CandidateJob
+from seal.limits import (
+    check_adapter_id,
+    check_adapter_name,
+    check_context,
+    check_fewshot_size,
+    check_max_new_tokens,
+    check_text,
+    check_texts,
+    check_update_overrides,
+)
 from seal.models import SamplingParams
 from seal.registry import Manifest, parse_adapter_id
 from seal.rpc import (
     RpcMetrics,
     RunningService,
+    WorkQueue,
     current_principal,
     deadline_checker,
     dial,
     map_errors,
+    remaining_timeout,
     start_configured_service,
 )
 from seal.serving import resolve_backend
@@ -34,12 +47,16 @@ from seal.transport import convert
 from seal.v1 import auditor_pb2, auditor_pb2_grpc, common_pb2, student_pb2, student_pb2_grpc
 
 def choice_from_proto(selector: student_pb2.AdapterSelector) -> AdapterChoice:
+    """The model a request names, its name or id validated first: the student keeps a lock per
+    lineage it resolves, so an unchecked name would leave one behind for every distinct typo."""
     target = selector.WhichOneof("target")
     if target == "base_model":
         return AdapterChoice(base_model=True)
     if target == "adapter_id":
-        return AdapterChoice(adapter_id=selector.adapter_id)
-    return AdapterChoice(promoted_of=selector.promoted_of if target == "promoted_of" else "")
+        return AdapterChoice(adapter_id=check_adapter_id(selector.adapter_id, "adapter.adapter_id"))
+    if target == "promoted_of" and selector.promoted_of:
+        return AdapterChoice(promoted_of=check_adapter_name(selector.promoted_of, "adapter.promoted_of"))
+    return AdapterChoice()
 
 
 class AuditorEventSender:
@@ -121,6 +138,19 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
         )
         backend.labels(student.backend, student.serving.metrics_url).set(1)
         self._served_lock = threading.Lock()
+        # Training and generation are admitted apart, each with a bounded queue whose overflow is
+        # refused at once (RESOURCE_EXHAUSTED, retry hint): a flood of ApplySelfEdit can hold at most
+        # training_slots + training_queue_depth RPC slots, so Generate always finds one.
+        admission = settings.student
+        self._training = WorkQueue(
+            "the student's training queue", slots=admission.training_slots, depth=admission.training_queue_depth,
+            wait_s=admission.training_queue_wait_s, setting="student.training_queue",
+        )
+        self._generation = WorkQueue(
+            "the student's generation queue", slots=admission.generation_slots,
+            depth=admission.generation_queue_depth, wait_s=admission.generation_queue_wait_s,
+            setting="student.generation_queue",
+        )
         self._refresh_served()
 
     def _refresh_served(self) -> None:
@@ -144,21 +174,31 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
         # if the auditor is down the change still stands and the event waits in the outbox.
         self._audit.flush(timeout=2.0)
 
+    def _reason(self, reason: str, default: str) -> str:
+        """A status change's reason: kept in the manifest and the audit log for good, so bounded."""
+        return check_text("reason", reason, self._settings.limits.max_reason_chars, "max_reason_chars") or default
+
     @map_errors
     def ApplySelfEdit(self, request: student_pb2.ApplySelfEditRequest, context: grpc.ServicerContext) -> Iterator[student_pb2.ApplySelfEditResponse]:
+        # Everything is checked before the training thread starts: a refused request creates
+        # nothing (no lineage lock, no staging directory, no registry entry).
         limits = self._settings.limits
+        adapter_name = check_adapter_name(request.adapter_name or self._settings.adapter_name)
         fewshot = convert.fewshot_field(request)
         arc = convert.fewshot_from_proto(fewshot) if fewshot is not None else None
-        if arc is None and not request.context.passage.strip():
+        if arc is not None:
+            check_fewshot_size(arc, limits)
+        elif not request.context.passage.strip():
             raise ValueError("context.passage is empty: the student trains on the passage and the self-edit")
-        if len(request.context.passage) > limits.max_passage_chars:
-            raise ValueError(f"context.passage exceeds {limits.max_passage_chars} characters")
-        if len(request.self_edit) > limits.max_self_edit_chars:
-            raise ValueError(
-                f"self_edit has {len(request.self_edit)} characters, above the limit of "
-                f"{limits.max_self_edit_chars}; shorten it or raise limits.max_self_edit_chars"
-            )
-        overrides = convert.overrides_from_proto(request.overrides)
+        check_context(request.context.title, request.context.passage, limits, require_passage=False)
+        check_text("self_edit", request.self_edit, limits.max_self_edit_chars, "max_self_edit_chars")
+        # Training prompts are questions about C (an on-policy rule distils on them): τ's bounds.
+        check_texts("training_prompts", request.training_prompts, max_count=limits.max_questions,
+                    max_chars=limits.max_question_chars, count_setting="max_questions",
+                    chars_setting="max_question_chars")
+        overrides = dict(check_update_overrides(
+            convert.overrides_from_proto(request.overrides), field_names=convert.OVERRIDE_FIELDS
+        ))
         include_passage = overrides.pop("include_passage", True)
         events: queue.Queue[Any] = queue.Queue()
         finished = object()
@@ -170,7 +210,7 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
         def train() -> None:
             try:
                 job = CandidateJob(
-                    adapter_name=request.adapter_name or self._settings.adapter_name,
+                    adapter_name=adapter_name,
                     title=request.context.title,
                     passage=request.context.passage,
                     self_edit=request.self_edit,
@@ -194,10 +234,19 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
             except Exception as exc:  # noqa: BLE001 - re-raised in the RPC thread below
                 outcome["error"] = exc
             finally:
+                self._training.release()  # held exactly while training runs, even if the caller left
                 events.put(finished)
 
+        # Raises Overloaded (RESOURCE_EXHAUSTED, retry hint) when the queue is full or the wait ran out.
+        self._training.acquire(
+            remaining_timeout(context, self._settings.student.training_queue_wait_s), deadline_checker(context)
+        )
         worker = threading.Thread(target=train, name="student-train", daemon=True)
-        worker.start()
+        try:
+            worker.start()
+        except BaseException:
+            self._training.release()
+            raise
         while (event := events.get()) is not finished:
             yield student_pb2.ApplySelfEditResponse(progress=event)
         worker.join()
@@ -211,18 +260,27 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
 
     @map_errors
     def Generate(self, request: student_pb2.GenerateRequest, context: grpc.ServicerContext) -> student_pb2.GenerateResponse:
-        if request.max_new_tokens > 4096:
-            raise ValueError("max_new_tokens above 4096; ask for fewer")
+        limits = self._settings.limits
+        check_texts("prompts", request.prompts, max_count=limits.max_prompts, max_chars=limits.max_prompt_chars,
+                    count_setting="max_prompts", chars_setting="max_prompt_chars")
+        check_max_new_tokens(request.max_new_tokens, limits)
+        choice = choice_from_proto(request.adapter)
         params = SamplingParams(
             max_new_tokens=request.max_new_tokens or 64,
             temperature=request.temperature,
             top_p=request.top_p or 1.0,
             seed=request.seed if request.HasField("seed") else None,
         )
-        started = time.perf_counter()
-        generations, served = self._student.generate(
-            list(request.prompts), choice_from_proto(request.adapter), params, chat=not request.raw_prompt
-        )
+        should_stop = deadline_checker(context)
+        # Admitted apart from training (never starved by it); refused with a retry hint when the
+        # queue is full; the generation loop stops once the caller's deadline passes or it leaves.
+        with self._generation.admitted(
+            remaining_timeout(context, self._settings.student.generation_queue_wait_s), should_stop
+        ), stop_when(should_stop):
+            started = time.perf_counter()
+            generations, served = self._student.generate(
+                list(request.prompts), choice, params, chat=not request.raw_prompt
+            )
         self._generate_seconds.labels(served or "base").observe(time.perf_counter() - started)
         self._generate_requests.labels(served or "base").inc()
         self._tokens.labels(served or "base").inc(sum(g.completion_tokens for g in generations))
@@ -241,33 +299,40 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
 
     @map_errors
     def ListAdapters(self, request: student_pb2.ListAdaptersRequest, context: grpc.ServicerContext) -> student_pb2.ListAdaptersResponse:
-        status = convert.STATUS_FROM_PROTO.get(request.status) if request.status else None
-        manifests = self._student.registry.list(adapter_name=request.adapter_name or None, status=status)
+        # An unknown status number never gets here: the server refuses it at the wire
+        # (seal.rpc._RequestDecoder), so 0 is the only value that is not a filter.
+        status = convert.STATUS_FROM_PROTO[request.status] if request.status else None
+        name = check_adapter_name(request.adapter_name) if request.adapter_name else None
+        manifests = self._student.registry.list(adapter_name=name, status=status)
         return student_pb2.ListAdaptersResponse(adapters=[self._proto(m) for m in manifests])
 
     @map_errors
     def GetAdapter(self, request: student_pb2.GetAdapterRequest, context: grpc.ServicerContext) -> student_pb2.GetAdapterResponse:
-        return student_pb2.GetAdapterResponse(adapter=self._proto(self._student.registry.get(request.adapter_id)))
+        adapter_id = check_adapter_id(request.adapter_id)
+        return student_pb2.GetAdapterResponse(adapter=self._proto(self._student.registry.get(adapter_id)))
 
     @map_errors
     def Promote(self, request: student_pb2.PromoteRequest, context: grpc.ServicerContext) -> student_pb2.PromoteResponse:
-        previous = self._student.registry.promoted(parse_adapter_id(request.adapter_id)[0])
+        adapter_id = check_adapter_id(request.adapter_id)
+        reason = self._reason(request.reason, "promoted by request")
+        previous = self._student.registry.promoted(parse_adapter_id(adapter_id)[0])
         started = time.perf_counter()
         try:
-            manifest = self._student.promote(request.adapter_id, request.reason or "promoted by request")
+            manifest = self._student.promote(adapter_id, reason)
         finally:
             self._refresh_served()
         self._swap_seconds.labels("promote").observe(time.perf_counter() - started)
         self._promotions.labels(manifest.adapter_name).inc()
-        self._report("promote", manifest.adapter_id, request.reason or "promoted by request", context,
+        self._report("promote", manifest.adapter_id, reason, context,
                      previous_adapter_id=previous.adapter_id if previous else "")
         return student_pb2.PromoteResponse(adapter=self._proto(manifest))
 
     @map_errors
     def Reject(self, request: student_pb2.RejectRequest, context: grpc.ServicerContext) -> student_pb2.RejectResponse:
-        reason = request.reason or "rejected by request"
+        adapter_id = check_adapter_id(request.adapter_id)
+        reason = self._reason(request.reason, "rejected by request")
         try:
-            manifest = self._student.reject(request.adapter_id, reason, discard_weights=request.discard_weights)
+            manifest = self._student.reject(adapter_id, reason, discard_weights=request.discard_weights)
         finally:
             self._refresh_served()
         # The audit trail says so when weights are gone: that version can never be re-examined.
@@ -277,17 +342,16 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
 
     @map_errors
     def Rollback(self, request: student_pb2.RollbackRequest, context: grpc.ServicerContext) -> student_pb2.RollbackResponse:
-        name = request.adapter_name or self._settings.adapter_name
+        name = check_adapter_name(request.adapter_name or self._settings.adapter_name)
+        reason = self._reason(request.reason, "rolled back by request")
         started = time.perf_counter()
         try:
-            rolled_back, now_serving = self._student.rollback(
-                name, request.reason or "rolled back by request", allow_base_model=request.allow_base_model
-            )
+            rolled_back, now_serving = self._student.rollback(name, reason, allow_base_model=request.allow_base_model)
         finally:
             self._refresh_served()
         self._swap_seconds.labels("rollback").observe(time.perf_counter() - started)
         self._rollbacks.labels(name).inc()
-        self._report("rollback", rolled_back.adapter_id, request.reason or "rolled back by request", context,
+        self._report("rollback", rolled_back.adapter_id, reason, context,
                      now_serving_adapter_id=now_serving.adapter_id if now_serving is not None else "")
         response = student_pb2.RollbackResponse(rolled_back=self._proto(rolled_back))
         if now_serving is not None:
@@ -301,22 +365,31 @@ def serve_student(
     """Load the model, open the registry and start serving; ``port=0`` picks a free port.
     ``tracing``: this service's spans (tests pass one with an in-memory exporter); None = as
     ``settings.tracing`` says."""
-    student = Student(settings, serving=resolve_backend(settings))  # the backend the settings name
+    # The outbox before the student: every status change is journaled in it before the registry
+    # makes it, and the start-up recovery reports what it settles (seal.audit_outbox).
+    outbox = AuditOutbox(settings.home / "student" / "audit_outbox.jsonl", None, source="student")
     try:
-        return _serve(student, settings, port, metrics_port,
+        student = Student(settings, serving=resolve_backend(settings), audit=outbox)  # the backend the settings name
+    except BaseException:
+        outbox.close(timeout=0)
+        raise
+    try:
+        return _serve(student, outbox, settings, port, metrics_port,
                       tracing if tracing is not None else build_tracing("student", settings.tracing))
     except BaseException:
         student.close()  # a supervised tritonserver must not outlive a failed start
+        outbox.close(timeout=0)
         raise
 
 
 def _serve(
-    student: Student, settings: Settings, port: int | None, metrics_port: int | None, tracing: Tracing
+    student: Student, outbox: AuditOutbox, settings: Settings, port: int | None, metrics_port: int | None,
+    tracing: Tracing,
 ) -> RunningService:
     metrics = RpcMetrics("student")
     services = settings.services
     senders: list[AuditorEventSender] = [AuditorEventSender(services.address_of("auditor"), settings.auth)]
-    outbox = AuditOutbox(settings.home / "student" / "audit_outbox.jsonl", senders[0], source="student")
+    outbox.set_sender(senders[0])
     servicer = StudentServicer(student, settings, metrics, audit=outbox)
 
     def register(server: grpc.Server) -> list[str]:

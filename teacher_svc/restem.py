@@ -4,6 +4,10 @@ Scoring goes through exactly the calls Adapt makes — the auditor's guardrails,
 ApplySelfEdit, the auditor's Score — so a policy is trained on the reward the production loop
 would give. Nothing is promoted: each candidate is marked rejected right after it is scored, in
 its own lineage (``restem.candidate_adapter_name``), away from the served one.
+
+A round is in one domain: knowledge passages, or few-shot ARC tasks (the recipe prompt, the
+recipe gate, a binary solved-or-not reward); each context becomes the ``seal.adapt.Task`` Adapt
+would be given for it, so both domains share the sampler, the scorer and the handler.
 """
 
 from __future__ import annotations
@@ -13,9 +17,20 @@ from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from seal.adapt import AuditorPort, Proposal, StudentPort, Task, drain, proposer_fn, score_candidate, validate_overrides
+from seal.adapt import (
+    AuditorPort,
+    Proposal,
+    StudentPort,
+    Task,
+    check_fewshot_task,
+    drain,
+    proposer_fn,
+    score_candidate,
+)
 from seal.config import Settings
+from seal.domains.fewshot import FewShotSettings, validate_fewshot_overrides
 from seal.domains.knowledge import Question
+from seal.limits import check_update_overrides
 from seal.rl import restem
 from seal.streaming import stream_callbacks
 from seal.transport import convert
@@ -32,41 +47,65 @@ from seal.v1 import auditor_pb2_grpc, common_pb2, student_pb2_grpc, teacher_pb2
 
 log = logging.getLogger(__name__)
 
+def training_context(item: teacher_pb2.TrainingContext, settings: Settings) -> restem.TrainingContext:
+    """One TrainRequest context in the core's type, validated as Adapt validates its task."""
+    if item.HasField("fewshot"):
+        if item.context.title or item.context.passage or item.questions:
+            raise ValueError("a few-shot context carries its task in fewshot: leave context and questions empty")
+        arc = convert.fewshot_from_proto(item.fewshot)
+        check_fewshot_task(Task.from_arc(arc), needs_training_prompts=False)
+        return restem.TrainingContext.from_arc(arc)
+    limits = settings.limits
+    validate_context(
+        item.context.title,
+        item.context.passage,
+        item.questions,
+        max_passage_chars=limits.max_passage_chars,
+        max_questions=limits.max_questions,
+        max_question_chars=limits.max_question_chars,
+    )
+    return restem.TrainingContext(
+        item.context.title,
+        item.context.passage,
+        tuple(Question(q.question, q.answer) for q in item.questions),
+    )
+
+
 def round_inputs(request: teacher_pb2.TrainRequest, settings: Settings) -> tuple[list[restem.TrainingContext], restem.RoundConfig]:
     """Validate a TrainRequest into the core's types; every refusal says what to change."""
+    if request.domain and request.domain not in restem.DOMAINS:
+        raise ValueError(f"domain {request.domain!r} is unknown; use one of {', '.join(restem.DOMAINS)}")
     if not request.contexts:
-        raise ValueError("no training contexts: send at least one context with its questions (τ)")
-    limits = settings.limits
+        what = "ARC task (fewshot)" if request.domain == restem.FEWSHOT else "context with its questions (τ)"
+        raise ValueError(f"no training contexts: send at least one {what}")
     contexts = []
     for index, item in enumerate(request.contexts):
         try:
-            validate_context(
-                item.context.title,
-                item.context.passage,
-                item.questions,
-                max_passage_chars=limits.max_passage_chars,
-                max_questions=limits.max_questions,
-                max_question_chars=limits.max_question_chars,
-            )
+            contexts.append(training_context(item, settings))
         except ValueError as exc:
             raise ValueError(f"contexts[{index}]: {exc}") from None
-        contexts.append(
-            restem.TrainingContext(
-                item.context.title,
-                item.context.passage,
-                tuple(Question(q.question, q.answer) for q in item.questions),
-            )
+    domain = restem.round_domain(contexts)
+    if request.domain and request.domain != domain:
+        raise ValueError(
+            f"the request says domain {request.domain!r} but its contexts are {domain}: "
+            + ("set fewshot on each context (an ARC task)" if request.domain == restem.FEWSHOT
+               else "send passages with questions, not fewshot tasks")
         )
     # The same bounds Adapt enforces: out of them, every sample would fail alike in the student.
-    overrides = validate_overrides(convert.overrides_from_proto(request.overrides))
+    overrides = check_update_overrides(convert.overrides_from_proto(request.overrides), field_names=convert.OVERRIDE_FIELDS)
+    if domain == restem.FEWSHOT:
+        validate_fewshot_overrides(overrides)
+        if request.prompt_style:
+            raise ValueError("prompt_style does not apply to few-shot tasks: their self-edits answer the recipe prompt")
     configured = settings.restem
     k = validate_k(request.k or configured.k, max(settings.teacher.max_k, configured.k))
     if request.keep_rule and request.keep_rule not in convert.KEEP_RULE_FROM_PROTO:
         raise ValueError(f"keep_rule {request.keep_rule} is unknown; use KEEP_RULE_BEST_OF_K or KEEP_RULE_BEST_POSITIVE")
+    default_keep = configured.fewshot_keep_rule if domain == restem.FEWSHOT else configured.keep_rule
     config = restem.RoundConfig(
         k=k,
         seeds_per_edit=request.seeds_per_edit or configured.seeds_per_edit,
-        keep_rule=convert.KEEP_RULE_FROM_PROTO.get(request.keep_rule, configured.keep_rule),
+        keep_rule=convert.KEEP_RULE_FROM_PROTO.get(request.keep_rule, default_keep),
         prompt_style=validate_prompt_style(request.prompt_style or settings.teacher.prompt_style),
         seed=request.seed if request.HasField("seed") else settings.seed,
         overrides=dict(overrides),
@@ -90,7 +129,7 @@ def pipeline_scorer(
     right after it is scored, in its own lineage, away from the served one."""
 
     def score(context: restem.TrainingContext, sample: restem.Sample, seed: int) -> restem.Scored:
-        task = Task(context.title, context.passage, tuple(context.questions))
+        task = task_of(context)
         proposal = Proposal(sample.index, sample.prompt, sample.text, sample.completion_tokens)
         outcome = drain(score_candidate(
             task, proposal, student=student, auditor=auditor, adapter_name=candidate_adapter_name,
@@ -143,12 +182,23 @@ def _parse_time(value: str) -> datetime:
         return datetime.min.replace(tzinfo=UTC)  # undated: never counts as this round's
 
 
-def proposer_sample_fn(proposer: SelfEditProposer, style: str) -> restem.SampleFn:
-    propose = proposer_fn(proposer, style)
+def task_of(context: restem.TrainingContext) -> Task:
+    """The pipeline's task for a round's context: what Adapt would be given for it."""
+    if context.fewshot is not None:
+        return Task.from_arc(context.fewshot)
+    return Task(context.title, context.passage, tuple(context.questions))
+
+
+def proposer_sample_fn(
+    proposer: SelfEditProposer, style: str, fewshot: FewShotSettings | None = None
+) -> restem.SampleFn:
+    """``restem.SampleFn`` through Adapt's proposer: the ``style`` prompt for a passage, the recipe
+    prompt (with ``fewshot``'s limits) for an ARC task; the prompt is what the policy's SFT
+    learns to answer."""
+    propose = proposer_fn(proposer, style, fewshot)
 
     def sample(context: restem.TrainingContext, k: int, seed: int) -> list[restem.Sample]:
-        task = Task(context.title, context.passage, tuple(context.questions))
-        return [restem.Sample(p.index, p.prompt, p.text, p.completion_tokens) for p in propose(task, k, seed)]
+        return [restem.Sample(p.index, p.prompt, p.text, p.completion_tokens) for p in propose(task_of(context), k, seed)]
 
     return sample
 
@@ -166,7 +216,7 @@ def event_to_proto(event: restem.RoundEvent, round_id: str) -> teacher_pb2.Train
                 round=event.round, round_id=event.round_id, contexts=event.contexts, contexts_done=event.contexts_done,
                 samples_done=event.samples_done, resumed=event.resumed, k=event.config.k,
                 seeds_per_edit=event.config.seeds_per_edit, keep_rule=convert.KEEP_RULE_TO_PROTO[event.config.keep_rule],
-                policy_adapter_id=event.policy_adapter_id,
+                policy_adapter_id=event.policy_adapter_id, domain=event.domain,
             )
         )
     elif isinstance(event, restem.ContextSampled):
@@ -215,6 +265,7 @@ def report_to_proto(report: restem.RoundReport) -> teacher_pb2.RoundReport:
         positive_kept=report.positive_kept, policy_adapter_id=report.policy_adapter_id,
         policy_version=report.policy_version, policy_sft_steps=report.policy_sft_steps,
         hot_loaded=report.hot_loaded, phase_seconds=report.phase_seconds, wall_seconds=report.wall_seconds,
+        domain=report.domain,
     )
     for name in ("mean_reward", "max_reward", "mean_kept_reward", "policy_sft_first_loss", "policy_sft_final_loss"):
         _optional(message, name, getattr(report, name))
@@ -260,7 +311,7 @@ def stream_round(
             contexts,
             config,
             restem.RoundStore(settings.home / "teacher" / "restem"),
-            sample=proposer_sample_fn(proposer, config.prompt_style),
+            sample=proposer_sample_fn(proposer, config.prompt_style, settings.fewshot),
             score=scorer,
             train_policy=lambda examples, round_id, on_step: policy.train(
                 examples, round_id, on_step, seed=config.seed, should_stop=should_stop

@@ -26,18 +26,20 @@ from seal.adapt import (
     question_writer,
     run_adapt,
     update_rule,
-    validate_overrides,
 )
+from seal.cancellation import stop_when
 from seal.config import Settings
 from seal.domains.fewshot import validate_fewshot_overrides
 from seal.domains.knowledge import PROMPT_STYLES
 from seal.grading import build_grader
+from seal.limits import check_update_overrides
 from seal.registry import validate_adapter_name
 from seal.rl.policy import TeacherPolicy, open_teacher_policy
 from seal.rl.restem import KEEP_RULES, RoundReport
 from seal.rpc import (
     RpcMetrics,
     RunningService,
+    WorkQueue,
     deadline_checker,
     dial,
     map_errors,
@@ -123,7 +125,12 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         self._buffer = buffer
         self._student = student_pb2_grpc.StudentServiceStub(student_channel)
         self._auditor = auditor_pb2_grpc.AuditorServiceStub(auditor_channel)
-        self._adapt_slots = threading.BoundedSemaphore(1)
+        # One adaptation (or ReST^EM round) at a time, a bounded queue behind it: a call beyond the
+        # queue, or one that waited its longest, is refused with a retry hint (seal.rpc.WorkQueue).
+        self._adapt_slots = WorkQueue(
+            "the teacher's Adapt queue", slots=1, depth=settings.teacher.adapt_queue_depth,
+            wait_s=settings.teacher.adapt_queue_wait_s, setting="teacher.adapt_queue",
+        )
         # Grades the base model's open-book answers to questions the teacher wrote (no τ sent).
         self._grader = build_grader(settings.auditor)
         self._self_edits = metrics.counter("self_edits_proposed_total", "Self-edits sampled.", ("style",))
@@ -178,7 +185,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         k = validate_k(request.k or teacher.default_k, teacher.max_k)
         style = validate_prompt_style(request.prompt_style or teacher.prompt_style)
         adapter_name = validate_adapter_name(request.adapter_name or self._settings.adapter_name)
-        validate_overrides(convert.overrides_from_proto(request.overrides))
+        check_update_overrides(convert.overrides_from_proto(request.overrides), field_names=convert.OVERRIDE_FIELDS)
         return k, style, adapter_name
 
     # --- RPCs --------------------------------------------------------------------------------
@@ -190,7 +197,8 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         k = validate_k(request.k or self._settings.teacher.default_k, self._settings.teacher.max_k)
         style = validate_prompt_style(request.prompt_style or self._settings.teacher.prompt_style)
         seed = request.seed if request.HasField("seed") else self._settings.seed
-        edits = self._proposer.propose(request.context.title, request.context.passage, k, style, seed)
+        with stop_when(deadline_checker(context)):  # sampling ends once the caller has gone
+            edits = self._proposer.propose(request.context.title, request.context.passage, k, style, seed)
         self._self_edits.labels(style).inc(len(edits))
         return teacher_pb2.ProposeSelfEditsResponse(
             self_edits=[
@@ -202,10 +210,14 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
     @map_errors
     def Adapt(self, request: teacher_pb2.AdaptRequest, context: grpc.ServicerContext) -> Iterator[teacher_pb2.AdaptResponse]:
         k, style, adapter_name = self._validate(request)
-        if not self._adapt_slots.acquire(timeout=min(5.0, remaining_timeout(context, 5.0))):
-            raise TeacherBusy("the teacher is already running an adaptation; retry when it finishes")
+        should_stop = deadline_checker(context)
+        # Raises Overloaded (RESOURCE_EXHAUSTED, retry hint) when the queue is full or the wait ran out.
+        self._adapt_slots.acquire(remaining_timeout(context, self._settings.teacher.adapt_queue_wait_s), should_stop)
         try:
-            yield from self._adapt(request, context, k, style, adapter_name)
+            # The teacher's own sampling stops once the caller has gone; calls to the student and
+            # the auditor carry the remaining deadline, so their work stops too.
+            with stop_when(should_stop):
+                yield from self._adapt(request, context, k, style, adapter_name)
         finally:
             self._adapt_slots.release()
 

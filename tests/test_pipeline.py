@@ -148,6 +148,10 @@ def test_rewards_stream_into_the_teachers_buffer(stack: LocalStack) -> None:
         (lambda r: setattr(r, "k", 99), grpc.StatusCode.INVALID_ARGUMENT, "between 1 and"),
         (lambda r: setattr(r, "prompt_style", "poem"), grpc.StatusCode.INVALID_ARGUMENT, "prompt_style"),
         (lambda r: setattr(r, "adapter_name", "Bad Name!"), grpc.StatusCode.INVALID_ARGUMENT, "adapter_name"),
+        # Overrides keep lora.*'s bounds at the teacher too: rank 0 used to reach the student, where
+        # every one of the k candidates failed alike after sampling.
+        (lambda r: setattr(r.overrides, "lora_rank", 0), grpc.StatusCode.INVALID_ARGUMENT, "overrides.lora_rank"),
+        (lambda r: setattr(r.overrides, "epochs", 1000), grpc.StatusCode.INVALID_ARGUMENT, "overrides.epochs"),
     ],
 )
 def test_bad_adapt_input_gets_a_clear_status(stack: LocalStack, mutate, code, fragment) -> None:
@@ -185,9 +189,10 @@ def test_student_errors_are_actionable_and_leave_nothing_behind(stack: LocalStac
 
         with pytest.raises(grpc.RpcError) as error:
             apply("Velmora was founded in 1742 by Ilse Marrow.", learning_rate=1e30, epochs=3)
-        # lr 1e30 diverges to NaN: refused, and no half-written version appears.
-        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION, error.value.details()
-        assert "learning rate" in error.value.details().lower()
+        # lr 1e30 is outside lora.learning_rate's bounds: refused before any training thread, lock or
+        # staging folder (a divergence inside the bounds is tests/test_lora_sft.py's to check).
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, error.value.details()
+        assert "learning_rate" in error.value.details()
     after = sorted(p.name for p in registry_dir.rglob("*"))
     assert after == before
     assert not list(registry_dir.rglob(".staging-*"))

@@ -150,6 +150,20 @@ def load_arc_tasks(
     return tasks
 
 
+def select_arc_tasks(tasks: Sequence[ArcTask], task_ids: Sequence[str], *, source: str = "the file") -> list[ArcTask]:
+    """The tasks named by ``task_ids``, in that order; an unknown or repeated id is a ValueError
+    that names it and what ``source`` does hold."""
+    by_id = {task.task_id: task for task in tasks}
+    unknown = [task_id for task_id in task_ids if task_id not in by_id]
+    if unknown:
+        known = ", ".join(t.task_id for t in tasks[:5]) + (", …" if len(tasks) > 5 else "")
+        raise ValueError(f"{source} has no task {', '.join(map(repr, unknown))} ({len(tasks)} tasks: {known})")
+    repeated = sorted({task_id for task_id in task_ids if list(task_ids).count(task_id) > 1})
+    if repeated:
+        raise ValueError(f"task {', '.join(map(repr, repeated))} is named more than once; name each task once")
+    return [by_id[task_id] for task_id in task_ids]
+
+
 def find_arc_task(challenges_path: str | Path, task_id: str) -> ArcTask:
     """One task of an ARC challenges file by id, with its gold outputs when the sibling solutions
     file has them (what ``seal adapt --arc-task FILE --task-id ID`` sends)."""

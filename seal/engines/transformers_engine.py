@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from seal.cancellation import install_stop_hook
 from seal.engines import PolicyRef
 from seal.models import Generation, SamplingParams, TransformersEngine
 from seal.serving.adapters import PeftAdapterCache, adapter_key
@@ -18,6 +19,9 @@ class PeftPolicyEngine:
 
     def __init__(self, model: Any, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
+        # Sampling under a cancellation scope (opened by the teacher around Adapt and
+        # ProposeSelfEdits) stops once the caller's deadline passes or it goes away.
+        install_stop_hook(model)
         # Only the serving policy stays resident: old versions are on disk if needed again.
         self._adapters = PeftAdapterCache(model, capacity=1)
         self._policy: PolicyRef | None = None

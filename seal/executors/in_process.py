@@ -1,15 +1,21 @@
-"""The default executor: each candidate of a batch trained in the student's own process, one
-after the other (one training run at a time is all a node's accelerator does well anyway)."""
+"""The default executor: the candidates of a batch trained in the student's own process.
+
+With ``student.batch_candidates`` (the default) the trainer trains the lora_sft candidates of a
+batch together, as adapters of its one base model in shared forward/backward passes
+(``seal.update.multi_lora``); otherwise, and for candidates that cannot be batched, one after the
+other. Either way a candidate that fails fails alone."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from seal.executors import (
     REFUSAL_CODES,
     CandidateJob,
     CandidateOutcome,
+    CandidateResult,
     CandidateTrainerPort,
     StepCallback,
 )
@@ -26,11 +32,29 @@ def failure_code(exc: BaseException) -> str:
     return "invalid_argument" if isinstance(exc, ValueError) else "internal"
 
 
+class BatchingTrainerPort(CandidateTrainerPort, Protocol):
+    """A trainer that can also train a batch together (:class:`seal.student.CandidateTrainer`)."""
+
+    settings: Any
+
+    def train_candidates_together(
+        self,
+        jobs: Sequence[CandidateJob],
+        *,
+        on_step: StepCallback | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[CandidateResult | Exception]: ...
+
+
 class InProcessExecutor:
     name = "in_process"
 
-    def __init__(self, trainer: CandidateTrainerPort) -> None:
+    def __init__(self, trainer: BatchingTrainerPort, *, batch_candidates: bool | None = None) -> None:
+        """``batch_candidates``: train a batch together; None = ``student.batch_candidates``."""
         self._trainer = trainer
+        self.batch_candidates = (
+            trainer.settings.student.batch_candidates if batch_candidates is None else batch_candidates
+        )
 
     def run(
         self,
@@ -39,6 +63,9 @@ class InProcessExecutor:
         on_step: StepCallback | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> list[CandidateOutcome]:
+        if self.batch_candidates and len(jobs) > 1:
+            finished = self._trainer.train_candidates_together(jobs, on_step=on_step, should_stop=should_stop)
+            return [outcome_of(position, result) for position, result in enumerate(finished)]
         return [self._run_one(position, job, on_step, should_stop) for position, job in enumerate(jobs)]
 
     def _run_one(
@@ -55,8 +82,15 @@ class InProcessExecutor:
         try:
             result = self._trainer.train_candidate(**job.train_kwargs(), on_step=report, should_stop=should_stop)
         except Exception as exc:  # noqa: BLE001 - one candidate's failure is its outcome, not the batch's
-            code = failure_code(exc)
-            if code not in REFUSAL_CODES:
-                log.warning("candidate %d of the batch failed: %s", position, exc, exc_info=exc)
-            return CandidateOutcome(position, failure=str(exc) or type(exc).__name__, code=code, error=exc)
-        return CandidateOutcome(position, result=result)
+            return outcome_of(position, exc)
+        return outcome_of(position, result)
+
+
+def outcome_of(position: int, finished: CandidateResult | Exception) -> CandidateOutcome:
+    """The outcome of the job at ``position`` from its result or the exception it alone raised."""
+    if not isinstance(finished, Exception):
+        return CandidateOutcome(position, result=finished)
+    code = failure_code(finished)
+    if code not in REFUSAL_CODES:
+        log.warning("candidate %d of the batch failed: %s", position, finished, exc_info=finished)
+    return CandidateOutcome(position, failure=str(finished) or type(finished).__name__, code=code, error=finished)

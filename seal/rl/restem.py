@@ -1,9 +1,14 @@
 """ReST^EM for SEAL (§3.1): one round = E-step + M-step.
 
-E-step: for each training context C with its questions τ, sample k self-edits from the current
-teacher policy and score each one by the same path as Adapt: a LoRA candidate trained on the
-self-edit, τ asked closed book, reward = acc(candidate) − acc(base). Several inner-loop seeds per
-self-edit are averaged, as the paper does with 3.
+E-step: for each training context C with its τ, sample k self-edits from the current teacher
+policy and score each one by the same path as Adapt. A round is in one domain:
+
+- knowledge incorporation: C is a passage, τ its questions asked closed book, the self-edit notes
+  a LoRA candidate is trained on, reward = acc(candidate) − acc(base);
+- few-shot ARC: C is a task's demonstrations, τ its test outputs, the self-edit a JSON training
+  recipe, reward = 1 when the candidate solves the task (pass@2 on every test input), else 0.
+
+Several inner-loop seeds per self-edit are averaged, as the paper does with 3.
 Filter: keep one self-edit per context by a keep rule (``keep``).
 M-step: supervised fine-tuning of the teacher's policy adapter on (prompt → kept self-edit).
 
@@ -25,6 +30,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from seal.adapt import DOMAINS, FEWSHOT, KNOWLEDGE
+from seal.domains.fewshot import ArcTask
 from seal.domains.knowledge import Question, context_digest
 from seal.durable import JsonLinesLog, atomic_write_json
 
@@ -95,13 +102,76 @@ def derive_seed(base: int, *parts: object) -> int:
 
 @dataclass(frozen=True)
 class TrainingContext:
+    """One context of a round: a passage with its questions τ (knowledge incorporation), or an
+    ARC task whose test outputs are τ (``fewshot`` set; title and passage are unused)."""
+
     title: str
     passage: str
     questions: tuple[Question, ...]
+    fewshot: ArcTask | None = None
+
+    @classmethod
+    def from_arc(cls, task: ArcTask) -> TrainingContext:
+        return cls(title=task.task_id, passage="", questions=(), fewshot=task)
+
+    @property
+    def domain(self) -> str:
+        return FEWSHOT if self.fewshot is not None else KNOWLEDGE
 
     @property
     def context_id(self) -> str:
+        if self.fewshot is not None:
+            return self.fewshot.context_id
         return context_digest(self.title, self.passage)
+
+    @property
+    def tau(self) -> list[Any]:
+        """What the context's self-edits are scored on, as plain JSON: the (question, answer)
+        pairs, or the gold test grids. Part of the round's identity (``round_fingerprint``)."""
+        if self.fewshot is not None:
+            return [[list(row) for row in grid] for grid in self.fewshot.test_outputs]
+        return [[q.question, q.answer] for q in self.questions]
+
+    def problem(self) -> str:
+        """Why this context cannot be trained on, or "" when it can."""
+        if self.fewshot is not None:
+            task = self.fewshot
+            if not task.demonstrations or not task.test_inputs:
+                return f"ARC task {task.task_id} needs at least one demonstration and one test input"
+            if not task.has_solutions:
+                return (f"ARC task {task.task_id} has {len(task.test_outputs)} test output(s) for "
+                        f"{len(task.test_inputs)} test input(s); the reward is graded on them, send one per input")
+            return ""
+        if not self.passage.strip() or not self.questions:
+            return f"{self.title!r} needs a passage and at least one question"
+        return ""
+
+
+def round_domain(contexts: Sequence[TrainingContext]) -> str:
+    """The one domain of a round's contexts. A round mixing domains is refused: its rewards
+    (an accuracy gain, a solved flag) would not be comparable, nor its report's means."""
+    domains = sorted({c.domain for c in contexts})
+    if len(domains) > 1:
+        first = {d: next(i for i, c in enumerate(contexts) if c.domain == d) for d in domains}
+        raise ValueError(
+            "a round is in one domain, but these contexts mix "
+            + " and ".join(f"{d} (first at contexts[{first[d]}])" for d in domains)
+            + "; send them as separate rounds"
+        )
+    return domains[0] if domains else KNOWLEDGE
+
+
+def domain_reward(domain: str, reward: float) -> float:
+    """A scored candidate's reward as the round uses it, checked against what the domain defines.
+
+    Few-shot rewards are binary (the candidate solved the task or not): anything else means the
+    scorer and the round disagree on the domain, and averaging it in would train the policy on a
+    reward nobody defined, so it is refused rather than passed through."""
+    if domain not in DOMAINS:
+        raise ValueError(f"domain {domain!r} is unknown; use one of {', '.join(DOMAINS)}")
+    if domain == FEWSHOT and reward not in (0.0, 1.0):
+        raise ValueError(f"a few-shot reward is 1 (solved) or 0 (not solved), the scorer returned {reward!r}")
+    return float(reward)
 
 
 @dataclass(frozen=True)
@@ -176,6 +246,7 @@ class RoundStarted:
     resumed: bool
     config: RoundConfig
     policy_adapter_id: str
+    domain: str = KNOWLEDGE
 
 
 @dataclass(frozen=True)
@@ -239,6 +310,7 @@ class RoundReport:
     hot_loaded: bool
     phase_seconds: dict[str, float]
     wall_seconds: float  # this invocation only (a resumed round counts from the resume)
+    domain: str = KNOWLEDGE  # knowledge: rewards are accuracy gains; fewshot: 1 solved, 0 not
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -266,8 +338,12 @@ def round_fingerprint(contexts: Sequence[TrainingContext], config: RoundConfig) 
     """What makes two requests the same round: the contexts (with τ) and the settings. Resuming
     under others would mix two experiments in one SFT set. The sampling policy is checked
     separately (``RoundStore.open``), because the round itself replaces it at its very end."""
+    # A knowledge context's entry is unchanged from before the few-shot domain existed, so an
+    # unfinished knowledge round still resumes; a few-shot context adds its domain.
     payload = {
-        "contexts": [[c.context_id, [[q.question, q.answer] for q in c.questions]] for c in contexts],
+        "contexts": [
+            [c.context_id, c.tau] if c.domain == KNOWLEDGE else [c.context_id, c.domain, c.tau] for c in contexts
+        ],
         "config": asdict(config),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -378,6 +454,7 @@ class RoundStore:
             "started_at": datetime.now(UTC).isoformat(),
             "config": asdict(config),
             "context_ids": [c.context_id for c in contexts],
+            "domain": round_domain(contexts),
             "policy_at_start": policy_adapter_id,
         }
         state = RoundState(directory, number, meta)
@@ -430,6 +507,14 @@ class _Clock:
         return elapsed
 
 
+def checked(scored: Scored, domain: str) -> Scored:
+    """``scored`` with its reward checked against the domain (``domain_reward``)."""
+    if scored.failure or scored.reward is None:
+        return scored
+    domain_reward(domain, scored.reward)
+    return scored
+
+
 def edit_results(samples: Sequence[Sample], scores: dict[tuple[int, int], Scored], seeds_per_edit: int) -> list[EditResult]:
     results = []
     for sample in samples:
@@ -464,12 +549,15 @@ def run_round(
 ) -> RoundReport:
     """Run (or resume) one ReST^EM round and return its report (also stored in round.json)."""
     if not contexts:
-        raise ValueError("no training contexts: a round needs at least one context with its questions")
+        raise ValueError("no training contexts: a round needs at least one context with its τ")
     for index, context in enumerate(contexts):
-        if not context.passage.strip() or not context.questions:
-            raise ValueError(f"training context {index} ({context.title!r}) needs a passage and at least one question")
+        problem = context.problem()
+        if problem:
+            raise ValueError(f"training context {index}: {problem}")
+    domain = round_domain(contexts)
     if len({c.context_id for c in contexts}) != len(contexts):
-        raise ValueError("the same passage appears twice among the training contexts; send each once")
+        raise ValueError(f"the same {'ARC task' if domain == FEWSHOT else 'passage'} appears twice among the "
+                         "training contexts; send each once")
 
     started = time.perf_counter()
     clock = _Clock()
@@ -489,7 +577,10 @@ def run_round(
             samples_before += len(scored)
             if len(scored) >= len(samples) * config.seeds_per_edit:
                 done_before += 1
-    emit(RoundStarted(state.number, state.round_id, len(contexts), done_before, samples_before, resumed, config, policy_adapter_id))
+    emit(RoundStarted(
+        state.number, state.round_id, len(contexts), done_before, samples_before, resumed, config, policy_adapter_id,
+        domain,
+    ))
 
     per_context: list[tuple[Sample, EditResult]] = []
     all_edits: list[EditResult] = []
@@ -521,7 +612,7 @@ def run_round(
                     else:
                         check_stop()
                         t0 = time.perf_counter()
-                        result, source = score(context, item, seed), "scored"
+                        result, source = checked(score(context, item, seed), domain), "scored"
                         seconds = clock.add("scoring", t0)
                     state.record_score(cid, item.index, seed_index, seed, result, source)
                     scores[(item.index, seed_index)] = result
@@ -577,6 +668,7 @@ def run_round(
         hot_loaded=bool(update and update.hot_loaded),
         phase_seconds={**clock.seconds, "total": time.perf_counter() - started},
         wall_seconds=time.perf_counter() - started,
+        domain=domain,
     )
     state.update(status="done", finished_at=datetime.now(UTC).isoformat(), report=report.to_dict())
     emit(report)

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
+from seal.cancellation import install_stop_hook
 from seal.config import Settings
 from seal.models import Generation, SamplingParams, TransformersEngine, load_model_and_tokenizer
 from seal.registry import AdapterRegistry, Manifest
@@ -32,6 +33,10 @@ class InProcessBackend:
         model, self.tokenizer = load_model_and_tokenizer(
             model_path, dtype=settings.model.dtype, device=settings.model.device
         )
+        # Generation under a cancellation scope (seal.cancellation.stop_when, opened by the
+        # service around a call) stops within a token once its caller's deadline passes: one
+        # generation holds the adapters' lock, so an abandoned one would delay every later call.
+        install_stop_hook(model)
         self.adapters = PeftAdapterCache(model, capacity=MAX_LOADED_ADAPTERS)
 
     def start(self, promoted: Manifest | None) -> None:

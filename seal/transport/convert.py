@@ -20,6 +20,7 @@ from seal.domains.knowledge import Question
 from seal.gates import GateResult
 from seal.adapt import guardrail_from_gate, guardrail_to_gate
 from seal.guardrails import GuardrailResult
+from seal.limits import echo
 from seal.registry import Manifest
 from seal.v1 import auditor_pb2, common_pb2, teacher_pb2
 
@@ -203,7 +204,7 @@ def fewshot_from_proto(message: common_pb2.FewShotTask) -> ArcTask:
             tuple(grid_from_proto(g) for g in message.test_outputs),
         )
     except ValueError as exc:
-        raise ValueError(f"few-shot task {message.task_id}: {exc}") from exc
+        raise ValueError(f"few-shot task {echo(message.task_id)}: {exc}") from exc
 
 
 def fewshot_field(message: Any) -> common_pb2.FewShotTask | None:

@@ -241,15 +241,17 @@ class ProposeSelfEditsResponse(_message.Message):
     def __init__(self, self_edits: _Optional[_Iterable[_Union[SelfEdit, _Mapping]]] = ...) -> None: ...
 
 class TrainingContext(_message.Message):
-    __slots__ = ("context", "questions")
+    __slots__ = ("context", "questions", "fewshot")
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     QUESTIONS_FIELD_NUMBER: _ClassVar[int]
+    FEWSHOT_FIELD_NUMBER: _ClassVar[int]
     context: _common_pb2.Context
     questions: _containers.RepeatedCompositeFieldContainer[_common_pb2.Question]
-    def __init__(self, context: _Optional[_Union[_common_pb2.Context, _Mapping]] = ..., questions: _Optional[_Iterable[_Union[_common_pb2.Question, _Mapping]]] = ...) -> None: ...
+    fewshot: _common_pb2.FewShotTask
+    def __init__(self, context: _Optional[_Union[_common_pb2.Context, _Mapping]] = ..., questions: _Optional[_Iterable[_Union[_common_pb2.Question, _Mapping]]] = ..., fewshot: _Optional[_Union[_common_pb2.FewShotTask, _Mapping]] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("contexts", "k", "seeds_per_edit", "keep_rule", "prompt_style", "seed", "overrides", "restart")
+    __slots__ = ("contexts", "k", "seeds_per_edit", "keep_rule", "prompt_style", "seed", "overrides", "restart", "domain")
     CONTEXTS_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     SEEDS_PER_EDIT_FIELD_NUMBER: _ClassVar[int]
@@ -258,6 +260,7 @@ class TrainRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     OVERRIDES_FIELD_NUMBER: _ClassVar[int]
     RESTART_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
     contexts: _containers.RepeatedCompositeFieldContainer[TrainingContext]
     k: int
     seeds_per_edit: int
@@ -266,10 +269,11 @@ class TrainRequest(_message.Message):
     seed: int
     overrides: _common_pb2.UpdateOverrides
     restart: bool
-    def __init__(self, contexts: _Optional[_Iterable[_Union[TrainingContext, _Mapping]]] = ..., k: _Optional[int] = ..., seeds_per_edit: _Optional[int] = ..., keep_rule: _Optional[_Union[KeepRule, str]] = ..., prompt_style: _Optional[str] = ..., seed: _Optional[int] = ..., overrides: _Optional[_Union[_common_pb2.UpdateOverrides, _Mapping]] = ..., restart: _Optional[bool] = ...) -> None: ...
+    domain: str
+    def __init__(self, contexts: _Optional[_Iterable[_Union[TrainingContext, _Mapping]]] = ..., k: _Optional[int] = ..., seeds_per_edit: _Optional[int] = ..., keep_rule: _Optional[_Union[KeepRule, str]] = ..., prompt_style: _Optional[str] = ..., seed: _Optional[int] = ..., overrides: _Optional[_Union[_common_pb2.UpdateOverrides, _Mapping]] = ..., restart: _Optional[bool] = ..., domain: _Optional[str] = ...) -> None: ...
 
 class RoundStarted(_message.Message):
-    __slots__ = ("round", "round_id", "contexts", "contexts_done", "samples_done", "resumed", "k", "seeds_per_edit", "keep_rule", "policy_adapter_id")
+    __slots__ = ("round", "round_id", "contexts", "contexts_done", "samples_done", "resumed", "k", "seeds_per_edit", "keep_rule", "policy_adapter_id", "domain")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     CONTEXTS_FIELD_NUMBER: _ClassVar[int]
@@ -280,6 +284,7 @@ class RoundStarted(_message.Message):
     SEEDS_PER_EDIT_FIELD_NUMBER: _ClassVar[int]
     KEEP_RULE_FIELD_NUMBER: _ClassVar[int]
     POLICY_ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
     round: int
     round_id: str
     contexts: int
@@ -290,7 +295,8 @@ class RoundStarted(_message.Message):
     seeds_per_edit: int
     keep_rule: KeepRule
     policy_adapter_id: str
-    def __init__(self, round: _Optional[int] = ..., round_id: _Optional[str] = ..., contexts: _Optional[int] = ..., contexts_done: _Optional[int] = ..., samples_done: _Optional[int] = ..., resumed: _Optional[bool] = ..., k: _Optional[int] = ..., seeds_per_edit: _Optional[int] = ..., keep_rule: _Optional[_Union[KeepRule, str]] = ..., policy_adapter_id: _Optional[str] = ...) -> None: ...
+    domain: str
+    def __init__(self, round: _Optional[int] = ..., round_id: _Optional[str] = ..., contexts: _Optional[int] = ..., contexts_done: _Optional[int] = ..., samples_done: _Optional[int] = ..., resumed: _Optional[bool] = ..., k: _Optional[int] = ..., seeds_per_edit: _Optional[int] = ..., keep_rule: _Optional[_Union[KeepRule, str]] = ..., policy_adapter_id: _Optional[str] = ..., domain: _Optional[str] = ...) -> None: ...
 
 class ContextSampled(_message.Message):
     __slots__ = ("context_index", "context_id", "self_edits", "seconds", "reused")
@@ -347,7 +353,7 @@ class ContextDone(_message.Message):
     def __init__(self, context_index: _Optional[int] = ..., context_id: _Optional[str] = ..., mean_rewards: _Optional[_Iterable[float]] = ..., kept: _Optional[bool] = ..., kept_edit_index: _Optional[int] = ..., kept_reward: _Optional[float] = ...) -> None: ...
 
 class RoundReport(_message.Message):
-    __slots__ = ("round", "round_id", "keep_rule", "contexts", "k", "seeds_per_edit", "samples_scored", "samples_failed", "samples_resumed", "edits_scored", "mean_reward", "max_reward", "kept", "mean_kept_reward", "positive_kept", "policy_adapter_id", "policy_version", "policy_sft_first_loss", "policy_sft_final_loss", "policy_sft_steps", "hot_loaded", "phase_seconds", "wall_seconds")
+    __slots__ = ("round", "round_id", "keep_rule", "contexts", "k", "seeds_per_edit", "samples_scored", "samples_failed", "samples_resumed", "edits_scored", "mean_reward", "max_reward", "kept", "mean_kept_reward", "positive_kept", "policy_adapter_id", "policy_version", "policy_sft_first_loss", "policy_sft_final_loss", "policy_sft_steps", "hot_loaded", "phase_seconds", "wall_seconds", "domain")
     class PhaseSecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -378,6 +384,7 @@ class RoundReport(_message.Message):
     HOT_LOADED_FIELD_NUMBER: _ClassVar[int]
     PHASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     WALL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
     round: int
     round_id: str
     keep_rule: KeepRule
@@ -401,7 +408,8 @@ class RoundReport(_message.Message):
     hot_loaded: bool
     phase_seconds: _containers.ScalarMap[str, float]
     wall_seconds: float
-    def __init__(self, round: _Optional[int] = ..., round_id: _Optional[str] = ..., keep_rule: _Optional[_Union[KeepRule, str]] = ..., contexts: _Optional[int] = ..., k: _Optional[int] = ..., seeds_per_edit: _Optional[int] = ..., samples_scored: _Optional[int] = ..., samples_failed: _Optional[int] = ..., samples_resumed: _Optional[int] = ..., edits_scored: _Optional[int] = ..., mean_reward: _Optional[float] = ..., max_reward: _Optional[float] = ..., kept: _Optional[int] = ..., mean_kept_reward: _Optional[float] = ..., positive_kept: _Optional[int] = ..., policy_adapter_id: _Optional[str] = ..., policy_version: _Optional[int] = ..., policy_sft_first_loss: _Optional[float] = ..., policy_sft_final_loss: _Optional[float] = ..., policy_sft_steps: _Optional[int] = ..., hot_loaded: _Optional[bool] = ..., phase_seconds: _Optional[_Mapping[str, float]] = ..., wall_seconds: _Optional[float] = ...) -> None: ...
+    domain: str
+    def __init__(self, round: _Optional[int] = ..., round_id: _Optional[str] = ..., keep_rule: _Optional[_Union[KeepRule, str]] = ..., contexts: _Optional[int] = ..., k: _Optional[int] = ..., seeds_per_edit: _Optional[int] = ..., samples_scored: _Optional[int] = ..., samples_failed: _Optional[int] = ..., samples_resumed: _Optional[int] = ..., edits_scored: _Optional[int] = ..., mean_reward: _Optional[float] = ..., max_reward: _Optional[float] = ..., kept: _Optional[int] = ..., mean_kept_reward: _Optional[float] = ..., positive_kept: _Optional[int] = ..., policy_adapter_id: _Optional[str] = ..., policy_version: _Optional[int] = ..., policy_sft_first_loss: _Optional[float] = ..., policy_sft_final_loss: _Optional[float] = ..., policy_sft_steps: _Optional[int] = ..., hot_loaded: _Optional[bool] = ..., phase_seconds: _Optional[_Mapping[str, float]] = ..., wall_seconds: _Optional[float] = ..., domain: _Optional[str] = ...) -> None: ...
 
 class TrainResponse(_message.Message):
     __slots__ = ("round_id", "round_started", "context_sampled", "sample_scored", "context_done", "policy_progress", "report")

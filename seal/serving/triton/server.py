@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
+import filecmp
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import signal
@@ -20,16 +23,19 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from seal.durable import atomic_write_json
 from seal.serving.triton.model_repository import DEFAULT_MODEL_NAME, render_config, write_model
 from seal.serving.triton.state import ServingState, write_state
 
 if TYPE_CHECKING:
     from seal.serving.triton.client import TritonStudentClient
+
+log = logging.getLogger(__name__)
 
 ENV_BINARY = "SEAL_TRITONSERVER"
 # The Makefile installs the wheel in a venv of its own (its client pins protobuf<7, the project's
@@ -167,6 +173,66 @@ def process_group_members(pgid: int) -> list[int]:
     return sorted(members)
 
 
+def _cmdline(pid: int) -> list[str]:
+    """A process's arguments from /proc ([] if it is gone or unreadable)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def is_our_tritonserver(pid: int, repository: Path) -> bool:
+    """Whether ``pid`` is a tritonserver serving ``repository``: a pid from a pidfile may have been
+    reused by anything since, and only a server of this working directory may be killed."""
+    args = _cmdline(pid)
+    return bool(args) and Path(args[0]).name == "tritonserver" and f"--model-repository={repository}" in args
+
+
+def _processes_naming(text: str, pgid: int) -> list[int]:
+    """Members of process group ``pgid`` whose command line mentions ``text`` (a server's stubs
+    name its model repository)."""
+    return [pid for pid in process_group_members(pgid) if any(text in arg for arg in _cmdline(pid))]
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> Callable[[], None]:
+    """A ``preexec_fn`` that makes the child receive SIGTERM when its parent dies, SIGKILL
+    included (Linux ``prctl(PR_SET_PDEATHSIG)``), so a killed student never leaves a tritonserver
+    behind. SIGTERM rather than SIGKILL: Triton then shuts down as on ``stop()``, stopping the
+    Python-backend stubs it forked (the signal setting is not inherited by them, and a stub whose
+    server vanished can linger), and it exits after ``--exit-timeout-secs`` at the latest. The
+    kernel sends it when the *thread* that forked exits: start the server from a thread that lives
+    as long as the service (the main thread does)."""
+    # Looked up here, before the fork: loading a library in the forked child could wait forever
+    # on a loader lock another thread of the parent held at fork time.
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
+def install_file(source: Path, target: Path) -> bool:
+    """Put a copy of ``source`` at ``target`` unless an identical one is there; returns whether it
+    copied. Never writes into ``target``: a running executable (a stub of a server that is still
+    shutting down) cannot be opened for writing (ETXTBSY), but it can be replaced by a rename."""
+    if target.is_file() and filecmp.cmp(source, target, shallow=False):
+        return False
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        shutil.copy2(source, temporary)
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return True
+
+
 def _is_noise(line: str) -> bool:
     # Logged as errors by every CPU-only start, and harmless there.
     return "CudaDriverHelper has not been initialized" in line
@@ -233,6 +299,8 @@ class TritonSupervisor:
         self.exit_timeout_s = exit_timeout_s
         self.repository = self.workdir / "model_repository"
         self.log_path = self.workdir / "tritonserver.log"
+        # Which server this working directory last started: a start after a kill reaps it.
+        self.pidfile = self.workdir / "tritonserver.pid"
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_fh: BinaryIO | None = None
 
@@ -286,8 +354,8 @@ class TritonSupervisor:
         source = install.backend_root / "python"
         for item in source.iterdir():
             if item.is_file():
-                shutil.copy2(item, backend / item.name)
-        shutil.copy2(stub, backend / "triton_python_backend_stub")
+                install_file(item, backend / item.name)
+        install_file(stub, backend / "triton_python_backend_stub")
         return backend.parent
 
     def _environment(self, facts: Mapping[str, Any]) -> dict[str, str]:
@@ -343,6 +411,7 @@ class TritonSupervisor:
         if self._proc is not None and self._proc.poll() is None:
             raise TritonError(f"tritonserver already running (pid {self._proc.pid})")
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.reap_leftover()
         facts = _python_facts(self.python_executable)
         backend_directory = self._backend_directory(facts["version"])
         self.write_repository()
@@ -355,7 +424,9 @@ class TritonSupervisor:
         self._proc = subprocess.Popen(
             cmd, stdout=self._log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=self._environment(facts), cwd=self.workdir, start_new_session=True,
+            preexec_fn=_die_with_parent(os.getpid()) if sys.platform == "linux" else None,
         )
+        atomic_write_json(self.pidfile, {"pid": self._proc.pid, "repository": str(self.repository)})
         atexit.register(self.stop)
         try:
             self._wait_ready(timeout_s)
@@ -363,6 +434,33 @@ class TritonSupervisor:
             self.stop(timeout_s=5.0)
             raise
         return self
+
+    def reap_leftover(self, timeout_s: float = 10.0) -> list[int]:
+        """Kill what a previous process of this working directory left running (it was SIGKILLed,
+        or its host lost it before the parent-death signal existed): the server named in the
+        pidfile, if it really is a tritonserver of this repository, and its stubs. Returns the
+        pids it killed."""
+        try:
+            pid = int(json.loads(self.pidfile.read_text())["pid"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return []
+        if self._proc is not None and self._proc.pid == pid:
+            return []  # our own, running server
+        # start_new_session: the server led its own group, which its stubs share.
+        victims = [pid] if is_our_tritonserver(pid, self.repository) else []
+        victims += [p for p in _processes_naming(str(self.repository), pid) if p not in victims]
+        for victim in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + timeout_s
+        # A killed process keeps its pid as a zombie until its parent (init, by now) reaps it; a
+        # zombie's command line is empty, so this waits for the live ones only.
+        while any(_cmdline(v) for v in victims) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if victims:
+            log.warning("killed a tritonserver a previous process of %s left running (pids %s)", self.workdir, victims)
+        self.pidfile.unlink(missing_ok=True)
+        return victims
 
     def _wait_ready(self, timeout_s: float) -> None:
         from seal.serving.triton.client import TritonStudentClient
@@ -416,6 +514,7 @@ class TritonSupervisor:
             while process_group_members(pgid) and time.monotonic() < deadline:
                 time.sleep(0.05)
         self._proc = None
+        self.pidfile.unlink(missing_ok=True)
         if self._log_fh is not None:
             self._log_fh.close()
             self._log_fh = None
