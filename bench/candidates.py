@@ -40,7 +40,7 @@ from seal.config import Settings  # noqa: E402
 from seal.domains.knowledge import build_question_prompt, build_training_sequences  # noqa: E402
 from seal.models import load_model_and_tokenizer, model_fingerprint, resolve_model_path  # noqa: E402
 from seal.update.lora_sft import LoraSFTTrainer, TrainingDiverged, lora_sft_config  # noqa: E402
-from seal.update.multi_lora import AdapterSpec, MultiLoraTrainer  # noqa: E402
+from seal.update.multi_lora import AdapterSpec, MultiLoraConfig, MultiLoraTrainer  # noqa: E402
 
 
 class PeakRss:
@@ -113,6 +113,8 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=0, help="override settings.lora.epochs (0 = keep)")
     parser.add_argument("--max-new-tokens", type=int, default=12, help="length of the scored answers")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rows-per-pass", type=int, default=MultiLoraConfig().max_rows_per_pass,
+                        help="MultiLoraConfig.max_rows_per_pass: rows of all candidates in one forward/backward")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=1, help="torch threads; 0 = torch decides")
     parser.add_argument("--out", default=str(ROOT / "bench/results/candidates"))
@@ -151,6 +153,7 @@ def main() -> int:
                     "load_average_at_start": os.getloadavg()},
         "model": model_path.name,
         "passage": passage.title,
+        "rows_per_pass": args.rows_per_pass,
         "lora": {**base_config.__dict__, "learning_rate": f"{settings.lora.learning_rate:g} / half, alternating",
                  "seed": f"{args.seed} + candidate index"},
         "rows": [],
@@ -183,7 +186,7 @@ def main() -> int:
         # --- batched: the k adapters on the one base, then one mixed-adapter generate
         with PeakRss() as batch_rss:
             started = time.perf_counter()
-            with MultiLoraTrainer(model, tokenizer, specs).train() as trained:
+            with MultiLoraTrainer(model, tokenizer, specs, MultiLoraConfig(args.rows_per_pass)).train() as trained:
                 batch_train_s = time.perf_counter() - started
                 started = time.perf_counter()
                 names = [run.name for run in trained.runs for _ in prompts]
@@ -230,7 +233,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"Command: `{report['command']}`  ",
         f"Model: {report['model']} on {report['machine']['device']}, {report['machine']['torch_threads']} torch "
         f"thread(s), load average at start {tuple(round(x, 1) for x in report['machine']['load_average_at_start'])}; "
-        f"passage: {report['passage']}.",
+        f"passage: {report['passage']}; batched rows per pass: {report['rows_per_pass']}.",
         "",
         "| k | seq train s | batched train s | train × | seq score s | batched score s | score × | total × "
         "| cand/min seq → batched | peak RSS MiB seq / batched (growth in the phase) | max weight diff | accuracy seq / batched | same answers |",

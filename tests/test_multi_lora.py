@@ -5,11 +5,11 @@ forwards in both, each padded to its own longest row), and on these three candid
 adapters came out bit-identical. They need not be in general: when a pass holds rows of other
 lengths or other candidates (another max_rows_per_pass, a wider neighbour) the matmuls have other
 shapes, sums run in another order and a loss moves by ~1e-7 relative; a few AdamW steps carry that
-into the weights (bench/candidates.py measured up to ~2e-4 on SmolLM2-135M after 20 steps, where
-an earlier layout padded anchors to the passage's width). ATOL = 2e-5 admits that rounding on this
-model and is 25x below one AdamW step of the smallest learning rate here (an Adam step moves each
-weight by about lr = 5e-4), so a wrong batch, learning rate, seed, an extra or missing step or a
-shared optimizer fails it.
+into the weights (on SmolLM2-135M: 2e-5 after one step with two candidates in one pass, ~2e-4
+after 20 steps of an earlier layout that padded anchors to the passage's width). On this tiny
+model ATOL = 2e-5 leaves room for such rounding and is 25x below one AdamW step of the smallest
+learning rate here (an Adam step moves each weight by about lr = 5e-4), so a wrong batch, learning
+rate, seed, an extra or missing step or a shared optimizer fails it.
 """
 
 from __future__ import annotations

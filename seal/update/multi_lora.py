@@ -70,9 +70,12 @@ class MultiLoraConfig:
 
     # Most rows (training sequences + anchors, all candidates together) in one forward/backward.
     # A step with more rows is split into passes by whole candidates, which changes no result
-    # (candidates are independent) but bounds the memory of the logits (rows × length × vocab
-    # floats: 64 rows of 128 tokens of SmolLM2's 49k vocabulary are ~1.6 GB in float32).
-    max_rows_per_pass: int = 64
+    # (candidates are independent) but bounds the memory of the float32 logits and their
+    # log-softmaxes (rows × length × vocabulary each). On a CPU big passes only cost: with
+    # SmolLM2-135M (49k vocabulary), 4 candidates of 13 rows in one pass took 72 s against 40 s
+    # one after another, RSS +8.4 GB (bench/results/candidates.md), so the default is about one
+    # candidate's step (8 sequences + 8 anchors). On a GPU, raise it until memory says stop.
+    max_rows_per_pass: int = 16
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_rows_per_pass, int) or self.max_rows_per_pass < 1:
