@@ -155,6 +155,8 @@ def _num(value: Any, fmt: str) -> str:
 def markdown(result: dict[str, Any]) -> str:
     report = result["round"]["report"]
     restem = result["settings"]["restem"]
+    # restem.policy since the policy's LoRA became a nested model; older results spell it policy_<field>.
+    policy = restem.get("policy") or {key[len("policy_"):]: value for key, value in restem.items() if key.startswith("policy_")}
     before, after = result["before"]["summary"], result["after"]["summary"]
     lines = [
         f"# ReST^EM: one round on {report['contexts']} training contexts, policy evaluated on "
@@ -164,8 +166,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"Model: {result['model']}, teacher engine transformers, torch threads "
         f"{result['machine']['threads']}; grader {result['settings']['auditor']['grader']}.  ",
         f"Round: k={report['k']}, {report['seeds_per_edit']} seed(s) per self-edit, keep rule {restem['keep_rule']}; "
-        f"policy SFT: LoRA rank {restem['policy_rank']}, lr {restem['policy_learning_rate']}, "
-        f"{restem['policy_epochs']} epochs, from the base model.",
+        f"policy SFT: LoRA rank {policy['rank']}, lr {policy['learning_rate']}, "
+        f"{policy['epochs']} epochs, from the base model.",
         "",
         "## The round",
         "",

@@ -16,9 +16,9 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import BaseModel, Field, StringConstraints, model_validator
 from pydantic_settings import (
     BaseSettings,
     JsonConfigSettingsSource,
@@ -57,11 +57,21 @@ class ModelSettings(BaseModel):
     torch_threads: int = Field(0, ge=0, description="0 = let torch decide")
 
 
-class LoraSettings(BaseModel):
-    """Inner-loop update defaults; a self-edit's directives and Adapt overrides may change them."""
+# What a valid LoRA knob is, declared once: the student's inner loop (LoraSettings) and the
+# teacher's policy (PolicyLoraSettings) differ in defaults and wording, never in bounds.
+LoraLearningRate = Annotated[float, Field(gt=0, le=1.0)]
+LoraEpochs = Annotated[int, Field(ge=1, le=100)]
+LoraBatchSize = Annotated[int, Field(ge=1, le=256)]
+LoraMaxSeqLen = Annotated[int, Field(ge=16, le=8192)]
 
-    learning_rate: float = Field(1e-3, gt=0, le=1.0, description="AdamW learning rate of the LoRA matrices")
-    epochs: int = Field(10, ge=1, le=100, description="passes over the self-edit's training sequences")
+
+class LoraAdapterSettings(BaseModel):
+    """A LoRA adapter and how it is trained: the knobs the student's inner loop ([lora]) and the
+    teacher's policy ([restem.policy]) share. Each maps onto the field of the same name of
+    ``seal.update.lora_sft.LoraSFTConfig``."""
+
+    learning_rate: LoraLearningRate = Field(1e-3, description="AdamW learning rate of the LoRA matrices")
+    epochs: LoraEpochs = Field(10, description="passes over the self-edit's training sequences")
     rank: int = Field(16, ge=1, le=256, description="LoRA rank r")
     alpha: int = Field(32, ge=1, description="LoRA alpha; the update is scaled by alpha / rank")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
@@ -70,9 +80,14 @@ class LoraSettings(BaseModel):
         description="'mlp' (the feed-forward blocks' linear layers), 'all-linear' (every linear layer but the "
         "output head), or layer names separated by commas (e.g. 'q_proj,v_proj')",
     )
-    batch_size: int = Field(8, ge=1, le=256, description="training sequences per optimizer step")
-    max_seq_len: int = Field(256, ge=16, le=8192, description="tokens kept per training sequence (longer ones are cut)")
+    batch_size: LoraBatchSize = Field(8, description="training sequences per optimizer step")
+    max_seq_len: LoraMaxSeqLen = Field(256, description="tokens kept per training sequence (longer ones are cut)")
     grad_clip: float = Field(1.0, gt=0, description="max gradient norm per step")
+
+
+class LoraSettings(LoraAdapterSettings):
+    """Inner-loop update defaults; a self-edit's directives and Adapt overrides may change them."""
+
     max_examples: int = Field(64, ge=1, description="training sequences kept per self-edit")
     # Retention-aware SFT: anchors are the base model's own greedy answers to a fixed built-in set
     # of general prompts (seal.anchors), generated once per base-model fingerprint and cached in
@@ -219,8 +234,23 @@ class TeacherSettings(BaseModel):
     )
     vllm_max_lora_rank: int = Field(
         16, ge=1, le=512,
-        description="vllm engine: largest LoRA rank it can load (raised to restem.policy_rank if that is larger, "
+        description="vllm engine: largest LoRA rank it can load (raised to restem.policy.rank if that is larger, "
         "then rounded up to a rank vLLM supports: 8, 16, 32, 64, 128, 256, 320 or 512)",
+    )
+
+
+class PolicyLoraSettings(LoraAdapterSettings):
+    """The teacher's policy adapter (``restem.policy``): a LoRA a little gentler than the student's
+    inner loop, since it is trained on a whole round's winners at once and must not forget how to
+    follow the prompt. Only the defaults (and what a training example is) differ from [lora]."""
+
+    learning_rate: LoraLearningRate = Field(3e-4, description="AdamW learning rate of the policy's LoRA matrices")
+    epochs: LoraEpochs = Field(3, description="passes over a round's kept self-edits")
+    batch_size: LoraBatchSize = Field(4, description="(prompt, self-edit) examples per optimizer step")
+    max_seq_len: LoraMaxSeqLen = Field(
+        1024,
+        description="tokens per example, prompt plus self-edit; the self-edit is cut to fit, and a prompt that "
+        "does not fit below it is an error",
     )
 
 
@@ -228,8 +258,7 @@ class RestemSettings(BaseModel):
     """ReST^EM rounds (``seal train``): sample k self-edits per training context, score each
     through student and auditor, keep the best per context, SFT the teacher's policy on them.
 
-    The policy defaults are a LoRA a little gentler than the student's inner loop: it is trained
-    on a whole round's winners at once and must not forget how to follow the prompt."""
+    The policy's LoRA is :class:`PolicyLoraSettings` (``restem.policy``)."""
 
     # --- each round ---
     contexts: int = Field(
@@ -263,20 +292,36 @@ class RestemSettings(BaseModel):
         False, description="keep the scored candidates' adapter weights (off: only their manifests are kept)"
     )
     # --- the teacher's policy adapter (LoRA SFT on each round's kept self-edits) ---
+    # The name stays here, beside candidate_adapter_name: it names a lineage in a registry, it is
+    # not a hyperparameter of the LoRA (policy holds exactly what the SFT is trained with).
     policy_adapter_name: str = Field(
         "teacher-policy", pattern=ADAPTER_NAME_PATTERN,
         description="lineage of the teacher's policy adapter in <home>/teacher/registry",
     )
-    policy_learning_rate: float = Field(3e-4, gt=0, le=1.0, description="AdamW learning rate of the policy's LoRA matrices")
-    policy_epochs: int = Field(3, ge=1, le=100, description="passes over a round's kept self-edits")
-    policy_rank: int = Field(16, ge=1, le=256, description="LoRA rank r of the policy adapter")
-    policy_alpha: int = Field(32, ge=1, description="LoRA alpha of the policy adapter; the update is scaled by alpha / rank")
-    policy_batch_size: int = Field(4, ge=1, le=256, description="(prompt, self-edit) examples per optimizer step")
-    policy_max_seq_len: int = Field(
-        1024, ge=64, le=32768,
-        description="tokens per example, prompt plus self-edit; the self-edit is cut to fit, and a prompt that "
-        "does not fit below it is an error",
+    policy: PolicyLoraSettings = Field(
+        default_factory=PolicyLoraSettings,
+        description="the policy adapter's LoRA and its SFT (environment: SEAL_RESTEM__POLICY__<FIELD>, e.g. "
+        "SEAL_RESTEM__POLICY__RANK=8); the bounds are those of [lora], the defaults its own",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_flat_policy_keys(cls, data: Any) -> Any:
+        # The policy's LoRA was once spelt restem.policy_<field>; unknown keys are otherwise
+        # ignored, so an old config file or SEAL_RESTEM__POLICY_RANK would be dropped silently.
+        if isinstance(data, dict):
+            moved = sorted(
+                key for key in data
+                if isinstance(key, str) and key.startswith("policy_") and key[7:] in PolicyLoraSettings.model_fields
+            )
+            if moved:
+                raise ValueError(
+                    "moved: " + ", ".join(
+                        f"restem.{key} is now restem.policy.{key[7:]} "
+                        f"(environment SEAL_RESTEM__POLICY__{key[7:].upper()})" for key in moved
+                    )
+                )
+        return data
 
 
 class AuditorSettings(BaseModel):

@@ -87,7 +87,7 @@ def test_the_teacher_policy_trains_and_hot_loads_on_the_gpu(tiny_model_dir: Path
 
     settings = Settings(
         home=tmp_path, model={"path": str(tiny_model_dir)}, teacher={"engine": "transformers"},
-        restem={"policy_learning_rate": 2e-2, "policy_epochs": 30, "policy_batch_size": 2, "policy_max_seq_len": 256},
+        restem={"policy": {"learning_rate": 2e-2, "epochs": 30, "batch_size": 2, "max_seq_len": 256}},
     )
     policy = open_teacher_policy(settings)
     prompts = ["Write implications of: Velmora was founded in 1742.", "Write implications of: the lamp is red."]

@@ -349,5 +349,21 @@ def test_a_prompt_longer_than_the_budget_is_refused(embedded_tokenizer_dir: Path
     from seal.update.policy_sft import PolicyExample, chat_sft_example
 
     tokenizer = _tokenizer(embedded_tokenizer_dir, AutoTokenizer)
-    with pytest.raises(ValueError, match="policy_max_seq_len"):
+    with pytest.raises(ValueError, match=r"restem\.policy\.max_seq_len"):
         chat_sft_example(tokenizer, PolicyExample("word " * 300, "x"), 64)
+
+
+def test_the_vllm_engine_can_load_a_policy_of_the_configured_rank(monkeypatch, tmp_path: Path) -> None:
+    """``teacher.vllm_max_lora_rank`` is raised to ``restem.policy.rank`` (vLLM refuses a LoRA
+    above its max rank); the engine class is replaced, the choice of its arguments is real."""
+    import seal.engines as engines
+    import seal.engines.vllm_engine as vllm_engine
+    from seal.config import Settings
+
+    built: list[dict[str, object]] = []
+    monkeypatch.setattr(engines, "resolve_engine_kind", lambda requested: "vllm")
+    monkeypatch.setattr(vllm_engine, "VllmEngine", lambda path, **kwargs: built.append(kwargs))
+    for policy_rank, expected in ((64, 64), (8, 16)):
+        settings = Settings(home=tmp_path, restem={"policy": {"rank": policy_rank}})
+        engines.create_policy_engine(settings, tmp_path)
+        assert built[-1]["max_lora_rank"] == expected

@@ -34,7 +34,7 @@ def settings_env(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.Monke
         "SEAL_TEACHER__MAX_NEW_TOKENS": "24",
         "SEAL_LORA__EPOCHS": "1",
         "SEAL_AUDITOR__ANSWER_MAX_NEW_TOKENS": "6",
-        "SEAL_RESTEM__POLICY_MAX_SEQ_LEN": "256",
+        "SEAL_RESTEM__POLICY__MAX_SEQ_LEN": "256",
         "SEAL_GUARDRAILS__UNKNOWN_ENTITIES__ENABLED": "false",
     }
     for key, value in environment.items():

@@ -220,8 +220,7 @@ def fewshot_restem_settings(home: Path, model_dir: Path) -> Settings:
         # One epoch on two examples: a recipe of the round trains 1-2 steps, scores one view.
         fewshot={"max_examples": 2, "leave_two_out": False, "max_steps": 8, "vote_views": ["identity"],
                  "answer_max_new_tokens": 16, "max_seq_len": 512},
-        restem={"k": 2, "policy_learning_rate": 2e-2, "policy_epochs": 2, "policy_batch_size": 2,
-                "policy_max_seq_len": 512},
+        restem={"k": 2, "policy": {"learning_rate": 2e-2, "epochs": 2, "batch_size": 2, "max_seq_len": 512}},
     )
 
 
@@ -233,8 +232,8 @@ def warm_start_policy(settings: Settings, task: ArcTask) -> None:
     the round has both kinds of sample."""
     from seal.rl.policy import open_teacher_policy
 
-    warm = settings.model_copy(update={"restem": settings.restem.model_copy(
-        update={"policy_learning_rate": 5e-2, "policy_epochs": 30, "policy_batch_size": 1})})
+    policy_lora = settings.restem.policy.model_copy(update={"learning_rate": 5e-2, "epochs": 30, "batch_size": 1})
+    warm = settings.model_copy(update={"restem": settings.restem.model_copy(update={"policy": policy_lora})})
     policy = open_teacher_policy(warm)
     policy.train([(build_self_edit_prompt(task, settings.fewshot), RECIPE)], "warm-start", seed=0)
     policy.engine.close()

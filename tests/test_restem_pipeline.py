@@ -44,7 +44,7 @@ def restem_settings(home: Path, model_dir: Path) -> Settings:
         teacher={"max_new_tokens": 32, "default_k": 2, "engine": "transformers"},
         auditor={"answer_max_new_tokens": 8},
         # A strong, quick policy update: the tests check that it lands, not that it is gentle.
-        restem={"k": 2, "policy_learning_rate": 5e-3, "policy_epochs": 3, "policy_max_seq_len": 256},
+        restem={"k": 2, "policy": {"learning_rate": 5e-3, "epochs": 3, "max_seq_len": 256}},
         guardrails={"unknown_entities": {"enabled": False}},
     )
 
@@ -89,10 +89,9 @@ def test_hot_loading_a_policy_changes_the_teachers_outputs(tiny_model_dir: Path,
     from seal.models import SamplingParams
     from seal.rl.policy import open_teacher_policy
 
-    settings = restem_settings(tmp_path, tiny_model_dir).model_copy(
-        update={"restem": restem_settings(tmp_path, tiny_model_dir).restem.model_copy(
-            update={"policy_learning_rate": 2e-2, "policy_epochs": 30, "policy_batch_size": 2})}
-    )
+    base = restem_settings(tmp_path, tiny_model_dir)
+    policy_lora = base.restem.policy.model_copy(update={"learning_rate": 2e-2, "epochs": 30, "batch_size": 2})
+    settings = base.model_copy(update={"restem": base.restem.model_copy(update={"policy": policy_lora})})
     policy = open_teacher_policy(settings)
     assert policy.load_serving() is None and policy.adapter_id == ""
     prompts = ["Write implications of: Velmora was founded in 1742.", "Write implications of: the lamp is red."]

@@ -51,8 +51,8 @@ def policy(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
         teacher={"engine": "vllm", "vllm_dtype": "float32", "vllm_max_model_len": 512, "vllm_max_lora_rank": 8},
         # lr 2e-2 memorises the targets too, but its last Adam steps on a near-zero loss can
         # overshoot (measured: v2 then ends "four four four five"); 1e-2 x 40 lands every time.
-        restem={"policy_rank": 8, "policy_alpha": 16, "policy_learning_rate": 1e-2, "policy_epochs": 40,
-                "policy_batch_size": 2, "policy_max_seq_len": 256},
+        restem={"policy": {"rank": 8, "alpha": 16, "learning_rate": 1e-2, "epochs": 40, "batch_size": 2,
+                           "max_seq_len": 256}},
     )
     policy = open_teacher_policy(settings)
     yield policy

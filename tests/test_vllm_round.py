@@ -50,8 +50,8 @@ def test_a_round_trains_the_policy_and_vllm_samples_with_it(
         auditor={"answer_max_new_tokens": 8},
         # A policy update strong enough to memorise each context's kept self-edit (see
         # tests/test_vllm_engine.py for why not a larger learning rate).
-        restem={"k": 2, "policy_rank": 8, "policy_alpha": 16, "policy_learning_rate": 1e-2, "policy_epochs": 40,
-                "policy_batch_size": 2, "policy_max_seq_len": 256},
+        restem={"k": 2, "policy": {"rank": 8, "alpha": 16, "learning_rate": 1e-2, "epochs": 40, "batch_size": 2,
+                                   "max_seq_len": 256}},
         # Random weights write random proper nouns, which this guardrail would refuse.
         guardrails={"unknown_entities": {"enabled": False}},
     )

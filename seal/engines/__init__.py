@@ -104,7 +104,7 @@ def create_policy_engine(settings: Settings, model_path: Path) -> PolicyEngine:
             dtype=teacher.vllm_dtype,
             max_model_len=teacher.vllm_max_model_len,
             gpu_memory_utilization=teacher.vllm_gpu_memory_utilization,
-            max_lora_rank=max(teacher.vllm_max_lora_rank, settings.restem.policy_rank),
+            max_lora_rank=max(teacher.vllm_max_lora_rank, settings.restem.policy.rank),
             seed=settings.seed,
         )
     from seal.engines.transformers_engine import PeftPolicyEngine

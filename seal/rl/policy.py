@@ -159,20 +159,9 @@ class TeacherPolicy:
 
 
 def policy_sft_config(settings: Settings, seed: int) -> LoraSFTConfig:
-    """The policy's LoRA SFT hyperparameters from ``settings.restem``."""
-    restem = settings.restem
-    return LoraSFTConfig(
-        learning_rate=restem.policy_learning_rate,
-        epochs=restem.policy_epochs,
-        rank=restem.policy_rank,
-        alpha=restem.policy_alpha,
-        dropout=0.0,
-        target_modules=settings.lora.target_modules,
-        batch_size=restem.policy_batch_size,
-        max_seq_len=restem.policy_max_seq_len,
-        grad_clip=settings.lora.grad_clip,
-        seed=seed,
-    )
+    """The policy's LoRA SFT hyperparameters: ``settings.restem.policy``, field for field (its
+    fields are a subset of :class:`LoraSFTConfig`'s; rehearsal and the KL penalty stay off)."""
+    return LoraSFTConfig(**settings.restem.policy.model_dump(), seed=seed)
 
 
 def open_teacher_policy(settings: Settings) -> TeacherPolicy:

@@ -50,7 +50,7 @@ def chat_sft_example(tokenizer: Any, example: PolicyExample, max_seq_len: int) -
     prompt_ids = encode_chat_prompt(tokenizer, example.prompt)
     if len(prompt_ids) >= max_seq_len:
         raise ValueError(
-            f"the self-edit prompt has {len(prompt_ids)} tokens, not below restem.policy_max_seq_len="
+            f"the self-edit prompt has {len(prompt_ids)} tokens, not below restem.policy.max_seq_len="
             f"{max_seq_len}; raise it so the completion fits after the prompt"
         )
     completion_ids = [*tokenizer(example.completion.strip(), add_special_tokens=False)["input_ids"], eos_id]
