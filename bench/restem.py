@@ -31,7 +31,7 @@ from rich.console import Console
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from seal.cli import run_train  # noqa: E402
+from seal.cli.train import run_train  # noqa: E402
 from seal.config import Settings  # noqa: E402
 from seal.domains.knowledge import KnowledgeContext, load_squad  # noqa: E402
 from seal.evaluation import EvalConfig, evaluate_stored_policy  # noqa: E402

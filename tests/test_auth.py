@@ -691,6 +691,7 @@ def test_health_answers_while_the_rpc_limit_is_saturated(tmp_path: Path) -> None
 
 def test_seal_up_refuses_an_unconfigured_secure_start_and_takes_insecure_explicitly(monkeypatch, capsys) -> None:
     from seal import cli
+    from seal.cli.services import with_insecure
 
     monkeypatch.setattr(cli, "get_settings", lambda: Settings(auth=AuthSettings()))
     assert cli.main(["up"]) == 2  # before any child starts
@@ -698,5 +699,5 @@ def test_seal_up_refuses_an_unconfigured_secure_start_and_takes_insecure_explici
     assert "auth.principals_file" in out and "insecure" in out
     assert cli.build_parser().parse_args(["up", "--insecure"]).insecure
     assert cli.build_parser().parse_args(["demo", "--insecure"]).insecure
-    insecure = cli.with_insecure(Settings(auth=AuthSettings()), True)
+    insecure = with_insecure(Settings(auth=AuthSettings()), True)
     assert insecure.auth.insecure and "authentication is OFF" in capsys.readouterr().out

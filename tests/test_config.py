@@ -71,11 +71,11 @@ def test_config_show_prints_every_setting(monkeypatch) -> None:
 
     from rich.console import Console
 
-    from seal import cli
+    from seal.cli import admin, render
 
     out = io.StringIO()
-    monkeypatch.setattr(cli, "console", Console(file=out, width=400, color_system=None))
-    assert cli.cmd_config(argparse.Namespace(action="show", json=False), Settings()) == 0
+    monkeypatch.setattr(render, "console", Console(file=out, width=400, color_system=None))
+    assert admin.cmd_config(argparse.Namespace(action="show", json=False), Settings()) == 0
     text = out.getvalue()
     # The injection patterns contain "[/?inst\]", which rich would read as a closing markup tag.
     assert "guardrails.prompt_injection.patterns" in text and "[/?inst" in text

@@ -326,7 +326,8 @@ def test_the_cli_builds_an_adapt_request_from_an_arc_file_with_its_gold_outputs(
     import argparse
     from pathlib import Path
 
-    from seal.cli import build_parser, fewshot_adapt_request
+    from seal.cli import build_parser
+    from seal.cli.adapt import fewshot_adapt_request
 
     challenges = Path(__file__).resolve().parents[2] / "shared/data/arc/arc-agi_evaluation_challenges_filtered_1B_eval_set.json"
     if not challenges.is_file():

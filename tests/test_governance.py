@@ -158,14 +158,15 @@ def _cli(*argv: str) -> tuple[int, str]:
     from rich.console import Console
 
     from seal import cli
+    from seal.cli import render
 
     buffer = io.StringIO()
-    original = cli.console
-    cli.console = Console(file=buffer, width=200)
+    original = render.console
+    render.console = Console(file=buffer, width=200)
     try:
         code = cli.main(list(argv))
     finally:
-        cli.console = original
+        render.console = original
     return code, buffer.getvalue()
 
 

@@ -175,7 +175,8 @@ def test_train_request_inputs_default_to_the_fewshot_keep_rule(tmp_path: Path) -
 
 
 def test_seal_train_domain_fewshot_sends_the_named_arc_tasks_with_their_gold_outputs() -> None:
-    from seal.cli import build_parser, fewshot_train_request
+    from seal.cli import build_parser
+    from seal.cli.train import fewshot_train_request
 
     tasks = seal_training_tasks()
     challenges = str(ARC_DIR / SEAL_TRAIN_CHALLENGES)
