@@ -4,7 +4,9 @@ Every caller runs a candidate through :func:`score_candidate`: ``Adapt`` (``run_
 in ``teacher_svc``), ReST^EM's E-step (``seal.rl.restem`` through ``teacher_svc.restem.pipeline_scorer``) and policy
 evaluation (``seal.evaluation``). They differ only in the ports they are given and in what they
 do with the outcome — Adapt promotes the best candidate that passes every gate, ReST^EM keeps the
-reward and discards the adapter, evaluation keeps the accuracies.
+reward and discards the adapter, evaluation keeps the accuracies. With ``batch_candidates`` (the
+``student.batch_candidates`` setting) Adapt runs the same three steps over all k at once instead:
+every check, one :meth:`StudentPort.train_many` for the candidates that passed, every score.
 
 The pipeline depends on two abstractions, never on a transport (vLLM's ``EngineClient`` is the
 model): :class:`StudentPort` trains and changes an adapter's status, :class:`AuditorPort` checks
@@ -187,6 +189,23 @@ class StudentPort(Protocol):
     ) -> Iterator[TrainingStep | TrainedAdapter]:
         """The update's steps as they happen, then exactly one :class:`TrainedAdapter`.
         ``training_prompts``: questions about C an on-policy rule (SDFT) distils on; never τ."""
+        ...
+
+    def train_many(
+        self,
+        task: Task,
+        proposals: Sequence[Proposal],
+        *,
+        adapter_name: str,
+        seeds: Sequence[int],
+        overrides: Mapping[str, Any],
+        training_prompts: Sequence[str] = (),
+    ) -> Iterator[tuple[int, TrainingStep | TrainedAdapter | CandidateRefused]]:
+        """The candidates of several self-edits of one task trained in one call (the student may
+        train them together): ``(position in proposals, event)`` as they happen, where each
+        position ends with exactly one :class:`TrainedAdapter` or :class:`CandidateRefused` (that
+        candidate alone is refused). ``seeds[i]`` is ``proposals[i]``'s seed. Anything that is not
+        the self-edit's fault raises and ends the step, as :meth:`train` does."""
         ...
 
     def answer_with_base(self, prompts: Sequence[str], *, max_new_tokens: int) -> list[str]:
@@ -488,6 +507,93 @@ def _candidate_steps(
     yield CandidateScored(proposal.index, adapter.adapter_id, score, outcome.score_seconds)
 
 
+def _batched_candidates(
+    task: Task,
+    proposals: Sequence[Proposal],
+    *,
+    student: StudentPort,
+    auditor: AuditorPort,
+    adapter_name: str,
+    seed: int,
+    request_id: str,
+    overrides: Mapping[str, Any],
+    training_prompts: Sequence[str],
+    clock: PhaseClock,
+    tracer: trace.Tracer | None,
+) -> Iterator[Event]:
+    """Every self-edit checked, every one that passed trained in one ``train_many`` call, then
+    each trained candidate scored: the same events and outcomes as :func:`score_candidate` per
+    self-edit. Returns the outcomes in the proposals' order."""
+    outcomes = [CandidateOutcome(proposal, seed + proposal.index) for proposal in proposals]
+    checks: dict[int, GuardrailCheck] = {}
+    for position, outcome in enumerate(outcomes):
+        index = outcome.proposal.index
+        started = time.perf_counter()
+        with _span(tracer, "seal.check", {"seal.candidate.index": index}) as span:
+            check = auditor.check(task, outcome.proposal, seed=outcome.seed, request_id=request_id)
+            span.set_attributes({"seal.gates.passed": check.passed, "seal.gates.failed": check.failed_rules})
+        clock.add("scoring", started)
+        outcome.gates = check.gates
+        if not check.passed:
+            outcome.failure = f"guardrails failed before training: {', '.join(check.failed_rules)}"
+            yield CandidateFailed(index, outcome.failure, check.gates)
+            continue
+        checks[position] = check
+
+    training = [outcomes[position] for position in checks]
+    if training:
+        started = time.perf_counter()
+        with _span(tracer, "seal.train", {"seal.candidates": len(training)}) as span:
+            updates = student.train_many(
+                task, [o.proposal for o in training], adapter_name=adapter_name, seeds=[o.seed for o in training],
+                overrides=overrides, training_prompts=training_prompts,
+            )
+            for position, update in updates:
+                if not 0 <= position < len(training) or training[position].adapter or training[position].failure:
+                    raise RuntimeError(f"the student's batch training stream sent an event for candidate {position} "
+                                       "that has none to come")
+                outcome = training[position]
+                index = outcome.proposal.index
+                if isinstance(update, TrainingStep):
+                    yield CandidateProgress(index, update.step, update.total_steps, update.loss)
+                elif isinstance(update, TrainedAdapter):
+                    outcome.train_seconds = time.perf_counter() - started
+                    outcome.adapter = update
+                    yield CandidateTrained(index, update)
+                else:
+                    outcome.train_seconds = time.perf_counter() - started
+                    outcome.failure = f"training failed: {update}"
+                    yield CandidateFailed(index, outcome.failure)
+            unfinished = [o.proposal.index for o in training if o.adapter is None and not o.failure]
+            if unfinished:
+                # Never score anything in their place.
+                raise RuntimeError(
+                    f"the student's training stream for self-edit {', '.join(f'#{i}' for i in unfinished)} "
+                    "ended without an adapter"
+                )
+            span.set_attribute("seal.candidates.trained", sum(o.adapter is not None for o in training))
+        clock.add("training", started)
+
+    for position, check in checks.items():
+        outcome = outcomes[position]
+        adapter = outcome.adapter
+        if adapter is None:
+            continue
+        started = time.perf_counter()
+        attributes = {"seal.candidate.index": outcome.proposal.index, **_adapter_attributes(adapter)}
+        with _span(tracer, "seal.score", attributes) as span:
+            score = auditor.score(
+                task, outcome.proposal, adapter, seed=outcome.seed, guardrails=check, request_id=request_id,
+                measure_retention=True,
+            )
+            span.set_attributes(_score_attributes(score))
+        outcome.score_seconds = clock.add("scoring", started)
+        outcome.score = score
+        outcome.gates = score.gates
+        yield CandidateScored(outcome.proposal.index, adapter.adapter_id, score, outcome.score_seconds)
+    return outcomes
+
+
 def drain(events: Iterator[Event]) -> Any:
     """Run a step to its end without a listener and return its result (a generator's return value)."""
     while True:
@@ -624,6 +730,7 @@ def run_adapt(
     needs_training_prompts: bool = False,
     tracer: trace.Tracer | None = None,
     trace_attributes: Attributes | None = None,
+    batch_candidates: bool = False,
 ) -> Iterator[Event]:
     """One Adapt call: k self-edits, a candidate per edit, the best passing candidate promoted,
     every other scored candidate rejected. Yields events as they happen; the last is
@@ -636,7 +743,13 @@ def run_adapt(
     With a ``tracer`` the call is one ``seal.adapt`` span (with ``trace_attributes``, the
     caller's facts such as the update rule) whose children are ``seal.write_questions`` (when τ
     is written), ``seal.propose``, ``seal.baseline``, a ``seal.candidate`` per self-edit (see
-    :func:`score_candidate`) and ``seal.decide``."""
+    :func:`score_candidate`) and ``seal.decide``.
+
+    ``batch_candidates`` (the ``student.batch_candidates`` setting) with k > 1: every self-edit is
+    checked first, then every one that passed is trained in one :meth:`StudentPort.train_many`
+    call, then each is scored; the events and the result are those of the one-at-a-time path
+    (progress of several candidates may interleave). The spans are then a ``seal.check`` and a
+    ``seal.score`` per candidate and one ``seal.train`` for the batch, children of ``seal.adapt``."""
     request_id = request_id or uuid.uuid4().hex[:12]
     attributes: Attributes = {
         "seal.request_id": request_id, "seal.k": k, "seal.adapter.name": adapter_name, "seal.seed": seed,
@@ -646,7 +759,7 @@ def run_adapt(
         yield from _adapt_steps(
             task, propose=propose, student=student, auditor=auditor, k=k, seed=seed, adapter_name=adapter_name,
             overrides=overrides, request_id=request_id, write_questions=write_questions,
-            needs_training_prompts=needs_training_prompts, tracer=tracer,
+            needs_training_prompts=needs_training_prompts, tracer=tracer, batch_candidates=batch_candidates,
         )
 
 
@@ -664,6 +777,7 @@ def _adapt_steps(
     write_questions: WriteQuestionsFn | None,
     needs_training_prompts: bool,
     tracer: trace.Tracer | None,
+    batch_candidates: bool = False,
 ) -> Iterator[Event]:
     """:func:`run_adapt`'s steps, inside its span."""
     clock, started_total = PhaseClock(), time.perf_counter()
@@ -715,13 +829,20 @@ def _adapt_steps(
     yield BaselineScored(baseline)
 
     candidates: list[CandidateOutcome] = []
-    for proposal in proposals:
-        outcome = yield from score_candidate(
-            task, proposal, student=student, auditor=auditor, adapter_name=adapter_name,
-            seed=seed + proposal.index, request_id=request_id, overrides=overrides,
-            training_prompts=training_prompts, clock=clock, tracer=tracer,
+    if batch_candidates and len(proposals) > 1:
+        candidates = yield from _batched_candidates(
+            task, proposals, student=student, auditor=auditor, adapter_name=adapter_name, seed=seed,
+            request_id=request_id, overrides=overrides or {}, training_prompts=training_prompts, clock=clock,
+            tracer=tracer,
         )
-        candidates.append(outcome)
+    else:
+        for proposal in proposals:
+            outcome = yield from score_candidate(
+                task, proposal, student=student, auditor=auditor, adapter_name=adapter_name,
+                seed=seed + proposal.index, request_id=request_id, overrides=overrides,
+                training_prompts=training_prompts, clock=clock, tracer=tracer,
+            )
+            candidates.append(outcome)
 
     with _span(tracer, "seal.decide") as span:
         best, reason = _decide(candidates, student, k=k, request_id=request_id)

@@ -71,6 +71,7 @@ METHOD_SCOPES: dict[str, frozenset[str]] = {
     # student: the teacher trains, promotes and rejects during Adapt and Train; the auditor answers
     # questions, reads manifests and rolls back after a failed re-check.
     "/seal.v1.StudentService/ApplySelfEdit": frozenset({SERVICE_TEACHER}),
+    "/seal.v1.StudentService/ApplySelfEdits": frozenset({SERVICE_TEACHER}),
     "/seal.v1.StudentService/Generate": frozenset({GENERATE, SERVICE_TEACHER, SERVICE_AUDITOR}),
     "/seal.v1.StudentService/ListAdapters": frozenset({READ, SERVICE_TEACHER, SERVICE_AUDITOR}),
     "/seal.v1.StudentService/GetAdapter": frozenset({READ, SERVICE_TEACHER, SERVICE_AUDITOR}),

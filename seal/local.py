@@ -14,6 +14,7 @@ from seal import adapt
 from seal.auditor import Auditor, accuracy_of
 from seal.domains import fewshot_audit
 from seal.domains.fewshot import FewShotSettings, task_to_dict
+from seal.executors import CandidateJob
 from seal.guardrails import GuardrailSettings, check_self_edit
 from seal.models import SamplingParams
 from seal.retention import RetentionProbe
@@ -62,6 +63,57 @@ class LocalStudentPort:
                 raise adapt.CandidateRefused(str(exc)) from exc
             raise
         yield adapt.TrainedAdapter(result.manifest.adapter_id, result.training_sequences, result.seconds, result.manifest)
+
+    def train_many(
+        self,
+        task: adapt.Task,
+        proposals: Sequence[adapt.Proposal],
+        *,
+        adapter_name: str,
+        seeds: Sequence[int],
+        overrides: Mapping[str, Any],
+        training_prompts: Sequence[str] = (),
+    ) -> Iterator[tuple[int, adapt.TrainingStep | adapt.TrainedAdapter | adapt.CandidateRefused]]:
+        """One batch through the student's executor (``Student.train_candidates``: together when
+        ``student.batch_candidates``); each candidate's result comes once the batch has ended."""
+        if len(seeds) != len(proposals):
+            raise ValueError(f"{len(proposals)} self-edits but {len(seeds)} seeds")
+        options = dict(overrides)
+        include_passage = bool(options.pop("include_passage", True))
+        jobs = [
+            CandidateJob(
+                adapter_name=adapter_name,
+                title=task.title,
+                passage=task.passage,
+                self_edit=proposal.text,
+                context_id=task.context_id,
+                overrides=options,
+                include_passage=include_passage,
+                seed=seed,
+                training_prompts=tuple(training_prompts),
+                fewshot_task=task_to_dict(task.fewshot) if task.fewshot is not None else None,
+            )
+            for proposal, seed in zip(proposals, seeds, strict=True)
+        ]
+
+        def work(emit: Callable[[tuple[int, adapt.TrainingStep]], None]) -> Any:
+            return self._student.train_candidates(
+                jobs,
+                on_step=lambda position, step, total, loss: emit((position, adapt.TrainingStep(step, total, loss))),
+                should_stop=self._should_stop,
+            )
+
+        outcomes = yield from stream_callbacks(work, name="seal-local-train-many")
+        for outcome in outcomes:
+            if outcome.result is not None:
+                result = outcome.result
+                yield outcome.position, adapt.TrainedAdapter(
+                    result.manifest.adapter_id, result.training_sequences, result.seconds, result.manifest
+                )
+            elif outcome.refused:
+                yield outcome.position, adapt.CandidateRefused(outcome.failure)
+            else:  # not the self-edit's fault: raised as a lone training would have raised it
+                outcome.result_or_raise()
 
     def answer_with_base(self, prompts: Sequence[str], *, max_new_tokens: int) -> list[str]:
         generations, _ = self._student.generate(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -26,6 +26,7 @@ from seal.limits import (
     check_text,
     check_texts,
     check_update_overrides,
+    echo,
 )
 from seal.models import SamplingParams
 from seal.registry import Manifest, parse_adapter_id
@@ -36,9 +37,11 @@ from seal.rpc import (
     current_principal,
     deadline_checker,
     dial,
+    error_message,
     map_errors,
     remaining_timeout,
     start_configured_service,
+    status_code_for,
 )
 from seal.serving import resolve_backend
 from seal.student import AdapterChoice, Student
@@ -178,12 +181,10 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
         """A status change's reason: kept in the manifest and the audit log for good, so bounded."""
         return check_text("reason", reason, self._settings.limits.max_reason_chars, "max_reason_chars") or default
 
-    @map_errors
-    def ApplySelfEdit(self, request: student_pb2.ApplySelfEditRequest, context: grpc.ServicerContext) -> Iterator[student_pb2.ApplySelfEditResponse]:
-        # Everything is checked before the training thread starts: a refused request creates
-        # nothing (no lineage lock, no staging directory, no registry entry).
+    def _job(self, request: student_pb2.ApplySelfEditRequest, adapter_name: str) -> CandidateJob:
+        """One candidate's request checked against every input limit, as a job: raises ValueError
+        (INVALID_ARGUMENT) before anything is created."""
         limits = self._settings.limits
-        adapter_name = check_adapter_name(request.adapter_name or self._settings.adapter_name)
         fewshot = convert.fewshot_field(request)
         arc = convert.fewshot_from_proto(fewshot) if fewshot is not None else None
         if arc is not None:
@@ -200,6 +201,40 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
             convert.overrides_from_proto(request.overrides), field_names=convert.OVERRIDE_FIELDS
         ))
         include_passage = overrides.pop("include_passage", True)
+        return CandidateJob(
+            adapter_name=adapter_name,
+            title=request.context.title,
+            passage=request.context.passage,
+            self_edit=request.self_edit,
+            context_id=(
+                arc.context_id if arc is not None else context_digest(request.context.title, request.context.passage)
+            ),
+            overrides=overrides,
+            include_passage=include_passage,
+            seed=request.seed if request.HasField("seed") else None,
+            training_prompts=tuple(request.training_prompts),
+            fewshot_task=task_to_dict(arc) if arc is not None else None,
+        )
+
+    def _start_training(self, work: Callable[[], None], context: grpc.ServicerContext) -> threading.Thread:
+        """``work`` on a training thread once a training slot is free; ``work`` must release it.
+        Raises Overloaded (RESOURCE_EXHAUSTED, retry hint) when the queue is full or the wait ran out."""
+        self._training.acquire(
+            remaining_timeout(context, self._settings.student.training_queue_wait_s), deadline_checker(context)
+        )
+        worker = threading.Thread(target=work, name="student-train", daemon=True)
+        try:
+            worker.start()
+        except BaseException:
+            self._training.release()
+            raise
+        return worker
+
+    @map_errors
+    def ApplySelfEdit(self, request: student_pb2.ApplySelfEditRequest, context: grpc.ServicerContext) -> Iterator[student_pb2.ApplySelfEditResponse]:
+        # Everything is checked before the training thread starts: a refused request creates
+        # nothing (no lineage lock, no staging directory, no registry entry).
+        job = self._job(request, check_adapter_name(request.adapter_name or self._settings.adapter_name))
         events: queue.Queue[Any] = queue.Queue()
         finished = object()
         outcome: dict[str, Any] = {}
@@ -209,21 +244,6 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
 
         def train() -> None:
             try:
-                job = CandidateJob(
-                    adapter_name=adapter_name,
-                    title=request.context.title,
-                    passage=request.context.passage,
-                    self_edit=request.self_edit,
-                    context_id=(
-                        arc.context_id if arc is not None
-                        else context_digest(request.context.title, request.context.passage)
-                    ),
-                    overrides=overrides,
-                    include_passage=include_passage,
-                    seed=request.seed if request.HasField("seed") else None,
-                    training_prompts=tuple(request.training_prompts),
-                    fewshot_task=task_to_dict(arc) if arc is not None else None,
-                )
                 # A batch of one through the configured executor (student.executor): in process it
                 # streams every step; as a Kubernetes Job the steps happen in the pod.
                 [candidate] = self._student.train_candidates(
@@ -237,16 +257,7 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
                 self._training.release()  # held exactly while training runs, even if the caller left
                 events.put(finished)
 
-        # Raises Overloaded (RESOURCE_EXHAUSTED, retry hint) when the queue is full or the wait ran out.
-        self._training.acquire(
-            remaining_timeout(context, self._settings.student.training_queue_wait_s), deadline_checker(context)
-        )
-        worker = threading.Thread(target=train, name="student-train", daemon=True)
-        try:
-            worker.start()
-        except BaseException:
-            self._training.release()
-            raise
+        worker = self._start_training(train, context)
         while (event := events.get()) is not finished:
             yield student_pb2.ApplySelfEditResponse(progress=event)
         worker.join()
@@ -257,6 +268,78 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
         self._candidates.inc()
         self._training_seconds.observe(result.seconds)
         yield student_pb2.ApplySelfEditResponse(candidate=self._proto(result.manifest))
+
+    @map_errors
+    def ApplySelfEdits(self, request: student_pb2.ApplySelfEditsRequest, context: grpc.ServicerContext) -> Iterator[student_pb2.ApplySelfEditsResponse]:
+        # Every candidate is checked before training starts: a request with one candidate that
+        # breaks a limit is refused whole (INVALID_ARGUMENT) and creates nothing. A self-edit the
+        # trainer cannot use fails that candidate alone (a Failed event).
+        adapter_name = check_adapter_name(request.adapter_name or self._settings.adapter_name)
+        max_k = self._settings.teacher.max_k
+        if not request.candidates:
+            raise ValueError("candidates is empty: send at least one self-edit to train")
+        if len(request.candidates) > max_k:
+            raise ValueError(
+                f"candidates has {len(request.candidates)} entries, above the limit of {max_k}; "
+                "send fewer or raise teacher.max_k"
+            )
+        jobs: list[CandidateJob] = []
+        for index, candidate in enumerate(request.candidates):
+            try:
+                if candidate.adapter_name and candidate.adapter_name != adapter_name:
+                    raise ValueError(
+                        f"adapter_name {echo(candidate.adapter_name)} differs from the request's "
+                        f"{adapter_name!r}: one call trains candidates of one lineage"
+                    )
+                jobs.append(self._job(candidate, adapter_name))
+            except ValueError as exc:
+                if type(exc) is not ValueError:
+                    raise
+                raise ValueError(f"candidates[{index}]: {exc}") from exc
+        events: queue.Queue[Any] = queue.Queue()
+        finished = object()
+        outcome: dict[str, Any] = {}
+
+        def on_step(position: int, step: int, total: int, loss: float) -> None:
+            events.put(student_pb2.ApplySelfEditsResponse(progress=student_pb2.ApplySelfEditsResponse.Progress(
+                index=position, progress=common_pb2.TrainingProgress(step=step, total_steps=total, loss=loss),
+            )))
+
+        def train() -> None:
+            try:
+                # One training slot for the whole batch; the configured executor decides how its
+                # candidates run (in process: together, student.batch_candidates).
+                outcome["candidates"] = self._student.train_candidates(
+                    jobs, on_step=on_step, should_stop=deadline_checker(context)
+                )
+            except Exception as exc:  # noqa: BLE001 - re-raised in the RPC thread below
+                outcome["error"] = exc
+            finally:
+                self._training.release()  # held exactly while training runs, even if the caller left
+                events.put(finished)
+
+        worker = self._start_training(train, context)
+        while (event := events.get()) is not finished:
+            yield event
+        worker.join()
+        if "error" in outcome:  # the executor could not run the batch at all
+            self._training_failures.labels(type(outcome["error"]).__name__).inc()
+            raise outcome["error"]
+        for candidate in outcome["candidates"]:
+            if candidate.result is not None:
+                self._candidates.inc()
+                self._training_seconds.observe(candidate.result.seconds)
+                yield student_pb2.ApplySelfEditsResponse(trained=student_pb2.ApplySelfEditsResponse.Trained(
+                    index=candidate.position, candidate=self._proto(candidate.result.manifest),
+                ))
+                continue
+            error = candidate.error
+            self._training_failures.labels(type(error).__name__ if error is not None else candidate.code).inc()
+            yield student_pb2.ApplySelfEditsResponse(failed=student_pb2.ApplySelfEditsResponse.Failed(
+                index=candidate.position,
+                code=status_code_for(error).name.lower() if error is not None else candidate.code or "internal",
+                message=error_message(error) if error is not None else candidate.failure,
+            ))
 
     @map_errors
     def Generate(self, request: student_pb2.GenerateRequest, context: grpc.ServicerContext) -> student_pb2.GenerateResponse:

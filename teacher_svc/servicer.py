@@ -280,6 +280,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
             request_id=request_id,
             tracer=self._tracer,
             trace_attributes={"seal.update_rule": rule, "seal.prompt_style": style, "seal.domain": task.domain},
+            batch_candidates=self._settings.student.batch_candidates,
         )
         failed: list[CandidateFailed] = []
         scored: list[CandidateScored] = []

@@ -113,6 +113,10 @@ def traced_adapt(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     """One Adapt with k=2 over the three services, each exporting to its own in-memory exporter;
     the spans are read after the stack stopped, so every one of them has ended."""
     settings = tiny_settings(tmp_path_factory.mktemp("traced"), tiny_model_dir)
+    # One candidate at a time: the span tree below (a seal.candidate per self-edit, each with its
+    # own ApplySelfEdit) is that path's; the batched path's spans are seal.adapt's children
+    # seal.check / one seal.train / seal.score (seal.adapt.run_adapt, tests/test_batched_adapt.py).
+    settings = settings.model_copy(update={"student": settings.student.model_copy(update={"batch_candidates": False})})
     exporters = {role: InMemorySpanExporter() for role in ROLES}
     tracing = {role: build_tracing(role, settings.tracing, exporter=exporters[role]) for role in ROLES}
     with local_stack(settings, tracing=tracing) as stack:

@@ -49,6 +49,9 @@ VALID = {
     "ProposeSelfEdits": {"context": CONTEXT, "k": 1, "seed": 1},
     "Train": {"contexts": [{"context": CONTEXT, "questions": QUESTIONS}], "k": 1},
     "ApplySelfEdit": {"context": CONTEXT, "self_edit": SELF_EDIT, "overrides": {"epochs": 1}, "seed": 1},
+    "ApplySelfEdits": {"candidates": [
+        {"context": CONTEXT, "self_edit": SELF_EDIT, "overrides": {"epochs": 1}, "seed": seed} for seed in (1, 2)
+    ]},
     "Generate": {"prompts": ["The lighthouse is"], "maxNewTokens": 4},
     "ListAdapters": {"adapterName": "default"},
     "GetAdapter": {"adapterId": "default@v1"},
@@ -72,7 +75,7 @@ ALLOWED = {
 }
 # Short deadlines keep the run to a minute or two; work that is still running when one passes is
 # stopped by the deadline it carries (that too is under test: the next examples must be served).
-EXPENSIVE = {"Adapt", "Train", "ApplySelfEdit", "ProposeSelfEdits", "Score", "Generate", "Recheck"}
+EXPENSIVE = {"Adapt", "Train", "ApplySelfEdit", "ApplySelfEdits", "ProposeSelfEdits", "Score", "Generate", "Recheck"}
 INTERESTING_TEXT = [
     "", "default", "default@v1", "default@v99", "default@v0", "other@v1", "../../etc/passwd", "a" * 300,
     "ü\u202e\x00", "promote", "rollback", "reject", "lora_sft", "sdft", "implications", "self_qa", "fewshot",

@@ -14,6 +14,7 @@ import grpc
 from google.protobuf import empty_pb2
 
 from seal import adapt
+from seal.executors import CandidateTrainingFailed
 from seal.transport import convert
 from seal.v1 import auditor_pb2, auditor_pb2_grpc, common_pb2, student_pb2, student_pb2_grpc
 
@@ -28,6 +29,16 @@ def _context(task: adapt.Task) -> common_pb2.Context:
 def _fewshot(task: adapt.Task) -> common_pb2.FewShotTask | None:
     """The few-shot task a request carries (None leaves the field unset: the knowledge domain)."""
     return convert.fewshot_to_proto(task.fewshot) if task.fewshot is not None else None
+
+
+def _trained(manifest: common_pb2.AdapterManifest) -> adapt.TrainedAdapter:
+    return adapt.TrainedAdapter(
+        adapter_id=manifest.adapter_id,
+        training_sequences=int(manifest.hyperparameters["training_sequences"])
+        if "training_sequences" in manifest.hyperparameters else 0,
+        seconds=float(manifest.metrics["train_seconds"]) if "train_seconds" in manifest.metrics else 0.0,
+        manifest=manifest,
+    )
 
 
 class GrpcStudentPort:
@@ -60,18 +71,70 @@ class GrpcStudentPort:
                     p = update.progress
                     yield adapt.TrainingStep(p.step, p.total_steps, p.loss)
                 elif update.HasField("candidate"):
-                    manifest = update.candidate
-                    yield adapt.TrainedAdapter(
-                        adapter_id=manifest.adapter_id,
-                        training_sequences=int(manifest.hyperparameters["training_sequences"])
-                        if "training_sequences" in manifest.hyperparameters else 0,
-                        seconds=float(manifest.metrics["train_seconds"]) if "train_seconds" in manifest.metrics else 0.0,
-                        manifest=manifest,
-                    )
+                    yield _trained(update.candidate)
         except grpc.RpcError as exc:
             if exc.code() in _REFUSALS:
                 raise adapt.CandidateRefused(f"({exc.code().name}) {exc.details()}") from None
             raise
+
+    def train_many(
+        self,
+        task: adapt.Task,
+        proposals: Sequence[adapt.Proposal],
+        *,
+        adapter_name: str,
+        seeds: Sequence[int],
+        overrides: Mapping[str, Any],
+        training_prompts: Sequence[str] = (),
+    ) -> Iterator[tuple[int, adapt.TrainingStep | adapt.TrainedAdapter | adapt.CandidateRefused]]:
+        """One ApplySelfEdits call for all of them; a student without that RPC (an older one:
+        UNIMPLEMENTED before any event) gets one ApplySelfEdit per candidate instead."""
+        if len(seeds) != len(proposals):
+            raise ValueError(f"{len(proposals)} self-edits but {len(seeds)} seeds")
+        proto_overrides = convert.overrides_to_proto(overrides)
+        request = student_pb2.ApplySelfEditsRequest(
+            adapter_name=adapter_name,
+            candidates=[
+                student_pb2.ApplySelfEditRequest(
+                    context=_context(task), self_edit=proposal.text, overrides=proto_overrides, seed=seed,
+                    training_prompts=list(training_prompts), fewshot=_fewshot(task),
+                )
+                for proposal, seed in zip(proposals, seeds, strict=True)
+            ],
+        )
+        heard = False
+        try:
+            for update in self._stub.ApplySelfEdits(request, timeout=self._timeout()):
+                heard = True
+                event = update.WhichOneof("event")
+                if event == "progress":
+                    p = update.progress
+                    yield p.index, adapt.TrainingStep(p.progress.step, p.progress.total_steps, p.progress.loss)
+                elif event == "trained":
+                    yield update.trained.index, _trained(update.trained.candidate)
+                elif event == "failed":
+                    failed = update.failed
+                    if failed.code in adapt.REFUSAL_CODES:
+                        yield failed.index, adapt.CandidateRefused(f"({failed.code.upper()}) {failed.message}")
+                    else:  # not the self-edit's fault: every other candidate would fail alike
+                        raise CandidateTrainingFailed(
+                            f"training candidate {failed.index} of the batch failed: ({failed.code.upper()}) "
+                            f"{failed.message}",
+                            failed.code or "internal",
+                        )
+            return
+        except grpc.RpcError as exc:
+            if heard or exc.code() is not grpc.StatusCode.UNIMPLEMENTED:
+                raise
+        for position, (proposal, seed) in enumerate(zip(proposals, seeds, strict=True)):
+            try:
+                for step in self.train(
+                    task, proposal, adapter_name=adapter_name, seed=seed, overrides=overrides,
+                    training_prompts=training_prompts,
+                ):
+                    yield position, step
+            except adapt.CandidateRefused as refused:
+                yield position, refused
 
     def answer_with_base(self, prompts: Sequence[str], *, max_new_tokens: int) -> list[str]:
         reply = self._stub.Generate(

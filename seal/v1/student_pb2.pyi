@@ -26,6 +26,47 @@ class ApplySelfEditRequest(_message.Message):
     fewshot: _common_pb2.FewShotTask
     def __init__(self, adapter_name: _Optional[str] = ..., context: _Optional[_Union[_common_pb2.Context, _Mapping]] = ..., self_edit: _Optional[str] = ..., overrides: _Optional[_Union[_common_pb2.UpdateOverrides, _Mapping]] = ..., seed: _Optional[int] = ..., training_prompts: _Optional[_Iterable[str]] = ..., fewshot: _Optional[_Union[_common_pb2.FewShotTask, _Mapping]] = ...) -> None: ...
 
+class ApplySelfEditsRequest(_message.Message):
+    __slots__ = ("adapter_name", "candidates")
+    ADAPTER_NAME_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    adapter_name: str
+    candidates: _containers.RepeatedCompositeFieldContainer[ApplySelfEditRequest]
+    def __init__(self, adapter_name: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[ApplySelfEditRequest, _Mapping]]] = ...) -> None: ...
+
+class ApplySelfEditsResponse(_message.Message):
+    __slots__ = ("progress", "trained", "failed")
+    class Progress(_message.Message):
+        __slots__ = ("index", "progress")
+        INDEX_FIELD_NUMBER: _ClassVar[int]
+        PROGRESS_FIELD_NUMBER: _ClassVar[int]
+        index: int
+        progress: _common_pb2.TrainingProgress
+        def __init__(self, index: _Optional[int] = ..., progress: _Optional[_Union[_common_pb2.TrainingProgress, _Mapping]] = ...) -> None: ...
+    class Trained(_message.Message):
+        __slots__ = ("index", "candidate")
+        INDEX_FIELD_NUMBER: _ClassVar[int]
+        CANDIDATE_FIELD_NUMBER: _ClassVar[int]
+        index: int
+        candidate: _common_pb2.AdapterManifest
+        def __init__(self, index: _Optional[int] = ..., candidate: _Optional[_Union[_common_pb2.AdapterManifest, _Mapping]] = ...) -> None: ...
+    class Failed(_message.Message):
+        __slots__ = ("index", "code", "message")
+        INDEX_FIELD_NUMBER: _ClassVar[int]
+        CODE_FIELD_NUMBER: _ClassVar[int]
+        MESSAGE_FIELD_NUMBER: _ClassVar[int]
+        index: int
+        code: str
+        message: str
+        def __init__(self, index: _Optional[int] = ..., code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    progress: ApplySelfEditsResponse.Progress
+    trained: ApplySelfEditsResponse.Trained
+    failed: ApplySelfEditsResponse.Failed
+    def __init__(self, progress: _Optional[_Union[ApplySelfEditsResponse.Progress, _Mapping]] = ..., trained: _Optional[_Union[ApplySelfEditsResponse.Trained, _Mapping]] = ..., failed: _Optional[_Union[ApplySelfEditsResponse.Failed, _Mapping]] = ...) -> None: ...
+
 class ApplySelfEditResponse(_message.Message):
     __slots__ = ("progress", "candidate")
     PROGRESS_FIELD_NUMBER: _ClassVar[int]

@@ -41,6 +41,11 @@ class StudentServiceStub:
                 request_serializer=seal_dot_v1_dot_student__pb2.ApplySelfEditRequest.SerializeToString,
                 response_deserializer=seal_dot_v1_dot_student__pb2.ApplySelfEditResponse.FromString,
                 _registered_method=True)
+        self.ApplySelfEdits = channel.unary_stream(
+                '/seal.v1.StudentService/ApplySelfEdits',
+                request_serializer=seal_dot_v1_dot_student__pb2.ApplySelfEditsRequest.SerializeToString,
+                response_deserializer=seal_dot_v1_dot_student__pb2.ApplySelfEditsResponse.FromString,
+                _registered_method=True)
         self.Generate = channel.unary_unary(
                 '/seal.v1.StudentService/Generate',
                 request_serializer=seal_dot_v1_dot_student__pb2.GenerateRequest.SerializeToString,
@@ -81,6 +86,17 @@ class StudentServiceServicer:
     def ApplySelfEdit(self, request, context):
         """Train a candidate adapter from one self-edit; streams training progress, ends with the
         candidate's manifest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApplySelfEdits(self, request, context):
+        """Train the k candidates of one context together (one training slot, the configured executor;
+        in process the lora_sft ones share the base model's forward/backward passes). Streams each
+        candidate's progress and its end, by index: one candidate's failure is a Failed event and the
+        others go on; the call's status is for the whole call (auth, deadline, admission, a request
+        that breaks a limit, in which case nothing is trained).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -131,6 +147,11 @@ def add_StudentServiceServicer_to_server(servicer, server):
                     servicer.ApplySelfEdit,
                     request_deserializer=seal_dot_v1_dot_student__pb2.ApplySelfEditRequest.FromString,
                     response_serializer=seal_dot_v1_dot_student__pb2.ApplySelfEditResponse.SerializeToString,
+            ),
+            'ApplySelfEdits': grpc.unary_stream_rpc_method_handler(
+                    servicer.ApplySelfEdits,
+                    request_deserializer=seal_dot_v1_dot_student__pb2.ApplySelfEditsRequest.FromString,
+                    response_serializer=seal_dot_v1_dot_student__pb2.ApplySelfEditsResponse.SerializeToString,
             ),
             'Generate': grpc.unary_unary_rpc_method_handler(
                     servicer.Generate,
@@ -192,6 +213,33 @@ class StudentService:
             '/seal.v1.StudentService/ApplySelfEdit',
             seal_dot_v1_dot_student__pb2.ApplySelfEditRequest.SerializeToString,
             seal_dot_v1_dot_student__pb2.ApplySelfEditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplySelfEdits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/seal.v1.StudentService/ApplySelfEdits',
+            seal_dot_v1_dot_student__pb2.ApplySelfEditsRequest.SerializeToString,
+            seal_dot_v1_dot_student__pb2.ApplySelfEditsResponse.FromString,
             options,
             channel_credentials,
             insecure,
