@@ -22,6 +22,33 @@ from seal.streaming import stream_callbacks
 from seal.student import AdapterChoice, Student
 
 
+def candidate_job(
+    task: adapt.Task,
+    proposal: adapt.Proposal,
+    *,
+    adapter_name: str,
+    seed: int,
+    overrides: Mapping[str, Any],
+    training_prompts: Sequence[str] = (),
+) -> CandidateJob:
+    """The student's job for one candidate of ``task``: ``include_passage`` travels among the
+    pipeline's overrides but is the job's own field."""
+    options = dict(overrides)
+    include_passage = bool(options.pop("include_passage", True))
+    return CandidateJob(
+        adapter_name=adapter_name,
+        title=task.title,
+        passage=task.passage,
+        self_edit=proposal.text,
+        context_id=task.context_id,
+        overrides=options,
+        include_passage=include_passage,
+        seed=seed,
+        training_prompts=tuple(training_prompts),
+        fewshot_task=task_to_dict(task.fewshot) if task.fewshot is not None else None,
+    )
+
+
 class LocalStudentPort:
     def __init__(self, student: Student, *, should_stop: Callable[[], bool] | None = None) -> None:
         self._student = student
@@ -37,21 +64,12 @@ class LocalStudentPort:
         overrides: Mapping[str, Any],
         training_prompts: Sequence[str] = (),
     ) -> Iterator[adapt.TrainingStep | adapt.TrainedAdapter]:
-        options = dict(overrides)
-        include_passage = bool(options.pop("include_passage", True))
+        job = candidate_job(task, proposal, adapter_name=adapter_name, seed=seed, overrides=overrides,
+                            training_prompts=training_prompts)
 
         def work(emit: Callable[[adapt.TrainingStep], None]) -> Any:
             return self._student.train_candidate(
-                adapter_name=adapter_name,
-                title=task.title,
-                passage=task.passage,
-                self_edit=proposal.text,
-                context_id=task.context_id,
-                overrides=options,
-                include_passage=include_passage,
-                seed=seed,
-                training_prompts=list(training_prompts),
-                fewshot_task=task_to_dict(task.fewshot) if task.fewshot is not None else None,
+                **job.train_kwargs(),
                 on_step=lambda step, total, loss: emit(adapt.TrainingStep(step, total, loss)),
                 should_stop=self._should_stop,
             )
@@ -78,21 +96,9 @@ class LocalStudentPort:
         ``student.batch_candidates``); each candidate's result comes once the batch has ended."""
         if len(seeds) != len(proposals):
             raise ValueError(f"{len(proposals)} self-edits but {len(seeds)} seeds")
-        options = dict(overrides)
-        include_passage = bool(options.pop("include_passage", True))
         jobs = [
-            CandidateJob(
-                adapter_name=adapter_name,
-                title=task.title,
-                passage=task.passage,
-                self_edit=proposal.text,
-                context_id=task.context_id,
-                overrides=options,
-                include_passage=include_passage,
-                seed=seed,
-                training_prompts=tuple(training_prompts),
-                fewshot_task=task_to_dict(task.fewshot) if task.fewshot is not None else None,
-            )
+            candidate_job(task, proposal, adapter_name=adapter_name, seed=seed, overrides=overrides,
+                          training_prompts=training_prompts)
             for proposal, seed in zip(proposals, seeds, strict=True)
         ]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import grpc
@@ -16,7 +16,7 @@ from seal.cancellation import stop_when
 from seal.config import AuthSettings, Settings
 from seal.domains.fewshot import task_to_dict
 from seal.domains.knowledge import context_digest
-from seal.executors import CandidateJob
+from seal.executors import CandidateJob, CandidateOutcome
 from seal.limits import (
     check_adapter_id,
     check_adapter_name,
@@ -230,27 +230,21 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
             raise
         return worker
 
-    @map_errors
-    def ApplySelfEdit(self, request: student_pb2.ApplySelfEditRequest, context: grpc.ServicerContext) -> Iterator[student_pb2.ApplySelfEditResponse]:
-        # Everything is checked before the training thread starts: a refused request creates
-        # nothing (no lineage lock, no staging directory, no registry entry).
-        job = self._job(request, check_adapter_name(request.adapter_name or self._settings.adapter_name))
+    def _train_streaming(
+        self, jobs: list[CandidateJob], context: grpc.ServicerContext, progress: Callable[[int, int, int, float], Any]
+    ) -> Generator[Any, None, list[CandidateOutcome]]:
+        """Trains ``jobs`` in a thread that holds the training slot exactly while it runs, yielding
+        ``progress(position, step, total, loss)`` as the steps come; returns one outcome per job.
+        Raises what kept the executor from running the batch at all."""
         events: queue.Queue[Any] = queue.Queue()
         finished = object()
         outcome: dict[str, Any] = {}
 
-        def on_step(step: int, total: int, loss: float) -> None:
-            events.put(common_pb2.TrainingProgress(step=step, total_steps=total, loss=loss))
-
         def train() -> None:
             try:
-                # A batch of one through the configured executor (student.executor): in process it
-                # streams every step; as a Kubernetes Job the steps happen in the pod.
-                [candidate] = self._student.train_candidates(
-                    [job], on_step=lambda _position, step, total, loss: on_step(step, total, loss),
-                    should_stop=deadline_checker(context),
+                outcome["candidates"] = self._student.train_candidates(
+                    jobs, on_step=lambda *step: events.put(progress(*step)), should_stop=deadline_checker(context)
                 )
-                outcome["result"] = candidate.result_or_raise()
             except Exception as exc:  # noqa: BLE001 - re-raised in the RPC thread below
                 outcome["error"] = exc
             finally:
@@ -259,12 +253,28 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
 
         worker = self._start_training(train, context)
         while (event := events.get()) is not finished:
-            yield student_pb2.ApplySelfEditResponse(progress=event)
+            yield event
         worker.join()
         if "error" in outcome:
             self._training_failures.labels(type(outcome["error"]).__name__).inc()
             raise outcome["error"]
-        result = outcome["result"]
+        return outcome["candidates"]
+
+    @map_errors
+    def ApplySelfEdit(self, request: student_pb2.ApplySelfEditRequest, context: grpc.ServicerContext) -> Iterator[student_pb2.ApplySelfEditResponse]:
+        # Everything is checked before the training thread starts: a refused request creates
+        # nothing (no lineage lock, no staging directory, no registry entry).
+        job = self._job(request, check_adapter_name(request.adapter_name or self._settings.adapter_name))
+        # A batch of one through the configured executor (student.executor): in process it streams
+        # every step; as a Kubernetes Job the steps happen in the pod.
+        [candidate] = yield from self._train_streaming([job], context, lambda _position, step, total, loss: (
+            student_pb2.ApplySelfEditResponse(progress=common_pb2.TrainingProgress(step=step, total_steps=total, loss=loss))
+        ))
+        try:
+            result = candidate.result_or_raise()
+        except Exception as exc:
+            self._training_failures.labels(type(exc).__name__).inc()
+            raise
         self._candidates.inc()
         self._training_seconds.observe(result.seconds)
         yield student_pb2.ApplySelfEditResponse(candidate=self._proto(result.manifest))
@@ -296,36 +306,14 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
                 if type(exc) is not ValueError:
                     raise
                 raise ValueError(f"candidates[{index}]: {exc}") from exc
-        events: queue.Queue[Any] = queue.Queue()
-        finished = object()
-        outcome: dict[str, Any] = {}
-
-        def on_step(position: int, step: int, total: int, loss: float) -> None:
-            events.put(student_pb2.ApplySelfEditsResponse(progress=student_pb2.ApplySelfEditsResponse.Progress(
+        # One training slot for the whole batch; the configured executor decides how its candidates
+        # run (in process: together, student.batch_candidates).
+        candidates = yield from self._train_streaming(jobs, context, lambda position, step, total, loss: (
+            student_pb2.ApplySelfEditsResponse(progress=student_pb2.ApplySelfEditsResponse.Progress(
                 index=position, progress=common_pb2.TrainingProgress(step=step, total_steps=total, loss=loss),
-            )))
-
-        def train() -> None:
-            try:
-                # One training slot for the whole batch; the configured executor decides how its
-                # candidates run (in process: together, student.batch_candidates).
-                outcome["candidates"] = self._student.train_candidates(
-                    jobs, on_step=on_step, should_stop=deadline_checker(context)
-                )
-            except Exception as exc:  # noqa: BLE001 - re-raised in the RPC thread below
-                outcome["error"] = exc
-            finally:
-                self._training.release()  # held exactly while training runs, even if the caller left
-                events.put(finished)
-
-        worker = self._start_training(train, context)
-        while (event := events.get()) is not finished:
-            yield event
-        worker.join()
-        if "error" in outcome:  # the executor could not run the batch at all
-            self._training_failures.labels(type(outcome["error"]).__name__).inc()
-            raise outcome["error"]
-        for candidate in outcome["candidates"]:
+            ))
+        ))
+        for candidate in candidates:
             if candidate.result is not None:
                 self._candidates.inc()
                 self._training_seconds.observe(candidate.result.seconds)
