@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from seal.chat import chat_prompt_ids
 from seal.domains.knowledge import build_question_prompt
 from seal.durable import atomic_write_json
 
@@ -278,8 +279,7 @@ def chat_pair_ids(tokenizer: Any, prompt: str, reply: str) -> tuple[list[int], l
     Labels are -100 over the prompt, so only the reply is learned (or compared)."""
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token; a chat reply needs an end-of-turn token")
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    prompt_ids = chat_prompt_ids(tokenizer, prompt)
     reply_ids = [*tokenizer(reply, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
     return [*prompt_ids, *reply_ids], [-100] * len(prompt_ids) + reply_ids
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from seal.chat import chat_prompt_ids, stop_token_ids
 from seal.durable import atomic_write_json, file_lock, fsync_directory, fsync_file
 
 if TYPE_CHECKING:
@@ -435,6 +436,10 @@ def model_fingerprint(path: Path | str) -> str:
 # --- generation -------------------------------------------------------------------------------
 
 
+# Below this a sampling temperature means greedy decoding (vLLM draws the same line, at 1e-5).
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 64
@@ -447,6 +452,11 @@ class SamplingParams:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not 0.0 <= self.temperature <= 100.0:
             raise ValueError(f"temperature must be in [0, 100] (0 = greedy), got {self.temperature}")
+        if self.temperature < GREEDY_BELOW_TEMPERATURE:
+            # Logits divided by a temperature this small overflow float32 to inf and softmax gives
+            # NaN (a wire-fuzz find: 1e-210 answered INTERNAL); the distribution is one-hot anyway,
+            # so every engine, Triton's included, is handed greedy decoding.
+            object.__setattr__(self, "temperature", 0.0)
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.seed is not None and self.seed < 0:
@@ -492,26 +502,11 @@ class TransformersEngine:
             raise ValueError("the tokenizer has no pad token; load it with load_model_and_tokenizer")
 
     def _stop_token_ids(self) -> list[int]:
-        ids: set[int] = set()
-        for source in (self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id):
-            if isinstance(source, int):
-                ids.add(source)
-            elif source:
-                ids.update(source)
-        return sorted(ids)
+        return stop_token_ids(self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id)
 
     def encode(self, prompts: Sequence[str], *, chat: bool) -> list[list[int]]:
         if chat:
-            if not self.tokenizer.chat_template:
-                raise ValueError("this tokenizer has no chat template; generate with chat=False")
-            texts = [
-                self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-                )
-                for prompt in prompts
-            ]
-            # The template already spells out every special token it wants.
-            return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+            return [chat_prompt_ids(self.tokenizer, prompt) for prompt in prompts]
         return self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
 
     def generate(

@@ -307,6 +307,14 @@ def test_seeded_sampling_is_reproducible(engine: TransformersEngine) -> None:
     assert first != sample(8)
 
 
+def test_a_vanishing_temperature_decodes_greedily_instead_of_failing(engine: TransformersEngine) -> None:
+    # 1e-210 came from the wire fuzzer: logits / temperature overflowed to inf and sampling raised.
+    greedy = [g.text for g in engine.generate(PROMPTS, SamplingParams(max_new_tokens=8), batch_size=2)]
+    tiny = SamplingParams(max_new_tokens=8, temperature=1e-210, top_p=0.5, seed=3)
+    assert tiny.greedy
+    assert [g.text for g in engine.generate(PROMPTS, tiny, batch_size=2)] == greedy
+
+
 def test_identical_prompts_in_one_batch_sample_differently(engine: TransformersEngine) -> None:
     params = SamplingParams(max_new_tokens=10, temperature=1.0, seed=1)
     texts = [g.text for g in engine.generate(["Tell me a fact."] * 4, params, batch_size=4)]

@@ -314,17 +314,17 @@ def test_round_input_errors_are_actionable(tmp_path: Path) -> None:
 def test_chat_examples_learn_only_the_completion(embedded_tokenizer_dir: Path, completion: str, max_len: int) -> None:
     from transformers import AutoTokenizer
 
+    from seal.chat import chat_prompt_ids
     from seal.update.policy_sft import (
         IGNORE_INDEX,
         PolicyExample,
         chat_sft_example,
-        encode_chat_prompt,
     )
 
     tokenizer = _tokenizer(embedded_tokenizer_dir, AutoTokenizer)
     prompt = "Read the passage below and list the implications.\n\nTitle: T\nPassage: P\n"
     ids, labels = chat_sft_example(tokenizer, PolicyExample(prompt, completion), max_len)
-    prompt_ids = encode_chat_prompt(tokenizer, prompt)
+    prompt_ids = chat_prompt_ids(tokenizer, prompt)
     assert len(ids) == len(labels) <= max_len
     assert ids[: len(prompt_ids)] == prompt_ids
     assert labels[: len(prompt_ids)] == [IGNORE_INDEX] * len(prompt_ids)

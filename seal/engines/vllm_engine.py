@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from seal.chat import chat_prompt_ids, stop_token_ids
 from seal.engines import PolicyRef
 from seal.models import Generation, SamplingParams
 
@@ -77,20 +78,13 @@ class VllmEngine:
         self._stop_ids = self._stop_token_ids(model_path)
 
     def _stop_token_ids(self, model_path: str) -> list[int]:
-        ids: set[int] = set()
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(int(self.tokenizer.eos_token_id))
         try:
             from transformers import GenerationConfig
 
             configured = GenerationConfig.from_pretrained(model_path).eos_token_id
         except (OSError, ValueError):
             configured = None
-        if isinstance(configured, int):
-            ids.add(configured)
-        elif configured:
-            ids.update(int(i) for i in configured)
-        return sorted(ids)
+        return stop_token_ids(configured, self.tokenizer.eos_token_id)
 
     @property
     def policy(self) -> PolicyRef | None:
@@ -134,15 +128,7 @@ class VllmEngine:
         """The same token layout as ``TransformersEngine.encode``, so both engines (and the policy
         SFT, which trains on this layout) see identical prompts."""
         if chat:
-            if not self.tokenizer.chat_template:
-                raise ValueError("this tokenizer has no chat template; generate with chat=False")
-            texts = [
-                self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-                )
-                for prompt in prompts
-            ]
-            return [list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
+            return [chat_prompt_ids(self.tokenizer, prompt) for prompt in prompts]
         return [list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"]) for prompt in prompts]
 
     def generate(

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from seal.chat import USER_ROLE, chat_prompt_text
 from seal.durable import fsync_file
 
 if TYPE_CHECKING:
@@ -165,11 +166,9 @@ def chat_example(tokenizer: Any, prompt: str, reply: str, *, loss_on: str = "out
     with an example too long to train on."""
     if loss_on not in CHAT_LOSS_TARGETS:
         raise ValueError(f"loss_on must be one of {', '.join(CHAT_LOSS_TARGETS)}, got {loss_on!r}")
-    if not tokenizer.chat_template:
-        raise ValueError("this tokenizer has no chat template; chat examples need one")
-    user = [{"role": "user", "content": prompt}]
-    prefix = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
-    full = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": reply}], tokenize=False)
+    prefix = chat_prompt_text(tokenizer, prompt)
+    exchange = [{"role": USER_ROLE, "content": prompt}, {"role": "assistant", "content": reply}]
+    full = tokenizer.apply_chat_template(exchange, tokenize=False)
     if not full.startswith(prefix):
         raise ValueError("the chat template does not render the prompt as a prefix of the full exchange")
     prefix_ids = list(tokenizer(prefix, add_special_tokens=False)["input_ids"])

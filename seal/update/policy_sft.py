@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from seal.chat import chat_prompt_ids
 from seal.update.lora_sft import LoraSFTConfig, LoraSFTTrainer, TrainResult
 
 log = logging.getLogger(__name__)
@@ -28,17 +29,6 @@ class PolicyExample:
     completion: str  # the winning self-edit
 
 
-def encode_chat_prompt(tokenizer: Any, prompt: str) -> list[int]:
-    """Token ids of one user turn plus the assistant header, as ``TransformersEngine`` and the
-    vLLM engine build them for generation."""
-    if not tokenizer.chat_template:
-        raise ValueError("the teacher's tokenizer has no chat template; policy SFT needs one")
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-    )
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 def chat_sft_example(tokenizer: Any, example: PolicyExample, max_seq_len: int) -> tuple[list[int], list[int]]:
     """``(input_ids, labels)`` with the prompt masked out of the loss.
 
@@ -47,7 +37,7 @@ def chat_sft_example(tokenizer: Any, example: PolicyExample, max_seq_len: int) -
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
         raise ValueError("the tokenizer has no EOS token; the policy must learn where a self-edit ends")
-    prompt_ids = encode_chat_prompt(tokenizer, example.prompt)
+    prompt_ids = chat_prompt_ids(tokenizer, example.prompt)
     if len(prompt_ids) >= max_seq_len:
         raise ValueError(
             f"the self-edit prompt has {len(prompt_ids)} tokens, not below restem.policy.max_seq_len="

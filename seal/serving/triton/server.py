@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from seal.durable import atomic_write_json
+from seal.durable import abandoned_temporaries, atomic_write_json
 from seal.serving.triton.model_repository import DEFAULT_MODEL_NAME, render_config, write_model
 from seal.serving.triton.state import ServingState, write_state
 
@@ -327,6 +327,10 @@ class TritonSupervisor:
     def write_repository(self) -> Path:
         """Write the model repository, and an initial serving state (base model) if none exists."""
         self.repository.mkdir(parents=True, exist_ok=True)
+        # Only the student that starts this server writes its serving state (its outbox lock makes
+        # it the one student of this home), so a temporary beside the state is a killed one's.
+        for leftover in abandoned_temporaries(self.state_path):
+            leftover.unlink(missing_ok=True)
         if not self.state_path.exists():
             write_state(self.state_path, ServingState(reason="initial: base model"))
         config = render_config(
