@@ -62,12 +62,12 @@ def stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     )
     started = []
     try:
-        student = serve_student(settings, port=0, metrics_port=None)
+        student = serve_student(settings, port=0, metrics_port=0)
         started.append(student)
         settings = settings.model_copy(
             update={"services": settings.services.model_copy(update={"student_address": student.address})}
         )
-        auditor = serve_auditor(settings, port=0, metrics_port=None)
+        auditor = serve_auditor(settings, port=0, metrics_port=0)
         started.append(auditor)
         student.connect["auditor"](auditor.address)
         with grpc.insecure_channel(student.address) as s_channel, grpc.insecure_channel(auditor.address) as a_channel:
