@@ -23,7 +23,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from seal.audit import AuditLog
 from seal.config import LoraSettings, Settings
 from seal.limits import ECHO_CHARS, MAX_GUARDRAIL_RESULTS, check_update_overrides, echo
-from seal.v1 import auditor_pb2, auditor_pb2_grpc, common_pb2, student_pb2, student_pb2_grpc
+from seal.v1 import auditor_pb2, common_pb2, student_pb2
+from student_and_auditor import student_and_auditor
 
 PASSAGE = (
     "Velmora is a harbour town on the island of Quessant. It was founded in 1742 by the "
@@ -49,9 +50,6 @@ HUGE = "x" * 50_000
 
 @pytest.fixture(scope="module")
 def stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    from auditor_svc.servicer import serve_auditor
-    from student_svc.servicer import serve_student
-
     settings = Settings(
         home=tmp_path_factory.mktemp("limits"),
         model={"path": str(tiny_model_dir)},
@@ -60,26 +58,8 @@ def stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         retention={"enabled": False},
         limits=LIMITS,
     )
-    started = []
-    try:
-        student = serve_student(settings, port=0, metrics_port=0)
-        started.append(student)
-        settings = settings.model_copy(
-            update={"services": settings.services.model_copy(update={"student_address": student.address})}
-        )
-        auditor = serve_auditor(settings, port=0, metrics_port=0)
-        started.append(auditor)
-        student.connect["auditor"](auditor.address)
-        with grpc.insecure_channel(student.address) as s_channel, grpc.insecure_channel(auditor.address) as a_channel:
-            yield {
-                "settings": settings,
-                "student": student_pb2_grpc.StudentServiceStub(s_channel),
-                "auditor": auditor_pb2_grpc.AuditorServiceStub(a_channel),
-                "channels": {"StudentService": s_channel, "AuditorService": a_channel},
-            }
-    finally:
-        for service in reversed(started):
-            service.stop(grace=1.0)
+    with student_and_auditor(settings) as stack:
+        yield stack
 
 
 # --- what "changes nothing" means ---------------------------------------------------------------

@@ -19,7 +19,8 @@ import pytest
 from seal.audit import AuditLog, stored_self_edit
 from seal.config import Settings
 from seal.guardrails import GuardrailSettings, check_self_edit, redact_sensitive
-from seal.v1 import auditor_pb2, auditor_pb2_grpc, common_pb2, student_pb2, student_pb2_grpc
+from seal.v1 import auditor_pb2, common_pb2, student_pb2
+from student_and_auditor import student_and_auditor
 
 PASSAGE = (
     "Velmora is a harbour town on the island of Quessant. It was founded in 1742 by the "
@@ -91,9 +92,6 @@ def test_stored_self_edit_keeps_the_hash_of_the_original() -> None:
 
 @pytest.fixture(scope="module")
 def stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    from auditor_svc.servicer import serve_auditor
-    from student_svc.servicer import serve_student
-
     settings = Settings(
         home=tmp_path_factory.mktemp("secrets"),
         model={"path": str(tiny_model_dir)},
@@ -102,25 +100,8 @@ def stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         retention={"enabled": False, "measure_kl": False},
         guardrails={"unknown_entities": {"enabled": False}},
     )
-    started = []
-    try:
-        student = serve_student(settings, port=0, metrics_port=0)
-        started.append(student)
-        settings = settings.model_copy(
-            update={"services": settings.services.model_copy(update={"student_address": student.address})}
-        )
-        auditor = serve_auditor(settings, port=0, metrics_port=0)
-        started.append(auditor)
-        student.connect["auditor"](auditor.address)
-        with grpc.insecure_channel(student.address) as s_channel, grpc.insecure_channel(auditor.address) as a_channel:
-            yield {
-                "settings": settings,
-                "student": student_pb2_grpc.StudentServiceStub(s_channel),
-                "auditor": auditor_pb2_grpc.AuditorServiceStub(a_channel),
-            }
-    finally:
-        for service in reversed(started):
-            service.stop(grace=1.0)
+    with student_and_auditor(settings) as stack:
+        yield stack
 
 
 def _check(stack: dict[str, Any], self_edit: str, prompt: str = "self-edit prompt") -> auditor_pb2.CheckSelfEditResponse:
