@@ -42,6 +42,8 @@ from seal.limits import (
 )
 from seal.registry import KIND_REPAIR
 from seal.rpc import (
+    CONFIGURED,
+    Configured,
     RpcMetrics,
     RunningService,
     dial,
@@ -361,7 +363,8 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServiceServicer):
 
 
 def serve_auditor(
-    settings: Settings, *, port: int | None = None, metrics_port: int | None = None, tracing: Tracing | None = None
+    settings: Settings, *, port: int | Configured = CONFIGURED, metrics_port: int | Configured | None = CONFIGURED,
+    tracing: Tracing | None = None,
 ) -> RunningService:
     """``tracing``: this service's spans (tests pass one with an in-memory exporter); None = as
     ``settings.tracing`` says."""

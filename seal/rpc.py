@@ -9,6 +9,7 @@ never import this module; the services do."""
 from __future__ import annotations
 
 import contextvars
+import enum
 import functools
 import inspect
 import logging
@@ -23,7 +24,7 @@ from concurrent import futures
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -826,6 +827,17 @@ def dial(
     return grpc.intercept_channel(channel, _BearerInterceptor(token)) if token is not None else channel
 
 
+class Configured(enum.Enum):
+    """The port ``settings.services`` gives a service: the default of ``port`` and
+    ``metrics_port`` wherever a service is started from settings. A sentinel of its own, so that
+    ``metrics_port=None`` means one thing everywhere: no /metrics endpoint."""
+
+    PORT = "the configured port"
+
+
+CONFIGURED: Final = Configured.PORT
+
+
 @dataclass
 class RunningService:
     name: str
@@ -870,25 +882,25 @@ def start_configured_service(
     metrics: RpcMetrics,
     *,
     auth: AuthSettings,
-    port: int | None = None,
-    metrics_port: int | None = None,
+    port: int | Configured = CONFIGURED,
+    metrics_port: int | Configured | None = CONFIGURED,
     probe_port: int | None = None,
     tracing: Tracing | None = None,
     untraced_methods: tuple[str, ...] = (),
 ) -> RunningService:
     """:func:`start_service` with the host, ports and limits ``services`` gives ``name``
-    (``probe_port`` too: None = the configured one, whose 0 means none);
-    ``port`` and ``metrics_port`` replace the configured ports when given (0 = a free one).
-    ``auth.metrics_endpoint`` false: no /metrics endpoint."""
+    (``probe_port`` too: None = the configured one, whose 0 means none).
+    ``port`` and ``metrics_port`` replace the configured ports when given: 0 = a free one;
+    ``metrics_port=None`` = no /metrics endpoint, as does ``auth.metrics_endpoint`` false."""
     if not auth.metrics_endpoint:
         metrics_port = None
-    elif metrics_port is None:
+    elif metrics_port is CONFIGURED:
         metrics_port = getattr(services, f"{name}_metrics_port")
     return start_service(
         name,
         register,
         host=services.host,
-        port=getattr(services, f"{name}_port") if port is None else port,
+        port=getattr(services, f"{name}_port") if port is CONFIGURED else port,
         metrics=metrics,
         metrics_port=metrics_port,
         max_workers=services.max_workers,

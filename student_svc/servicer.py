@@ -31,6 +31,8 @@ from seal.limits import (
 from seal.models import SamplingParams
 from seal.registry import Manifest, parse_adapter_id
 from seal.rpc import (
+    CONFIGURED,
+    Configured,
     RpcMetrics,
     RunningService,
     WorkQueue,
@@ -431,7 +433,8 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
 
 
 def serve_student(
-    settings: Settings, *, port: int | None = None, metrics_port: int | None = None, tracing: Tracing | None = None
+    settings: Settings, *, port: int | Configured = CONFIGURED, metrics_port: int | Configured | None = CONFIGURED,
+    tracing: Tracing | None = None,
 ) -> RunningService:
     """Load the model, open the registry and start serving; ``port=0`` picks a free port.
     ``tracing``: this service's spans (tests pass one with an in-memory exporter); None = as
@@ -454,7 +457,7 @@ def serve_student(
 
 
 def _serve(
-    student: Student, outbox: AuditOutbox, settings: Settings, port: int | None, metrics_port: int | None,
+    student: Student, outbox: AuditOutbox, settings: Settings, port: int | Configured, metrics_port: int | Configured | None,
     tracing: Tracing,
 ) -> RunningService:
     metrics = RpcMetrics("student")

@@ -37,6 +37,8 @@ from seal.registry import validate_adapter_name
 from seal.rl.policy import TeacherPolicy, open_teacher_policy
 from seal.rl.restem import KEEP_RULES, RoundReport
 from seal.rpc import (
+    CONFIGURED,
+    Configured,
     RpcMetrics,
     RunningService,
     WorkQueue,
@@ -350,7 +352,8 @@ def build_teacher_policy(settings: Settings) -> TeacherPolicy:
 
 
 def serve_teacher(
-    settings: Settings, *, port: int | None = None, metrics_port: int | None = None, tracing: Tracing | None = None
+    settings: Settings, *, port: int | Configured = CONFIGURED, metrics_port: int | Configured | None = CONFIGURED,
+    tracing: Tracing | None = None,
 ) -> RunningService:
     """``tracing``: this service's spans (tests pass one with an in-memory exporter); None = as
     ``settings.tracing`` says."""

@@ -14,6 +14,7 @@ import importlib
 import ipaddress
 import json
 import logging
+import urllib.request
 import pkgutil
 import time
 from collections.abc import Iterator
@@ -500,12 +501,13 @@ def test_the_cli_sends_its_token(secure, tmp_path: Path, monkeypatch, capsys) ->
 
 
 def _auditor(home: Path, auth: AuthSettings, *, max_workers: int = 4, max_concurrent_rpcs: int = 8,
-             configured: bool = False, probe_port: int | None = None, tracing: Any = None):
+             configured: bool = False, probe_port: int | None = None, tracing: Any = None,
+             metrics_port: Any = 0, services: dict[str, Any] | None = None):
     """The real auditor servicer on port 0 (its student is never called here)."""
     from auditor_svc.servicer import AuditorServicer
     from seal.rpc import start_configured_service
 
-    settings = Settings(home=home, auth=auth)
+    settings = Settings(home=home, auth=auth, services=services or {})
     metrics = RpcMetrics("auditor")
     servicer = AuditorServicer(settings, grpc.insecure_channel("127.0.0.1:9"), metrics)
 
@@ -515,7 +517,7 @@ def _auditor(home: Path, auth: AuthSettings, *, max_workers: int = 4, max_concur
 
     if configured:
         running = start_configured_service("auditor", register, settings.services, metrics, auth=auth, port=0,
-                                           metrics_port=0)
+                                           metrics_port=metrics_port)
     else:
         running = start_service("auditor", register, host="127.0.0.1", port=0, metrics=metrics, metrics_port=None,
                                 max_workers=max_workers, max_concurrent_rpcs=max_concurrent_rpcs, auth=auth,
@@ -630,6 +632,32 @@ def test_kubernetes_probes_get_a_plaintext_health_only_port_beside_mutual_tls(tm
 def test_the_default_settings_refuse_to_start(tmp_path: Path) -> None:
     with pytest.raises(authz.AuthConfigError, match="principals_file"):
         _auditor(tmp_path / "home", AuthSettings())
+
+
+def test_metrics_port_none_means_no_endpoint_and_configured_means_the_setting(tmp_path: Path) -> None:
+    """One meaning per value wherever a service starts: None = no /metrics, CONFIGURED = the
+    settings' port (here a free one found first, never a default another process may hold)."""
+    import socket
+
+    from seal.rpc import CONFIGURED
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    auth = AuthSettings(insecure=True)
+    without = _auditor(tmp_path / "a", auth, configured=True, metrics_port=None)
+    try:
+        assert without.metrics_port is None
+    finally:
+        without.stop(grace=0.5)
+    configured = _auditor(tmp_path / "b", auth, configured=True, metrics_port=CONFIGURED,
+                          services={"auditor_metrics_port": free})
+    try:
+        assert configured.metrics_port == free
+        body = urllib.request.urlopen(f"http://127.0.0.1:{free}/metrics", timeout=5).read().decode()
+        assert "seal_auditor_rpc_requests_total" in body
+    finally:
+        configured.stop(grace=0.5)
 
 
 def test_insecure_warns_and_reflection_and_metrics_can_be_turned_off(tmp_path: Path, caplog) -> None:

@@ -31,8 +31,10 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     serve = commands.add_parser("serve", help="run one service (for a container)")
     serve.add_argument("service", choices=SERVICES)
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--metrics-port", type=int)
+    serve.add_argument("--port", type=int, help="gRPC port (0 = a free one); default: the configured one")
+    serve.add_argument(
+        "--metrics-port", type=int, help="Prometheus /metrics port (0 = a free one); default: the configured one"
+    )
     serve.set_defaults(handler=cmd_serve)
 
     up = commands.add_parser("up", help="run all three services locally on loopback until Ctrl-C")
@@ -73,7 +75,13 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         from auditor_svc.servicer import serve_auditor as serve
     else:
         from teacher_svc.servicer import serve_teacher as serve
-    running = serve(settings, port=args.port, metrics_port=args.metrics_port)
+    from seal.rpc import CONFIGURED
+
+    running = serve(
+        settings,
+        port=CONFIGURED if args.port is None else args.port,
+        metrics_port=CONFIGURED if args.metrics_port is None else args.metrics_port,
+    )
     render.console.print(
         f"{args.service} serving on {settings.services.host}:{running.port}, metrics on :{running.metrics_port}")
     serve_until_signalled(running, settings.services.shutdown_grace_s)
