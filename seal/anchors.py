@@ -65,6 +65,34 @@ ANCHOR_PROMPTS: tuple[str, ...] = (
             "What is a young dog called?",
             "What is the capital of Sweden?",
             "Who wrote the Odyssey?",
+            # Who/when/where/which questions with a name, a year or a place for an answer: the
+            # form most passages teach ("X was founded in 1911 by Y"). Without them rehearsal
+            # covered capitals and sums only, and bench/forgetting.py showed learning an invented
+            # passage overwrite exactly these answers ("Who invented …?", "Who discovered …?").
+            "Who discovered radium?",
+            "Who invented the airplane?",
+            "Who wrote Don Quixote?",
+            "Who composed The Magic Flute?",
+            "Who proposed the theory of evolution by natural selection?",
+            "Who was the first man to travel into space?",
+            "Who painted the ceiling of the Sistine Chapel?",
+            "Who wrote The Adventures of Tom Sawyer?",
+            "Who sailed across the Atlantic to the Americas in 1492?",
+            "Who wrote the Declaration of Independence?",
+            "In which year did World War II end?",
+            "In which year did the Berlin Wall fall?",
+            "In which city is the Statue of Liberty?",
+            "In which country is Machu Picchu?",
+            "What is the largest island in the world?",
+            "What is the longest river in Europe?",
+            "Which planet is farthest from the Sun?",
+            "Which planet is the hottest in the solar system?",
+            "What is the chemical symbol for sodium?",
+            "What is the largest bird in the world?",
+            "What is the capital of Chile?",
+            "What is the capital of Turkey?",
+            "What is the currency of the European Union?",
+            "Which country has the largest population in South America?",
         )
     ),
     "Give one synonym for the word 'happy'.",
@@ -148,6 +176,18 @@ DRIFT_TEXTS: tuple[DriftText, ...] = (
 # --- the anchor set: the base model's own answers ------------------------------------------------
 
 
+def prompt_list_id(prompts: Sequence[str]) -> str:
+    """Digest of an ordered prompt list.
+
+    >>> prompt_list_id(["a", "b"]) == prompt_list_id(["a", "b"]) != prompt_list_id(["b", "a"])
+    True
+    """
+    digest = hashlib.sha256()
+    for prompt in prompts:
+        digest.update(prompt.encode() + b"\x1e")
+    return digest.hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class AnchorSet:
     """The base model's greedy answers to ``ANCHOR_PROMPTS``, for one base-model fingerprint."""
@@ -157,6 +197,9 @@ class AnchorSet:
     answers: tuple[str, ...]
     max_new_tokens: int
     built_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    # Digest of the prompt list the base model was asked (answered or not): how a store tells a set
+    # built by an older release, from other prompts, from one it can keep. Empty = unknown.
+    asked_id: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompts", tuple(self.prompts))
@@ -182,6 +225,7 @@ class AnchorSet:
             "anchor_set_id": self.anchor_set_id,
             "max_new_tokens": self.max_new_tokens,
             "built_at": self.built_at,
+            "asked_id": self.asked_id,
             "items": [{"prompt": p, "answer": a} for p, a in zip(self.prompts, self.answers, strict=True)],
         }
 
@@ -195,6 +239,7 @@ class AnchorSet:
             answers=tuple(item["answer"] for item in data["items"]),
             max_new_tokens=int(data["max_new_tokens"]),
             built_at=data.get("built_at", ""),
+            asked_id=data.get("asked_id", ""),
         )
         if data.get("anchor_set_id") not in (None, anchors.anchor_set_id):
             raise ValueError("anchor answers do not match their recorded anchor_set_id (edited by hand?)")
@@ -222,7 +267,10 @@ def generate_anchor_set(
     kept = [(p, g.text.strip()) for p, g in zip(prompts, generations, strict=True) if g.text.strip()]
     if not kept:
         raise ValueError("the base model answered none of the anchor prompts; rehearsal has nothing to train on")
-    return AnchorSet(fingerprint, tuple(p for p, _ in kept), tuple(a for _, a in kept), max_new_tokens)
+    return AnchorSet(
+        fingerprint, tuple(p for p, _ in kept), tuple(a for _, a in kept), max_new_tokens,
+        asked_id=prompt_list_id(prompts),
+    )
 
 
 class AnchorStore:
@@ -236,9 +284,12 @@ class AnchorStore:
 
         return self.root / f"{check_fingerprint(fingerprint)}.json"
 
-    def load(self, fingerprint: str, *, max_new_tokens: int | None = None) -> AnchorSet | None:
-        """The stored set, or None when there is none (or it was built with another answer
-        length, which would rehearse differently than the settings now ask)."""
+    def load(
+        self, fingerprint: str, *, max_new_tokens: int | None = None, prompts: Sequence[str] = ANCHOR_PROMPTS
+    ) -> AnchorSet | None:
+        """The stored set, or None when there is none, or it was built with another answer length
+        or from another list of prompts (an older release's): either would rehearse differently
+        than this code asks, so it is rebuilt."""
         path = self.path_for(fingerprint)
         if not path.is_file():
             return None
@@ -248,6 +299,8 @@ class AnchorStore:
         if anchors.fingerprint != fingerprint:
             raise ValueError(f"{path} holds the anchors of {anchors.fingerprint}, not {fingerprint}")
         if max_new_tokens is not None and anchors.max_new_tokens != max_new_tokens:
+            return None
+        if anchors.asked_id != prompt_list_id(prompts):
             return None
         return anchors
 

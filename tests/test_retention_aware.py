@@ -67,6 +67,13 @@ def test_anchor_set_round_trips_and_refuses_edited_answers(anchors: AnchorSet, t
     assert loaded is not None and loaded.anchor_set_id == anchors.anchor_set_id
     # Built with another answer length: not what the settings ask for, so rebuilt.
     assert store.load(anchors.fingerprint, max_new_tokens=anchors.max_new_tokens + 1) is None
+    # Built from another prompt list (an older release's): rebuilt too, never silently kept.
+    assert store.load(anchors.fingerprint, prompts=ANCHOR_PROMPTS[:-1]) is None
+    legacy = json.loads(path.read_text())
+    del legacy["asked_id"]
+    path.write_text(json.dumps(legacy))
+    assert store.load(anchors.fingerprint) is None
+    store.save(anchors)
     data = json.loads(path.read_text())
     data["items"][0]["answer"] += " edited"
     path.write_text(json.dumps(data))
