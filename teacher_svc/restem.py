@@ -5,6 +5,10 @@ ApplySelfEdit, the auditor's Score — so a policy is trained on the reward the 
 would give. Nothing is promoted: each candidate is marked rejected right after it is scored, in
 its own lineage (``restem.candidate_adapter_name``), away from the served one.
 
+Self-edits are stored in the round directory as the audit log keeps them: what the secrets and
+personal-data guardrails (``settings.guardrails``) find is masked, and such a self-edit is never
+kept (``seal.rl.restem``).
+
 A round is in one domain: knowledge passages, or few-shot ARC tasks (the recipe prompt, the
 recipe gate, a binary solved-or-not reward); each context becomes the ``seal.adapt.Task`` Adapt
 would be given for it, so both domains share the sampler, the scorer and the handler.
@@ -32,10 +36,8 @@ from seal.domains.fewshot import FewShotSettings, validate_fewshot_overrides
 from seal.domains.knowledge import Question
 from seal.limits import check_update_overrides
 from seal.rl import restem
-from seal.streaming import stream_callbacks
-from seal.transport import convert
-from seal.transport.ports import GrpcAuditorPort, GrpcStudentPort
 from seal.rl.policy import TeacherPolicy
+from seal.streaming import stream_callbacks
 from seal.teacher import (
     RewardBuffer,
     SelfEditProposer,
@@ -43,6 +45,8 @@ from seal.teacher import (
     validate_k,
     validate_prompt_style,
 )
+from seal.transport import convert
+from seal.transport.ports import GrpcAuditorPort, GrpcStudentPort
 from seal.v1 import auditor_pb2_grpc, common_pb2, student_pb2_grpc, teacher_pb2
 
 log = logging.getLogger(__name__)
@@ -321,6 +325,8 @@ def stream_round(
             recall=buffer_recall(buffer, settings.restem.candidate_adapter_name) if buffer is not None else None,
             should_stop=should_stop,
             restart=restart,
+            # The round directory keeps what the secrets and personal-data rules find masked.
+            redact=restem.redactor(settings.guardrails),
         )
         if on_report is not None:
             on_report(report)

@@ -398,6 +398,33 @@ def test_the_wait_deadline_deletes_the_job_and_fails_its_candidates(
     assert not any((tmp_path / "training-jobs").iterdir())
 
 
+def test_the_job_never_carries_the_self_edit_text(tiny_model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """Issue 12, part 6: the self-edit (here with an AWS-key-like id and an e-mail address) reaches
+    the pods only through the spec file on the home volume, which the student removes after the
+    batch; the Job the API server stores (env, args, labels, annotations) holds none of it."""
+    secret, email = "AKIAQ7RZ3KXW5EXAMPLE", "ilse.marrow.private@velmora-mail.example"
+    self_edit = f"{GOOD_EDIT}\nThe harbour office key is {secret}; write to {email}."
+    settings = k8s_settings(tmp_path, tiny_model_dir, wait_timeout_seconds=1, poll_seconds=0.1)
+    seen_on_disk: list[str] = []
+    real_create = KubernetesExecutor._create
+
+    def create(self: KubernetesExecutor, manifest: dict) -> None:
+        seen_on_disk.extend(p.read_text() for p in (tmp_path / "training-jobs").rglob("spec.json"))
+        real_create(self, manifest)
+
+    monkeypatch.setattr(KubernetesExecutor, "_create", create)
+    with FakeKubeApi({CLAIM: tmp_path}, run_pods=False) as api:
+        executor(settings, api, tiny_model_dir).run([job(self_edit, 1)])
+    assert any(secret in text for text in seen_on_disk)  # the pods do get it, from the volume
+    [create_call] = api.calls("POST")
+    sent = json.dumps([{"path": r.path, "query": r.query, "body": r.body} for r in api.requests])
+    for value in (secret, email, "harbour office key"):
+        assert value not in sent, value
+    container = create_call.body["spec"]["template"]["spec"]["containers"][0]
+    assert any(arg.endswith("/spec.json") for arg in container["command"])
+    assert not any((tmp_path / "training-jobs").iterdir())  # and the spec is gone after the batch
+
+
 def test_forbidden_says_which_rbac_the_student_needs(tiny_model_dir: Path, tmp_path: Path) -> None:
     settings = k8s_settings(tmp_path, tiny_model_dir)
     with FakeKubeApi({CLAIM: tmp_path}, refuse={"POST": 403}) as api, pytest.raises(ExecutorError) as raised:

@@ -3,6 +3,15 @@ lineage name, hot-loaded into the teacher's engine.
 
 The promoted version of the lineage is the policy the teacher serves: a restarted teacher loads
 it again, and ``registry.rollback`` followed by ``load_serving`` undoes a round.
+
+Not the audited registry. The audit trail's promote/reject/rollback records (one per transition,
+through the student's ``seal.audit_outbox``) are about the student's adapters: the registry under
+``settings.registry_dir`` whose promoted version answers Generate. This registry is the teacher's
+own, under ``<home>/teacher/registry`` (``open_teacher_policy``), and holds only the policy that
+writes self-edits; nothing the student serves is read from it, and the auditor's RecordEvent
+accepts reports from the student's identity only. Its promotions (``hot_load``, one per ReST^EM
+round) are therefore not sent to the auditor; each is recorded in the version's manifest history
+(reason naming the round) and in the round's ``round.json`` report (``policy_adapter_id``).
 """
 
 from __future__ import annotations
@@ -89,6 +98,8 @@ class TeacherPolicy:
         self.registry.verify(manifest)
         self.engine.load_policy(self.ref(manifest))
         if manifest.status != "promoted":
+            # The teacher's private policy registry, not the served one: no audit outbox here
+            # (see the module's documentation); the manifest history keeps the reason.
             manifest = self.registry.promote(manifest.adapter_id, reason)
         return manifest
 

@@ -16,6 +16,17 @@ Everything here is transport-free. The round driver gets its effects as function
 score, recall a reward already streamed to the durable buffer, train and hot-load the policy),
 and persists every finished piece of work in a round directory, so a round interrupted at any
 point resumes without sampling or scoring anything twice.
+
+Secrets and personal data are never stored. A self-edit in which the secrets or personal-data
+guardrail finds something (``seal.guardrails.redact_sensitive``, the rules the auditor refuses a
+knowledge self-edit by) is written to ``samples.jsonl`` as the audit log keeps it: the masked
+text, the sha256 of the original (``text_sha256``) and ``"redacted": true`` with the rules. Such
+a self-edit is refused by the round itself, in either domain: it is scored only by the
+invocation that sampled it, from its original text (so the auditor records its refusal), its
+result is a failure whatever the scorer said, it is never kept, and a resumed round neither
+re-scores its masked text nor recalls a reward for it. A prompt is stored masked too when the
+passage it quotes holds such data; the policy's SFT then learns from that masked prompt, resumed
+or not. The events (``ContextSampled``, ``ContextDone``) carry the samples as stored.
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ from seal.adapt import DOMAINS, FEWSHOT, KNOWLEDGE
 from seal.domains.fewshot import ArcTask
 from seal.domains.knowledge import Question, context_digest
 from seal.durable import JsonLinesLog, atomic_write_json
+from seal.guardrails import GuardrailSettings, Redaction, redact_sensitive
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +144,12 @@ class TrainingContext:
             return [[list(row) for row in grid] for grid in self.fewshot.test_outputs]
         return [[q.question, q.answer] for q in self.questions]
 
+    @property
+    def guardrail_context(self) -> str:
+        """What the guardrails compare a self-edit with, as the auditor does: the title and the
+        passage; nothing for an ARC task (its recipe gate does not compare)."""
+        return "" if self.fewshot is not None else f"{self.title}\n{self.passage}"
+
     def problem(self) -> str:
         """Why this context cannot be trained on, or "" when it can."""
         if self.fewshot is not None:
@@ -195,12 +213,57 @@ class RoundConfig:
 
 @dataclass(frozen=True)
 class Sample:
-    """One self-edit as the policy wrote it."""
+    """One self-edit as the policy wrote it. ``redacted``: the guardrail rules (secrets,
+    personal_data) that found something in ``text``; such a self-edit is stored masked and the
+    round refuses it (see the module's documentation). A sample read back from the round state
+    then holds the masked text, never to be scored or trained on."""
 
     index: int
     prompt: str
     text: str
     completion_tokens: int
+    redacted: tuple[str, ...] = ()
+
+
+# (text, the guardrails' context) → the text as it may be stored, and the rules that masked it
+RedactFn = Callable[[str, str], Redaction]
+
+
+def redactor(guardrails: GuardrailSettings | None = None) -> RedactFn:
+    """The ``RedactFn`` of ``guardrails`` (the defaults when None): what the secrets and
+    personal-data rules find is masked, as the audit log masks it (``seal.audit.stored_self_edit``)."""
+    settings = guardrails or GuardrailSettings()
+    return lambda text, context: redact_sensitive(text, context, settings)
+
+
+def refusal(rules: Sequence[str]) -> str:
+    """The failure of a self-edit the round refuses because the guardrails found these rules."""
+    return f"guardrails failed before training: {', '.join(rules)} (the round keeps the self-edit masked only)"
+
+
+def screened(sample: Sample, context: TrainingContext, redact: RedactFn) -> tuple[Sample, dict[str, Any]]:
+    """``sample`` with its ``redacted`` rules set (its text still the original, for scoring now),
+    and its record as ``samples.jsonl`` keeps it: masked text and prompt where the rules found
+    something, with the original's sha256 and the ``redacted`` marker."""
+    text = redact(sample.text, context.guardrail_context)
+    prompt = redact(sample.prompt, context.guardrail_context)
+    live = Sample(sample.index, prompt.text, sample.text, sample.completion_tokens, tuple(text.rules))
+    record: dict[str, Any] = {
+        "index": sample.index, "prompt": prompt.text, "text": text.text, "completion_tokens": sample.completion_tokens,
+    }
+    if text.redacted:
+        record.update(
+            redacted=True, redacted_rules=list(text.rules),
+            text_sha256=hashlib.sha256(sample.text.encode("utf-8")).hexdigest(),
+        )
+    if prompt.redacted:
+        record["prompt_redacted_rules"] = list(prompt.rules)
+    return live, record
+
+
+def _sample_from_record(record: dict[str, Any]) -> Sample:
+    rules = tuple(record.get("redacted_rules") or ()) or (("sensitive data",) if record.get("redacted") else ())
+    return Sample(int(record["index"]), record["prompt"], record["text"], int(record["completion_tokens"]), rules)
 
 
 @dataclass(frozen=True)
@@ -377,13 +440,16 @@ class RoundState:
         return str(self.meta["status"])
 
     def samples(self, context_id: str) -> list[Sample] | None:
+        """The context's samples as stored: a ``redacted`` one holds its masked text."""
         for record in reversed(self._samples):
             if record["context_id"] == context_id:
-                return [Sample(**s) for s in record["samples"]]
+                return [_sample_from_record(s) for s in record["samples"]]
         return None
 
-    def record_samples(self, context_id: str, samples: list[Sample]) -> None:
-        self._samples.append(self._samples_log.append({"context_id": context_id, "samples": [asdict(s) for s in samples]}))
+    def record_samples(self, context_id: str, records: list[dict[str, Any]]) -> list[Sample]:
+        """Store the context's samples as ``screened`` made them fit to keep; returns them as stored."""
+        self._samples.append(self._samples_log.append({"context_id": context_id, "samples": records}))
+        return [_sample_from_record(r) for r in records]
 
     def scores(self, context_id: str) -> dict[tuple[int, int], Scored]:
         found = {}
@@ -518,6 +584,9 @@ def checked(scored: Scored, domain: str) -> Scored:
 def edit_results(samples: Sequence[Sample], scores: dict[tuple[int, int], Scored], seeds_per_edit: int) -> list[EditResult]:
     results = []
     for sample in samples:
+        if sample.redacted:  # refused by the round, whatever was scored for it
+            results.append(EditResult(sample.index, sample.text, sample.completion_tokens, (), refusal(sample.redacted)))
+            continue
         per_seed = [scores.get((sample.index, s)) for s in range(seeds_per_edit)]
         failures = [s.failure for s in per_seed if s is not None and s.failure]
         rewards = tuple(s.reward for s in per_seed if s is not None and not s.failure and s.reward is not None)
@@ -546,8 +615,12 @@ def run_round(
     recall: RecallFn | None = None,
     should_stop: Callable[[], bool] | None = None,
     restart: bool = False,
+    redact: RedactFn | None = None,
 ) -> RoundReport:
-    """Run (or resume) one ReST^EM round and return its report (also stored in round.json)."""
+    """Run (or resume) one ReST^EM round and return its report (also stored in round.json).
+    ``redact``: how self-edits and prompts are masked before they are stored (``redactor``; the
+    default guardrail settings when None)."""
+    redact = redact or redactor()
     if not contexts:
         raise ValueError("no training contexts: a round needs at least one context with its τ")
     for index, context in enumerate(contexts):
@@ -588,32 +661,48 @@ def run_round(
     for context_index, context in enumerate(contexts):
         cid = context.context_id
         samples = state.samples(cid)
+        # This invocation's own samples, their text as written: the only ones a redacted
+        # self-edit may be scored from (the state holds its masked text).
+        written: dict[int, Sample] = {}
         if samples is None:
             check_stop()
             t0 = time.perf_counter()
-            samples = sample(context, config.k, derive_seed(config.seed, state.round_id, cid, "sample"))
-            if len(samples) != config.k:
-                raise RuntimeError(f"the teacher returned {len(samples)} self-edits for {cid}, expected {config.k}")
-            state.record_samples(cid, samples)
+            drawn = sample(context, config.k, derive_seed(config.seed, state.round_id, cid, "sample"))
+            if len(drawn) != config.k:
+                raise RuntimeError(f"the teacher returned {len(drawn)} self-edits for {cid}, expected {config.k}")
+            screens = [screened(s, context, redact) for s in drawn]
+            written = {live.index: live for live, _ in screens}
+            samples = state.record_samples(cid, [record for _, record in screens])
             emit(ContextSampled(context_index, cid, samples, clock.add("generation", t0), reused=False))
         else:
             emit(ContextSampled(context_index, cid, samples, 0.0, reused=True))
 
         scores = state.scores(cid)
         for item in samples:
+            original = written.get(item.index)
             for seed_index in range(config.seeds_per_edit):
                 seed = derive_seed(config.seed, state.round_id, cid, item.index, seed_index)
                 if (item.index, seed_index) in scores:
                     result, source, seconds = scores[(item.index, seed_index)], "state", 0.0
+                elif item.redacted and original is None:
+                    # Resumed: only the masked text is left, and the round refuses it anyway.
+                    result, source, seconds = Scored(None, failure=refusal(item.redacted)), "state", 0.0
+                    state.record_score(cid, item.index, seed_index, seed, result, source)
+                    scores[(item.index, seed_index)] = result
                 else:
-                    recalled = recall(cid, item.text, seed, state.started_at) if recall is not None else None
+                    # A redacted self-edit is never recalled: the reward stream keeps it masked too.
+                    recalled = None
+                    if recall is not None and not item.redacted:
+                        recalled = recall(cid, item.text, seed, state.started_at)
                     if recalled is not None:
                         result, source, seconds = recalled, "buffer", 0.0
                     else:
                         check_stop()
                         t0 = time.perf_counter()
-                        result, source = checked(score(context, item, seed), domain), "scored"
+                        result, source = checked(score(context, original or item, seed), domain), "scored"
                         seconds = clock.add("scoring", t0)
+                        if item.redacted and not result.failure:  # a scorer with other guardrail settings
+                            result = Scored(None, result.adapter_id, failure=refusal(item.redacted))
                     state.record_score(cid, item.index, seed_index, seed, result, source)
                     scores[(item.index, seed_index)] = result
                 if source != "scored":
