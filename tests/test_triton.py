@@ -382,6 +382,30 @@ def test_engine_adapter_is_a_drop_in_for_the_in_process_engine(client, models: M
     assert progress == [(4, 6), (6, 6)]
 
 
+def test_a_caller_that_leaves_stops_its_generation_mid_way(client) -> None:
+    """The student's caller hits its deadline: the client cancels the Triton request, the model's
+    stopping criterion ends that row at its next token (counted by the instance), and the instance
+    answers the next request without first generating the rest for nobody."""
+    from seal.cancellation import GenerationStopped, stop_when
+
+    before = client.status()
+    leave = threading.Timer(0.5, lambda: None)
+    leave.start()
+    with stop_when(lambda: not leave.is_alive()), pytest.raises(GenerationStopped, match="deadline"):
+        # The tiny random model does not stop by itself: 1000 tokens run for seconds.
+        client.generate(["Tell me everything."], adapter="base", max_new_tokens=1000, chat=False)
+    # Triton runs the model's response handling after the cancel; wait for it to be counted.
+    deadline = time.monotonic() + 30
+    while True:
+        after = client.status()
+        if after["cancelled_requests"] > before["cancelled_requests"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert after["cancelled_requests"] == before["cancelled_requests"] + 1
+    assert after["rows_stopped_early"] == before["rows_stopped_early"] + 1
+    assert client.generate(["hello"], adapter="base", max_new_tokens=2, chat=False)[0].completion_tokens == 2
+
+
 def test_failed_start_raises_with_the_server_log(triton, models: Models, tmp_path: Path) -> None:
     broken = TritonSupervisor(tmp_path / "w", tmp_path / "no-such-model", install=triton.install)
     with pytest.raises(TritonStartError) as info:
@@ -420,4 +444,5 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state not in ("Z", "X")
+
 

@@ -85,6 +85,10 @@ def _numeric_input(name: str, values: Sequence[Any], dtype: Any, triton_type: st
     return tensor
 
 
+# How often a request in flight looks at its caller's stop scope: the latency of a cancel.
+_STOP_POLL_S = 0.05
+
+
 class TritonStudentClient:
     def __init__(
         self,
@@ -131,14 +135,36 @@ class TritonStudentClient:
         return TritonClientError(f"{what}: {message}", code)
 
     def _infer(self, inputs: list[Any], what: str, timeout_s: float, priority: int = 0):
+        """One request, cancelled as soon as the current call's stop scope (seal.cancellation)
+        says its caller has gone: Triton passes the cancellation to the model, whose rows stop at
+        their next token, and this raises GenerationStopped. Without the cancel, a caller's
+        deadline would leave Triton generating to max_new_tokens for nobody."""
+        import threading
+
         from tritonclient.grpc import InferRequestedOutput
 
+        from seal.cancellation import GenerationStopped, stop_requested
+
         outputs = [InferRequestedOutput(n) for n in _OUTPUTS]
+        finished = threading.Event()
+        outcome: dict[str, Any] = {}
+
+        def on_done(result: Any, error: Exception | None) -> None:
+            outcome["result"], outcome["error"] = result, error
+            finished.set()
+
         try:
-            return self._client.infer(self.model_name, inputs, outputs=outputs, client_timeout=timeout_s,
-                                      priority=priority)
+            call = self._client.async_infer(self.model_name, inputs, on_done, outputs=outputs,
+                                            client_timeout=timeout_s, priority=priority)
         except Exception as exc:
             raise self._translate(exc, what) from exc
+        while not finished.wait(_STOP_POLL_S):
+            if stop_requested():
+                call.cancel()
+                raise GenerationStopped(f"{what}: stopped, the caller's deadline passed or it cancelled the call")
+        if outcome["error"] is not None:
+            raise self._translate(outcome["error"], what) from outcome["error"]
+        return outcome["result"]
 
     # --- health -----------------------------------------------------------------------------
 

@@ -103,6 +103,34 @@ def _triton_error(message: str, code: str = "INTERNAL"):
     return pb_utils.TritonError(message) if value is None else pb_utils.TritonError(message, value)
 
 
+def _cancel_check(request):
+    """``request.is_cancelled`` where this python backend has it (Triton 23.10 and later)."""
+    return getattr(request, "is_cancelled", None) or (lambda: False)
+
+
+def _rows_cancelled(checks: list[Any], on_stopped: Any):
+    """A transformers stopping criterion with one flag per row: a row whose request was cancelled
+    is finished (padded from then on), so a client's deadline frees the instance within one token
+    instead of after max_new_tokens. Each request is asked once per token; ``on_stopped(n)`` is
+    told how many rows it newly stopped."""
+    import torch
+    from transformers import StoppingCriteria
+
+    stopped: set[int] = set()
+
+    class RowsCancelled(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            answers: dict[int, bool] = {}
+            flags = [answers.setdefault(id(check), bool(check())) for check in checks]
+            newly = {row for row, flag in enumerate(flags) if flag} - stopped
+            if newly:
+                stopped.update(newly)
+                on_stopped(len(newly))
+            return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
+
+    return RowsCancelled()
+
+
 class _RequestError(Exception):
     """A client mistake: reported to that request only, as INVALID_ARG."""
 
@@ -163,6 +191,10 @@ class TritonPythonModel:
         self.routing: dict[str, Any] = {"generation": 0, "promoted": None, "canary": None,
                                         "canary_fraction": 0.0, "adapters": {}}
         self.last_error = ""
+        # Requests whose client left (deadline or cancel) while their rows were generated: those
+        # rows stopped at their next token instead of running to max_new_tokens.
+        self.cancelled_requests = 0
+        self.rows_stopped_early = 0  # rows the cancellation ended mid-generation
         self._state_sig = None
         if self.state_path:
             # A published state that cannot be served fails the load: silently serving the base
@@ -293,6 +325,8 @@ class TritonPythonModel:
             "loaded": {v: p for v, (p, _) in self.loaded.items()},
             "staged": {v: p for v, (p, _) in self.staged.items()},
             "last_error": self.last_error,
+            "cancelled_requests": self.cancelled_requests,
+            "rows_stopped_early": self.rows_stopped_early,
             "pid": os.getpid(),
         }
 
@@ -360,12 +394,15 @@ class TritonPythonModel:
                     key = key + (i,)
                 groups[key].append((i, row, ids))
 
+        # One check per request (its rows share it, so a batch asks each request once per token).
+        checks = {i: _cancel_check(requests[i]) for i in rows}
         results: dict[int, dict[int, tuple[str, int, int, str]]] = defaultdict(dict)
         failed: dict[int, str] = {}
         for key, items in groups.items():
             version = key[0]
             try:
-                outputs = self._generate([ids for _, _, ids in items], *key[:5])
+                outputs = self._generate([ids for _, _, ids in items], *key[:5],
+                                         cancelled=[checks[i] for i, _, _ in items])
             except Exception as exc:
                 traceback.print_exc()
                 for i, _, _ in items:
@@ -374,6 +411,11 @@ class TritonPythonModel:
             for (i, row, ids), (text, count) in zip(items, outputs):
                 results[i][row] = (text, len(ids), count, version)
         for i, count in rows.items():
+            if checks[i]():
+                # Nobody reads it; Triton still wants one response per request.
+                self.cancelled_requests += 1
+                responses[i] = pb_utils.InferenceResponse(error=_triton_error("the client cancelled", "CANCELLED"))
+                continue
             if i in failed:
                 responses[i] = pb_utils.InferenceResponse(error=_triton_error(failed[i]))
                 continue
@@ -442,6 +484,9 @@ class TritonPythonModel:
             items.append((key, ids))
         return items
 
+    def _count_stopped(self, rows: int) -> None:
+        self.rows_stopped_early += rows
+
     def _stop_ids(self) -> list[int]:
         ids: set[int] = set()
         for source in (self.base.generation_config.eos_token_id, self.tokenizer.eos_token_id):
@@ -452,8 +497,10 @@ class TritonPythonModel:
         return sorted(ids)
 
     def _generate(self, encoded: list[list[int]], version: str, max_new: int, temperature: float,
-                  top_p: float, seed: int | None):
-        from transformers import GenerationConfig
+                  top_p: float, seed: int | None, cancelled: list[Any] | None = None):
+        """``cancelled[i]()`` says whether the client of prompt i left: its row stops at the next
+        token (the rows of other requests in the same batch go on)."""
+        from transformers import GenerationConfig, StoppingCriteriaList
 
         torch = self.torch
         tok = self.tokenizer
@@ -492,8 +539,10 @@ class TritonPythonModel:
                     devices = [self.device] if self.device.type == "cuda" else []
                     stack.enter_context(torch.random.fork_rng(devices=devices))
                     torch.manual_seed(seed * 1_000_003 + batch_number)
+                stopping = StoppingCriteriaList([_rows_cancelled([cancelled[i] for i in batch], self._count_stopped)]) if cancelled else None
                 output = model.generate(input_ids=input_ids.to(self.device),
-                                        attention_mask=attention_mask.to(self.device), generation_config=config)
+                                        attention_mask=attention_mask.to(self.device), generation_config=config,
+                                        stopping_criteria=stopping)
             for row, index in enumerate(batch):
                 new_tokens = output[row, width:].tolist()
                 completion = new_tokens
