@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import grpc
 from google.protobuf import empty_pb2, json_format
@@ -19,6 +19,7 @@ from seal.auditor import (
     AdapterFacts,
     Auditing,
     Auditor,
+    CandidateToScore,
     RecheckResult,
     RewardRecord,
     ScoredCandidate,
@@ -47,9 +48,11 @@ from seal.rpc import (
     RpcMetrics,
     RunningService,
     dial,
+    error_message,
     map_errors,
     remaining_timeout,
     start_configured_service,
+    status_code_for,
     traced_channel,
 )
 from seal.tracing import Tracing, build_tracing
@@ -111,6 +114,27 @@ class GrpcAuditedStudent:
             timeout=self._timeout(),
         )
         return [completion.text for completion in reply.completions]
+
+    def answer_mixed(self, prompts: list[str], adapter_ids: list[str], *, max_new_tokens: int) -> list[str]:
+        """One GenerateMixed; a student without it (UNIMPLEMENTED: an older one) is asked one
+        Generate per version instead, with the same answers."""
+        try:
+            reply = self._stub.GenerateMixed(
+                student_pb2.GenerateMixedRequest(
+                    prompts=prompts, adapter_ids=adapter_ids, max_new_tokens=max_new_tokens, temperature=0.0
+                ),
+                timeout=self._timeout(),
+            )
+            return [completion.text for completion in reply.completions]
+        except grpc.RpcError as exc:
+            if exc.code() is not grpc.StatusCode.UNIMPLEMENTED:
+                raise
+        answers: dict[int, str] = {}
+        for adapter_id in dict.fromkeys(adapter_ids):
+            rows = [i for i, a in enumerate(adapter_ids) if a == adapter_id]
+            answers.update(zip(rows, self.answer([prompts[i] for i in rows], adapter_id, max_new_tokens=max_new_tokens),
+                               strict=True))
+        return [answers[i] for i in range(len(prompts))]
 
     def adapter(self, adapter_id: str) -> AdapterFacts:
         reply = self._stub.GetAdapter(student_pb2.GetAdapterRequest(adapter_id=adapter_id), timeout=self._timeout())
@@ -210,6 +234,47 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServiceServicer):
         if not request.HasField("fewshot"):
             check_context(request.context.title, request.context.passage, limits, require_passage=False)
 
+    def _check_guardrails(self, guardrails: Sequence[common_pb2.GateResult], field: str = "guardrails") -> None:
+        limits = self._settings.limits
+        check_count(field, len(guardrails), MAX_GUARDRAIL_RESULTS)
+        for index, gate in enumerate(guardrails):
+            check_text(f"{field}[{index}].gate", gate.gate, MAX_GATE_NAME_CHARS)
+            check_text(f"{field}[{index}].reason", gate.reason, limits.max_reason_chars, "max_reason_chars")
+
+    def _candidates_to_score(self, request: auditor_pb2.ScoreManyRequest) -> list[CandidateToScore]:
+        """ScoreMany's candidates, each bounded as a Score request is; one that breaks a limit
+        refuses the whole call (INVALID_ARGUMENT), before anything is asked or recorded."""
+        limits = self._settings.limits
+        max_k = self._settings.teacher.max_k
+        if not request.candidates:
+            raise ValueError("candidates is empty: send at least one trained candidate to score")
+        if len(request.candidates) > max_k:
+            raise ValueError(
+                f"candidates has {len(request.candidates)} entries, above the limit of {max_k}; "
+                "send fewer or raise teacher.max_k"
+            )
+        seen: set[str] = set()
+        candidates = []
+        for index, candidate in enumerate(request.candidates):
+            field = f"candidates[{index}]"
+            if not candidate.adapter_id:
+                raise ValueError(f"{field}.adapter_id is empty: ScoreMany scores candidates (Score scores the base model)")
+            check_adapter_id(candidate.adapter_id, f"{field}.adapter_id")
+            if candidate.adapter_id in seen:
+                raise ValueError(f"{field}.adapter_id {candidate.adapter_id!r} is named twice: score each candidate once")
+            seen.add(candidate.adapter_id)
+            check_text(f"{field}.self_edit", candidate.self_edit, limits.max_self_edit_chars, "max_self_edit_chars")
+            check_text(f"{field}.prompt", candidate.prompt, limits.max_prompt_chars, "max_prompt_chars")
+            self._check_guardrails(candidate.guardrails, f"{field}.guardrails")
+            candidates.append(CandidateToScore(
+                adapter_id=candidate.adapter_id,
+                guardrails=[convert.guardrail_from_proto(g) for g in candidate.guardrails],
+                prompt=candidate.prompt,
+                self_edit=candidate.self_edit,
+                seed=candidate.seed,
+            ))
+        return candidates
+
     def _student_for(self, context: grpc.ServicerContext) -> GrpcAuditedStudent:
         ceiling = self._settings.services.rpc_timeout_s
         return GrpcAuditedStudent(self._student, lambda: remaining_timeout(context, ceiling))
@@ -245,10 +310,7 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServiceServicer):
         self._check_candidate_text(request)
         if request.adapter_id:
             check_adapter_id(request.adapter_id)
-        check_count("guardrails", len(request.guardrails), MAX_GUARDRAIL_RESULTS)
-        for index, gate in enumerate(request.guardrails):
-            check_text(f"guardrails[{index}].gate", gate.gate, MAX_GATE_NAME_CHARS)
-            check_text(f"guardrails[{index}].reason", gate.reason, limits.max_reason_chars, "max_reason_chars")
+        self._check_guardrails(request.guardrails)
         fewshot = convert.fewshot_field(request)
         if fewshot is not None:
             task = convert.fewshot_from_proto(fewshot)
@@ -281,7 +343,46 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServiceServicer):
         )
         return self._score_response(scored, request)
 
-    def _score_response(self, scored: ScoredCandidate, request: auditor_pb2.ScoreRequest) -> auditor_pb2.ScoreResponse:
+    @map_errors
+    def ScoreMany(self, request: auditor_pb2.ScoreManyRequest, context: grpc.ServicerContext) -> auditor_pb2.ScoreManyResponse:
+        limits = self._settings.limits
+        check_id("request_id", request.request_id)
+        candidates = self._candidates_to_score(request)
+        fewshot = convert.fewshot_field(request)
+        if fewshot is not None:
+            task = convert.fewshot_from_proto(fewshot)
+            check_fewshot_size(task, limits)
+            results = self.core.score_many_fewshot(
+                self._student_for(context), candidates=candidates, task=task, request_id=request.request_id
+            )
+        else:
+            check_context(request.context.title, request.context.passage, limits, require_passage=False)
+            questions = [Question(q.question, q.answer) for q in request.questions]
+            check_questions(questions, limits)
+            results = self.core.score_many(
+                self._student_for(context),
+                candidates=candidates,
+                questions=questions,
+                title=request.context.title,
+                passage=request.context.passage,
+                request_id=request.request_id,
+                measure_retention=not request.skip_retention,
+            )
+        response = auditor_pb2.ScoreManyResponse()
+        for index, result in enumerate(results):
+            if isinstance(result, ScoredCandidate):
+                response.results.add(score=self._score_response(result, scored_adapter=True))
+                continue
+            code = status_code_for(result)
+            if code is grpc.StatusCode.INTERNAL:
+                log.error("scoring candidate %d (%s) failed", index, candidates[index].adapter_id, exc_info=result)
+            response.results.add(failed=auditor_pb2.ScoreManyResponse.Failed(
+                index=index, code=code.name.lower(), message=error_message(result),
+            ))
+        return response
+
+    def _score_response(self, scored: ScoredCandidate, request: auditor_pb2.ScoreRequest | None = None, *,
+                        scored_adapter: bool = False) -> auditor_pb2.ScoreResponse:
         report = scored.report
         response = auditor_pb2.ScoreResponse(
             baseline_accuracy=report.baseline_accuracy,
@@ -300,7 +401,7 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServiceServicer):
             response.retention_accuracy = report.retention_accuracy
         if report.baseline_retention_accuracy is not None:
             response.baseline_retention_accuracy = report.baseline_retention_accuracy
-        if request.adapter_id:  # a baseline-only request is not a scored candidate
+        if scored_adapter or (request is not None and request.adapter_id):  # a baseline alone is no candidate
             self._rewards.observe(report.reward)
             self._scored.labels("pass" if report.decision.promote else "fail").inc()
             for gate in report.decision.failed:

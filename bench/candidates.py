@@ -3,8 +3,9 @@ small run after another) against batched multi-LoRA training (seal.update.multi_
 adapters on the one base, one forward/backward per step), in one run, same passage and seeds.
 
 Per k and path: wall time of training and of scoring (greedy closed-book answers to the
-passage's questions: per candidate model in the sequential path, one mixed-adapter generate with
-``adapter_names=`` in the batched one), candidates per minute, peak RSS during the phase
+passage's questions by the student's engine: per candidate model in the sequential path, one
+mixed-adapter generate with ``adapter_names=`` in the batched one, as the auditor's ScoreMany asks
+the student for it), candidates per minute, peak RSS during the phase
 (sampled every 20 ms), and whether the two paths agree: the largest LoRA weight difference, the
 final training losses, the answers and the accuracy.
 
@@ -38,7 +39,13 @@ from bench.forgetting import INVENTED, Passage  # noqa: E402
 from seal.anchors import AnchorStore, anchor_examples  # noqa: E402
 from seal.config import Settings  # noqa: E402
 from seal.domains.knowledge import build_question_prompt, build_training_sequences  # noqa: E402
-from seal.models import load_model_and_tokenizer, model_fingerprint, resolve_model_path  # noqa: E402
+from seal.models import (  # noqa: E402
+    SamplingParams,
+    TransformersEngine,
+    load_model_and_tokenizer,
+    model_fingerprint,
+    resolve_model_path,
+)
 from seal.update.lora_sft import LoraSFTTrainer, TrainingDiverged, lora_sft_config  # noqa: E402
 from seal.update.multi_lora import AdapterSpec, MultiLoraConfig, MultiLoraTrainer  # noqa: E402
 
@@ -81,18 +88,14 @@ def candidate_lines(passage: Passage, index: int, per_candidate: int) -> list[st
     return [lines[(index + offset) % len(lines)] for offset in range(per_candidate)]
 
 
-def greedy_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int,
+def greedy_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int,
                    adapter_names: list[str] | None = None) -> list[str]:
-    """Greedy chat answers, left-padded in one batch; ``adapter_names`` routes each row."""
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-             for p in prompts]
-    tokenizer.padding_side = "left"
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    extra = {"adapter_names": adapter_names} if adapter_names is not None else {}
-    with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, **extra)
-    return [tokenizer.decode(row[batch["input_ids"].shape[1]:], skip_special_tokens=True).strip() for row in out]
+    """Greedy chat answers by the student's own engine (``TransformersEngine``, batches of
+    ``auditor.batch_size``); ``adapter_names`` routes each row to its adapter, as the in-process
+    student's GenerateMixed does when the auditor scores k candidates (``Auditor.score_many``)."""
+    engine = TransformersEngine(model, tokenizer)
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    return [g.text.strip() for g in engine.generate(prompts, params, batch_size=batch_size, adapter_names=adapter_names)]
 
 
 def correct(answer: str, gold: str) -> bool:
@@ -178,7 +181,8 @@ def main() -> int:
                     continue
                 train_s += time.perf_counter() - started
                 started = time.perf_counter()
-                seq_answers.append(greedy_answers(result.model, tokenizer, prompts, args.max_new_tokens))
+                seq_answers.append(greedy_answers(result.model, tokenizer, prompts, args.max_new_tokens,
+                                                  settings.auditor.batch_size))
                 score_s += time.perf_counter() - started
                 seq_weights.append(lora_tensors(result.model, "default"))
                 seq_losses.append(result.losses[-1])
@@ -190,7 +194,8 @@ def main() -> int:
                 batch_train_s = time.perf_counter() - started
                 started = time.perf_counter()
                 names = [run.name for run in trained.runs for _ in prompts]
-                flat = greedy_answers(trained.model, tokenizer, prompts * k, args.max_new_tokens, adapter_names=names)
+                flat = greedy_answers(trained.model, tokenizer, prompts * k, args.max_new_tokens,
+                                      settings.auditor.batch_size, adapter_names=names)
                 batch_score_s = time.perf_counter() - started
                 batch_answers = [flat[i * len(prompts):(i + 1) * len(prompts)] for i in range(k)]
                 batch_weights = [lora_tensors(trained.model, run.name) for run in trained.runs]

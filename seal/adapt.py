@@ -6,7 +6,8 @@ evaluation (``seal.evaluation``). They differ only in the ports they are given a
 do with the outcome — Adapt promotes the best candidate that passes every gate, ReST^EM keeps the
 reward and discards the adapter, evaluation keeps the accuracies. With ``batch_candidates`` (the
 ``student.batch_candidates`` setting) Adapt runs the same three steps over all k at once instead:
-every check, one :meth:`StudentPort.train_many` for the candidates that passed, every score.
+every check, one :meth:`StudentPort.train_many` for the candidates that passed, one
+:meth:`AuditorPort.score_many` for the candidates trained.
 
 The pipeline depends on two abstractions, never on a transport (vLLM's ``EngineClient`` is the
 model): :class:`StudentPort` trains and changes an adapter's status, :class:`AuditorPort` checks
@@ -117,6 +118,23 @@ class GuardrailCheck:
         return [gate.gate for gate in self.gates if not gate.passed]
 
 
+# Guardrails whose reason is the caller's to read in a failure: a recipe's parse errors say how to
+# fix the self-edit. Other rules' reasons may quote what they caught (a secret), so only their
+# names are given; the audit record keeps the rest.
+_REASON_SHOWN = (f"{GUARDRAIL_PREFIX}recipe",)
+
+
+def guardrail_failure(check: GuardrailCheck) -> str:
+    """Why a self-edit was stopped before training, for the caller: the failed rules, with the
+    parse error of a few-shot recipe that did not parse (what the caller needs to act on it)."""
+    failed = []
+    for gate in check.gates:
+        if gate.passed:
+            continue
+        failed.append(f"{gate.gate} ({gate.reason})" if gate.gate in _REASON_SHOWN and gate.reason else gate.gate)
+    return f"guardrails failed before training: {', '.join(failed)}"
+
+
 @dataclass(frozen=True)
 class TrainedAdapter:
     adapter_id: str
@@ -154,6 +172,9 @@ class CandidateRefused(ValueError):
 # The core's error codes (``code`` attribute, mapped to gRPC statuses by ``seal.rpc``) that blame
 # the request rather than the system.
 REFUSAL_CODES = ("invalid_argument", "failed_precondition")
+# What blames one candidate when several are scored together (AuditorPort.score_many): its request,
+# its weights (failed_precondition: they differ from the record) or its version (gone).
+SCORING_REFUSAL_CODES = (*REFUSAL_CODES, "not_found")
 
 
 def is_refusal(exc: BaseException) -> bool:
@@ -162,6 +183,15 @@ def is_refusal(exc: BaseException) -> bool:
     code = getattr(exc, "code", None)
     if isinstance(code, str):
         return code in REFUSAL_CODES
+    return isinstance(exc, ValueError)
+
+
+def is_scoring_refusal(exc: BaseException) -> bool:
+    """Whether a scoring error blames the one candidate it was raised for (its version unknown,
+    its weights unusable), by the same code names as :func:`is_refusal`."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, str):
+        return code in SCORING_REFUSAL_CODES
     return isinstance(exc, ValueError)
 
 
@@ -217,6 +247,17 @@ class StudentPort(Protocol):
     def reject(self, adapter_id: str, reason: str, *, discard_weights: bool = False) -> None: ...
 
 
+@dataclass(frozen=True)
+class ScoreJob:
+    """One trained candidate as :meth:`AuditorPort.score_many` takes it: what :meth:`AuditorPort.score`
+    is given for it."""
+
+    proposal: Proposal
+    adapter: TrainedAdapter
+    seed: int
+    guardrails: GuardrailCheck
+
+
 class AuditorPort(Protocol):
     """Checks self-edits before training and scores candidates after it."""
 
@@ -235,6 +276,32 @@ class AuditorPort(Protocol):
         request_id: str,
         measure_retention: bool,
     ) -> Score: ...
+
+    def score_many(
+        self, task: Task, jobs: Sequence[ScoreJob], *, request_id: str, measure_retention: bool
+    ) -> list[Score | CandidateRefused]:
+        """The trained candidates of one task scored in one call (the auditor asks their answers
+        together): one result per job, in order, each the :class:`Score` that :meth:`score` would
+        give, or :class:`CandidateRefused` when that candidate alone cannot be scored (its version
+        or weights are unusable). Anything that is not one candidate's fault raises."""
+        ...
+
+
+def score_each(
+    auditor: AuditorPort, task: Task, jobs: Sequence[ScoreJob], *, request_id: str, measure_retention: bool
+) -> list[Score | CandidateRefused]:
+    """:meth:`AuditorPort.score_many` as one :meth:`AuditorPort.score` per candidate: what a port
+    falls back to when its auditor cannot score several at once."""
+    results: list[Score | CandidateRefused] = []
+    for job in jobs:
+        try:
+            results.append(auditor.score(
+                task, job.proposal, job.adapter, seed=job.seed, guardrails=job.guardrails, request_id=request_id,
+                measure_retention=measure_retention,
+            ))
+        except CandidateRefused as refused:
+            results.append(refused)
+    return results
 
 
 # --- events (what a caller streams) ---------------------------------------------------------
@@ -278,6 +345,8 @@ class CandidateFailed:
     index: int
     reason: str
     gates: tuple[GateResult, ...] = ()
+    # Where it failed: "guardrails" (refused before training), "training" or "scoring".
+    stage: str = "training"
 
 
 @dataclass(frozen=True)
@@ -461,8 +530,8 @@ def _candidate_steps(
     clock.add("scoring", started)
     outcome.gates = check.gates
     if not check.passed:
-        outcome.failure = f"guardrails failed before training: {', '.join(check.failed_rules)}"
-        yield CandidateFailed(proposal.index, outcome.failure, check.gates)
+        outcome.failure = guardrail_failure(check)
+        yield CandidateFailed(proposal.index, outcome.failure, check.gates, stage="guardrails")
         return
 
     started = time.perf_counter()
@@ -522,8 +591,9 @@ def _batched_candidates(
     tracer: trace.Tracer | None,
 ) -> Iterator[Event]:
     """Every self-edit checked, every one that passed trained in one ``train_many`` call, then
-    each trained candidate scored: the same events and outcomes as :func:`score_candidate` per
-    self-edit. Returns the outcomes in the proposals' order."""
+    every one trained scored in one ``score_many`` call: the same events and outcomes as
+    :func:`score_candidate` per self-edit (a candidate the auditor refuses to score fails alone).
+    Returns the outcomes in the proposals' order."""
     outcomes = [CandidateOutcome(proposal, seed + proposal.index) for proposal in proposals]
     checks: dict[int, GuardrailCheck] = {}
     for position, outcome in enumerate(outcomes):
@@ -535,8 +605,8 @@ def _batched_candidates(
         clock.add("scoring", started)
         outcome.gates = check.gates
         if not check.passed:
-            outcome.failure = f"guardrails failed before training: {', '.join(check.failed_rules)}"
-            yield CandidateFailed(index, outcome.failure, check.gates)
+            outcome.failure = guardrail_failure(check)
+            yield CandidateFailed(index, outcome.failure, check.gates, stage="guardrails")
             continue
         checks[position] = check
 
@@ -574,23 +644,32 @@ def _batched_candidates(
             span.set_attribute("seal.candidates.trained", sum(o.adapter is not None for o in training))
         clock.add("training", started)
 
+    jobs = []
     for position, check in checks.items():
         outcome = outcomes[position]
-        adapter = outcome.adapter
-        if adapter is None:
+        if outcome.adapter is not None:
+            jobs.append(ScoreJob(outcome.proposal, outcome.adapter, outcome.seed, check))
+    if not jobs:
+        return outcomes
+    started = time.perf_counter()
+    with _span(tracer, "seal.score", {"seal.candidates": len(jobs)}) as span:
+        results = auditor.score_many(task, jobs, request_id=request_id, measure_retention=True)
+        if len(results) != len(jobs):
+            raise RuntimeError(f"the auditor scored {len(jobs)} candidates with {len(results)} results")
+        span.set_attribute("seal.candidates.scored", sum(isinstance(r, Score) for r in results))
+    # One call for all of them: each candidate is given an equal share of its time.
+    seconds = clock.add("scoring", started) / len(jobs)
+    by_index = {outcome.proposal.index: outcome for outcome in outcomes}
+    for job, result in zip(jobs, results, strict=True):
+        outcome = by_index[job.proposal.index]
+        outcome.score_seconds = seconds
+        if isinstance(result, CandidateRefused):
+            outcome.failure = f"scoring failed: {result}"
+            yield CandidateFailed(job.proposal.index, outcome.failure, stage="scoring")
             continue
-        started = time.perf_counter()
-        attributes = {"seal.candidate.index": outcome.proposal.index, **_adapter_attributes(adapter)}
-        with _span(tracer, "seal.score", attributes) as span:
-            score = auditor.score(
-                task, outcome.proposal, adapter, seed=outcome.seed, guardrails=check, request_id=request_id,
-                measure_retention=True,
-            )
-            span.set_attributes(_score_attributes(score))
-        outcome.score_seconds = clock.add("scoring", started)
-        outcome.score = score
-        outcome.gates = score.gates
-        yield CandidateScored(outcome.proposal.index, adapter.adapter_id, score, outcome.score_seconds)
+        outcome.score = result
+        outcome.gates = result.gates
+        yield CandidateScored(job.proposal.index, job.adapter.adapter_id, result, seconds)
     return outcomes
 
 
@@ -747,9 +826,11 @@ def run_adapt(
 
     ``batch_candidates`` (the ``student.batch_candidates`` setting) with k > 1: every self-edit is
     checked first, then every one that passed is trained in one :meth:`StudentPort.train_many`
-    call, then each is scored; the events and the result are those of the one-at-a-time path
-    (progress of several candidates may interleave). The spans are then a ``seal.check`` and a
-    ``seal.score`` per candidate and one ``seal.train`` for the batch, children of ``seal.adapt``."""
+    call, then every one trained is scored in one :meth:`AuditorPort.score_many` call; the events
+    and the result are those of the one-at-a-time path (progress of several candidates may
+    interleave), except that a candidate the auditor cannot score fails alone ("scoring failed")
+    where one at a time it would end the step. The spans are then a ``seal.check`` per candidate,
+    one ``seal.train`` and one ``seal.score`` for the batch, children of ``seal.adapt``."""
     request_id = request_id or uuid.uuid4().hex[:12]
     attributes: Attributes = {
         "seal.request_id": request_id, "seal.k": k, "seal.adapter.name": adapter_name, "seal.seed": seed,

@@ -7,6 +7,7 @@ import json
 import logging
 import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -54,6 +55,41 @@ log = logging.getLogger(__name__)
 
 # prompts, adapter_id ("" = base model) → completions
 AnswerFunction = Callable[[list[str], str], list[str]]
+# prompts, one adapter_id per prompt ("" = base model) → completions: several versions in one call
+MixedAnswerFunction = Callable[[list[str], list[str]], list[str]]
+
+# The base model's graded answers kept in memory (one per question, base model and generation
+# settings): a few hundred bytes each, so the bound is about a few tens of MB at most.
+MAX_CACHED_BASE_OUTCOMES = 100_000
+
+
+def base_key(fingerprint: str, max_new_tokens: int) -> str:
+    """Names the base model's closed-book answers in the auditor's cache: the base model (its
+    fingerprint, "" when not known) and the settings they were asked with (greedy, the chat
+    template, ``max_new_tokens``). Answers under different keys are never taken for each other."""
+    return f"{fingerprint or 'unknown'}:greedy:chat:{max_new_tokens}"
+
+
+@dataclass(frozen=True)
+class AdapterToScore:
+    """One candidate of :meth:`Auditor.score_many`: what :meth:`Auditor.score` takes per adapter."""
+
+    adapter_id: str
+    guardrails: Sequence[GuardrailResult] = ()
+    retention_kl: float | None = None
+
+
+def prefetched(answer: AnswerFunction, answers: Mapping[tuple[str, str], str]) -> AnswerFunction:
+    """``answer`` with ``answers`` ((adapter_id, prompt) → completion, already generated) served
+    first: scoring code written for one adapter at a time reads what one mixed generate asked for
+    all of them, and asks ``answer`` only for what is missing (nothing, unless that generate failed)."""
+
+    def ask(prompts: list[str], adapter_id: str) -> list[str]:
+        missing = list(dict.fromkeys(p for p in prompts if (adapter_id, p) not in answers))
+        fresh = dict(zip(missing, answer(missing, adapter_id), strict=True)) if missing else {}
+        return [answers[(adapter_id, p)] if (adapter_id, p) in answers else fresh[p] for p in prompts]
+
+    return ask
 
 
 @dataclass(frozen=True)
@@ -97,11 +133,12 @@ class Auditor:
     def __init__(self, grader: Grader, gate_settings: GateSettings) -> None:
         self._grader = grader
         self._gate_settings = gate_settings
-        # Baselines depend only on the base model and τ, so each is computed once.
-        self._baselines: dict[tuple[str, ...], list[QuestionOutcome]] = {}
+        # The base model's graded answer to a question depends only on the base model and the
+        # generation settings (``base``, see base_key), the question as asked (its prompt) and the
+        # gold answer: cached under all four, so τ's baseline and the retention probe's are asked
+        # once, whichever candidates and calls need them (least recently used dropped first).
+        self._base_outcomes: OrderedDict[tuple[str, str, str], QuestionOutcome] = OrderedDict()
         self._baseline_lock = threading.Lock()
-        # Same for the base model on a retention probe, keyed by the probe's content digest.
-        self._retention_baselines: dict[str, list[QuestionOutcome]] = {}
 
     def closed_book(
         self,
@@ -120,15 +157,40 @@ class Auditor:
         )
         return outcomes_from(questions, predictions, grades)
 
-    def baseline(self, answer: AnswerFunction, questions: Sequence[Question]) -> list[QuestionOutcome]:
-        key = tuple(f"{q.question}\x1f{q.answer}" for q in questions)
+    def baseline(self, answer: AnswerFunction, questions: Sequence[Question], *, base: str = "") -> list[QuestionOutcome]:
+        """The base model's outcomes on ``questions``; ``base`` names the base model and the
+        settings ``answer`` generates with (:func:`base_key`), under which they are cached."""
+        if not questions:
+            raise ValueError("τ is empty: send at least one question with its gold answer")
+        return self._cached_base_outcomes(answer, questions, base)
+
+    def _base_key(self, base: str, question: Question) -> tuple[str, str, str]:
+        return (base, build_question_prompt(question.question), question.answer)
+
+    def _cached_base_outcomes(self, answer: AnswerFunction, questions: Sequence[Question], base: str) -> list[QuestionOutcome]:
+        """Cached outcomes, and the base model asked (one call) only for the questions not cached."""
+        keys = [self._base_key(base, q) for q in questions]
         with self._baseline_lock:
-            cached = self._baselines.get(key)
-        if cached is None:
-            cached = self.closed_book(answer, questions, "")
+            found = {key: self._base_outcomes[key] for key in keys if key in self._base_outcomes}
+            for key in found:
+                self._base_outcomes.move_to_end(key)
+        missing = [q for q, key in zip(questions, keys, strict=True) if key not in found]
+        if missing:
+            fresh = self.closed_book(answer, missing, "")
             with self._baseline_lock:
-                self._baselines[key] = cached
-        return cached
+                for question, outcome in zip(missing, fresh, strict=True):
+                    key = self._base_key(base, question)
+                    found[key] = self._base_outcomes[key] = outcome
+                while len(self._base_outcomes) > MAX_CACHED_BASE_OUTCOMES:
+                    self._base_outcomes.popitem(last=False)
+        return [found[key] for key in keys]
+
+    def base_prompts_missing(self, questions: Sequence[Question], base: str) -> list[str]:
+        """The prompts of ``questions`` whose base outcome under ``base`` is not cached."""
+        with self._baseline_lock:
+            return list(dict.fromkeys(
+                key[1] for key in (self._base_key(base, q) for q in questions) if key not in self._base_outcomes
+            ))
 
     # --- retention ---------------------------------------------------------------------------
 
@@ -158,27 +220,25 @@ class Auditor:
 
         return build_probe(fingerprint, candidates, grade, size=size, notes=notes)
 
-    def baseline_retention(self, answer: AnswerFunction, probe: RetentionProbe) -> list[QuestionOutcome]:
+    def baseline_retention(self, answer: AnswerFunction, probe: RetentionProbe, *, base: str = "") -> list[QuestionOutcome]:
+        """The base model's outcomes on the probe, cached as τ's are (``base``: see :meth:`baseline`)."""
         # Re-measured rather than assumed to be 1.0: batching and padding can flip a greedy
         # answer or two, and the gate must compare the candidate with the base model as served.
-        with self._baseline_lock:
-            cached = self._retention_baselines.get(probe.probe_id)
-        if cached is None:
-            cached = self.closed_book(answer, probe.questions, "")
-            with self._baseline_lock:
-                self._retention_baselines[probe.probe_id] = cached
-        return cached
+        if not probe.questions:
+            return []
+        return self._cached_base_outcomes(answer, probe.questions, base)
 
     def retention(
-        self, answer: AnswerFunction, probe: RetentionProbe, adapter_id: str
+        self, answer: AnswerFunction, probe: RetentionProbe, adapter_id: str, *, base: str = ""
     ) -> tuple[float | None, float | None, list[QuestionOutcome]]:
         """(candidate accuracy, base accuracy, candidate outcomes) on the probe; (None, None, [])
         for an empty probe, which measures nothing."""
         if not probe.questions:
             return None, None, []
-        baseline = accuracy_of(self.baseline_retention(answer, probe))
+        base_outcomes = self.baseline_retention(answer, probe, base=base)
+        baseline = accuracy_of(base_outcomes)
         if not adapter_id:
-            return baseline, baseline, list(self.baseline_retention(answer, probe))
+            return baseline, baseline, list(base_outcomes)
         outcomes = self.closed_book(answer, probe.questions, adapter_id)
         return accuracy_of(outcomes), baseline, outcomes
 
@@ -192,11 +252,15 @@ class Auditor:
         probe: RetentionProbe | None = None,
         probe_answer: AnswerFunction | None = None,
         retention_kl: float | None = None,
+        base: str = "",
+        probe_base: str = "",
     ) -> ScoreReport:
         """``probe`` (with ``probe_answer``, e.g. shorter answers) adds the retention measurement
         to a candidate's scores; the base model alone is never asked it. ``retention_kl`` is the
-        candidate's KL drift from the base, measured by the student when it trained it."""
-        baseline_outcomes = self.baseline(answer, questions)
+        candidate's KL drift from the base, measured by the student when it trained it. ``base``
+        and ``probe_base`` name the base model and the settings of ``answer`` and ``probe_answer``
+        (:func:`base_key`): the base model's answers are cached under them."""
+        baseline_outcomes = self.baseline(answer, questions, base=base)
         baseline_accuracy = accuracy_of(baseline_outcomes)
         if adapter_id:
             adapted_outcomes = self.closed_book(answer, questions, adapter_id)
@@ -207,7 +271,7 @@ class Auditor:
         retention_outcomes: list[QuestionOutcome] = []
         if probe is not None and adapter_id:
             retention_accuracy, baseline_retention_accuracy, retention_outcomes = self.retention(
-                probe_answer or answer, probe, adapter_id
+                probe_answer or answer, probe, adapter_id, base=probe_base
             )
         scores = CandidateScores(
             tau_accuracy=adapted_accuracy,
@@ -231,6 +295,64 @@ class Auditor:
             retention_outcomes=retention_outcomes,
             probe_id=probe.probe_id if probe is not None and probe.questions else "",
         )
+
+    def score_many(
+        self,
+        answer: AnswerFunction,
+        answer_mixed: MixedAnswerFunction,
+        adapters: Sequence[AdapterToScore],
+        questions: Sequence[Question],
+        *,
+        probe: RetentionProbe | None = None,
+        probe_answer: AnswerFunction | None = None,
+        probe_answer_mixed: MixedAnswerFunction | None = None,
+        base: str = "",
+        probe_base: str = "",
+    ) -> list[ScoreReport | Exception]:
+        """:meth:`score` for each of ``adapters`` (the same reports), with every candidate's
+        answers asked up front in one ``answer_mixed`` call for τ and one for the probe, the base
+        model's rows that are not cached yet among them. One report per adapter, in order; a
+        candidate whose scoring raised has its exception in its place, and the others are scored.
+        Should a mixed call fail, each candidate is asked alone (so a bad one fails alone)."""
+        if not questions:
+            raise ValueError("τ is empty: send at least one question with its gold answer")
+        ids = [a.adapter_id for a in adapters if a.adapter_id]
+        tau = self._prefetch(answer_mixed, ids, questions, base)
+        probe_answers: Mapping[tuple[str, str], str] = {}
+        if probe is not None and probe.questions:
+            probe_answers = self._prefetch(probe_answer_mixed or answer_mixed, ids, probe.questions, probe_base)
+        reports: list[ScoreReport | Exception] = []
+        for adapter in adapters:
+            try:
+                reports.append(self.score(
+                    prefetched(answer, tau), adapter.adapter_id, questions, adapter.guardrails, probe=probe,
+                    probe_answer=prefetched(probe_answer or answer, probe_answers), retention_kl=adapter.retention_kl,
+                    base=base, probe_base=probe_base,
+                ))
+            except Exception as exc:  # noqa: BLE001 - this candidate fails alone; the caller classifies
+                reports.append(exc)
+        return reports
+
+    def _prefetch(
+        self, answer_mixed: MixedAnswerFunction, adapter_ids: Sequence[str], questions: Sequence[Question], base: str
+    ) -> dict[tuple[str, str], str]:
+        """Every adapter's answers to ``questions`` and the base model's not yet cached, in one
+        call: (adapter_id, prompt) → completion. Empty when that call fails (logged)."""
+        prompts = list(dict.fromkeys(build_question_prompt(q.question) for q in questions))
+        rows = [("", p) for p in self.base_prompts_missing(questions, base)]
+        rows += [(adapter_id, p) for adapter_id in adapter_ids for p in prompts]
+        if not rows:
+            return {}
+        try:
+            texts = answer_mixed([p for _, p in rows], [a for a, _ in rows])
+        except Exception:  # noqa: BLE001 - an optimisation failed: each candidate is asked alone
+            log.warning("asking %d candidates in one mixed generate failed; asking each alone", len(adapter_ids),
+                        exc_info=True)
+            return {}
+        if len(texts) != len(rows):
+            log.warning("a mixed generate answered %d of %d prompts; asking each candidate alone", len(texts), len(rows))
+            return {}
+        return dict(zip(rows, texts, strict=True))
 
 
 # --- the auditing service's work, transport-free -------------------------------------------------
@@ -262,6 +384,11 @@ class AuditedStudent(Protocol):
         """Greedy completions with adapter ``adapter_id`` ("" = the base model), in prompt order."""
         ...
 
+    def answer_mixed(self, prompts: list[str], adapter_ids: list[str], *, max_new_tokens: int) -> list[str]:
+        """Greedy completions, ``prompts[i]`` with adapter ``adapter_ids[i]`` ("" = the base
+        model), in one call where the student can (the same answers as :meth:`answer` per adapter)."""
+        ...
+
     def adapter(self, adapter_id: str) -> AdapterFacts: ...
 
     def promoted(self, adapter_name: str) -> AdapterFacts | None:
@@ -286,6 +413,17 @@ class GuardrailVerdict:
     @property
     def failed_rules(self) -> list[str]:
         return [r.rule for r in self.results if not r.passed]
+
+
+@dataclass(frozen=True)
+class CandidateToScore:
+    """One candidate of :meth:`Auditing.score_many`, with what a Score request carries about it."""
+
+    adapter_id: str
+    guardrails: Sequence[GuardrailResult] = ()
+    prompt: str = ""
+    self_edit: str = ""
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -361,6 +499,11 @@ class Auditing:
         self._probe_base_dir = probe_base_dir
         self._probes: dict[str, RetentionProbe] = {}
         self._probe_lock = threading.Lock()
+        # The student's base model as last seen in a manifest: what the base model's cached
+        # answers are looked up under when a request names no adapter (a baseline). A student
+        # restarted on another model shows a new fingerprint in the next candidate's manifest, and
+        # candidates are always scored under their own manifest's, never another model's answers.
+        self._fingerprint = ""
         # Hook for live serving signals (the Triton canary): adapter_id → signals with minimums.
         # They join the retention probe in every re-check's rollback verdict.
         self.canary_signals: Callable[[str], Sequence[CanarySignal]] = lambda adapter_id: ()
@@ -457,6 +600,22 @@ class Auditing:
 
         return answer
 
+    def _mixed_answers(self, student: AuditedStudent, max_new_tokens: int) -> MixedAnswerFunction:
+        def answer(prompts: list[str], adapter_ids: list[str]) -> list[str]:
+            answers: list[str] = []
+            for start in range(0, len(prompts), self._max_prompts):
+                end = start + self._max_prompts
+                answers.extend(student.answer_mixed(prompts[start:end], adapter_ids[start:end], max_new_tokens=max_new_tokens))
+            return answers
+
+        return answer
+
+    def _manifest(self, student: AuditedStudent, adapter_id: str) -> AdapterFacts:
+        manifest = student.adapter(adapter_id)
+        if manifest.base_model_fingerprint:
+            self._fingerprint = manifest.base_model_fingerprint
+        return manifest
+
     def probe_for(self, fingerprint: str, student: AuditedStudent) -> RetentionProbe | None:
         """The retention probe of this base model: cached, else loaded from disk, else built now
         (once per fingerprint; the build asks the base model up to max_candidates questions)."""
@@ -523,12 +682,15 @@ class Auditing:
         manifest: AdapterFacts | None = None
         probe: RetentionProbe | None = None
         if adapter_id:
-            manifest = student.adapter(adapter_id)
+            manifest = self._manifest(student, adapter_id)
             if measure_retention:
                 probe = self.probe_for(manifest.base_model_fingerprint, student)
+        fingerprint = manifest.base_model_fingerprint if manifest is not None else self._fingerprint
         report = self.auditor.score(
             answer, adapter_id, questions, guardrails, probe=probe, probe_answer=probe_answer,
             retention_kl=manifest.retention_kl if manifest is not None and measure_retention else None,
+            base=base_key(fingerprint, self._answer_tokens),
+            probe_base=base_key(fingerprint, self._retention.max_new_tokens),
         )
         probe_size = len(probe) if probe is not None else 0
         if manifest is None:
@@ -538,6 +700,94 @@ class Auditing:
             self_edit=self_edit, seed=seed, request_id=request_id, probe_size=probe_size,
             context=f"{title}\n{passage}",
         )
+
+    def score_many(
+        self,
+        student: AuditedStudent,
+        *,
+        candidates: Sequence[CandidateToScore],
+        questions: Sequence[Question],
+        title: str,
+        passage: str,
+        request_id: str = "",
+        measure_retention: bool = True,
+    ) -> list[ScoredCandidate | Exception]:
+        """:meth:`score` for each trained candidate of one task (the same reports, reward and
+        audit records), with all their answers asked of the student together: one mixed-adapter
+        generate for τ and one for the retention probe (per ``limits.max_prompts`` prompts), the
+        base model's answers from the cache or among those rows. One result per candidate, in
+        order; a candidate whose manifest or answers cannot be had gets its exception instead, and
+        the others are scored. Recording (reward log, audit log) failing raises, as in score."""
+        if not questions:
+            raise ValueError("no questions: scoring needs τ, at least one question with its gold answer")
+        results: list[ScoredCandidate | Exception | None] = [None] * len(candidates)
+        manifests: dict[int, AdapterFacts] = {}
+        for position, candidate in enumerate(candidates):
+            if not candidate.adapter_id:
+                results[position] = ValueError(f"candidates[{position}] names no adapter: Score scores the base model")
+                continue
+            try:
+                manifests[position] = self._manifest(student, candidate.adapter_id)
+            except Exception as exc:  # noqa: BLE001 - e.g. an unknown version: this candidate fails alone
+                results[position] = exc
+        # The candidates of one step share their base model; should the student have been
+        # restarted on another between trainings, each base model's are scored apart.
+        by_base: dict[str, list[int]] = {}
+        for position, manifest in manifests.items():
+            by_base.setdefault(manifest.base_model_fingerprint, []).append(position)
+        for fingerprint, positions in by_base.items():
+            probe = self.probe_for(fingerprint, student) if measure_retention else None
+            reports = self.auditor.score_many(
+                self._answers(student, self._answer_tokens),
+                self._mixed_answers(student, self._answer_tokens),
+                [
+                    AdapterToScore(
+                        candidates[i].adapter_id, candidates[i].guardrails,
+                        manifests[i].retention_kl if measure_retention else None,
+                    )
+                    for i in positions
+                ],
+                questions,
+                probe=probe,
+                probe_answer=self._answers(student, self._retention.max_new_tokens),
+                probe_answer_mixed=self._mixed_answers(student, self._retention.max_new_tokens),
+                base=base_key(fingerprint, self._answer_tokens),
+                probe_base=base_key(fingerprint, self._retention.max_new_tokens),
+            )
+            probe_size = len(probe) if probe is not None else 0
+            for position, report in zip(positions, reports, strict=True):
+                if isinstance(report, Exception):
+                    results[position] = report
+                    continue
+                candidate = candidates[position]
+                results[position] = self._record_scored(
+                    report, manifests[position], adapter_id=candidate.adapter_id,
+                    digest=context_digest(title, passage), prompt=candidate.prompt, self_edit=candidate.self_edit,
+                    seed=candidate.seed, request_id=request_id, probe_size=probe_size, context=f"{title}\n{passage}",
+                )
+        scored = [result for result in results if result is not None]
+        assert len(scored) == len(candidates), "every candidate has a result"
+        return scored
+
+    def score_many_fewshot(
+        self, student: AuditedStudent, *, candidates: Sequence[CandidateToScore], task: ArcTask, request_id: str = ""
+    ) -> list[ScoredCandidate | Exception]:
+        """:meth:`score_fewshot` for each candidate, one after the other (a few-shot task's answers
+        are voted over augmented prompts per adapter; they are not batched across candidates).
+        A candidate whose scoring raises gets its exception in its place; the others go on."""
+        results: list[ScoredCandidate | Exception] = []
+        for position, candidate in enumerate(candidates):
+            if not candidate.adapter_id:
+                results.append(ValueError(f"candidates[{position}] names no adapter: Score scores the base model"))
+                continue
+            try:
+                results.append(self.score_fewshot(
+                    student, adapter_id=candidate.adapter_id, task=task, guardrails=candidate.guardrails,
+                    prompt=candidate.prompt, self_edit=candidate.self_edit, seed=candidate.seed, request_id=request_id,
+                ))
+            except Exception as exc:  # noqa: BLE001 - this candidate fails alone; the caller classifies
+                results.append(exc)
+        return results
 
     def score_fewshot(
         self,
@@ -569,7 +819,7 @@ class Auditing:
         if not adapter_id:
             verdict = fewshot_audit.score_task(task, baseline, baseline, guardrails)
             return ScoredCandidate(verdict.report(guardrails))
-        manifest = student.adapter(adapter_id)
+        manifest = self._manifest(student, adapter_id)
         adapted = fewshot_audit.grade_with(task, answer, adapter_id, self._fewshot)
         report = fewshot_audit.score_task(task, baseline, adapted, guardrails).report(guardrails)
         return self._record_scored(
@@ -667,7 +917,10 @@ class Auditing:
         accuracy = baseline = None
         if probe is not None:
             answer = self._answers(student, self._retention.max_new_tokens)
-            accuracy, baseline, _ = self.auditor.retention(answer, probe, manifest.adapter_id)
+            accuracy, baseline, _ = self.auditor.retention(
+                answer, probe, manifest.adapter_id,
+                base=base_key(manifest.base_model_fingerprint, self._retention.max_new_tokens),
+            )
         signals = tuple(self.canary_signals(manifest.adapter_id))
         verdict = recheck_verdict(accuracy, baseline, floor, signals)
         probe_size = len(probe) if probe is not None else 0

@@ -48,7 +48,7 @@ ADAPT, GENERATE, READ, ADMIN = "adapt", "generate", "read", "admin"
 SERVICE_TEACHER, SERVICE_STUDENT, SERVICE_AUDITOR = "service:teacher", "service:student", "service:auditor"
 SCOPES: dict[str, str] = {
     ADAPT: "ask the teacher to adapt the student to a passage (Adapt, ProposeSelfEdits)",
-    GENERATE: "generate with the student (Generate)",
+    GENERATE: "generate with the student (Generate, GenerateMixed)",
     READ: "read adapters, the reward stream and the API's schema (ListAdapters, GetAdapter, SubscribeRewards, "
     "reflection)",
     ADMIN: "change what is served or trained: Promote, Rollback, Reject (with weight deletion), Train, Recheck",
@@ -73,6 +73,7 @@ METHOD_SCOPES: dict[str, frozenset[str]] = {
     "/seal.v1.StudentService/ApplySelfEdit": frozenset({SERVICE_TEACHER}),
     "/seal.v1.StudentService/ApplySelfEdits": frozenset({SERVICE_TEACHER}),
     "/seal.v1.StudentService/Generate": frozenset({GENERATE, SERVICE_TEACHER, SERVICE_AUDITOR}),
+    "/seal.v1.StudentService/GenerateMixed": frozenset({GENERATE, SERVICE_TEACHER, SERVICE_AUDITOR}),
     "/seal.v1.StudentService/ListAdapters": frozenset({READ, SERVICE_TEACHER, SERVICE_AUDITOR}),
     "/seal.v1.StudentService/GetAdapter": frozenset({READ, SERVICE_TEACHER, SERVICE_AUDITOR}),
     "/seal.v1.StudentService/Promote": frozenset({ADMIN, SERVICE_TEACHER}),
@@ -81,6 +82,7 @@ METHOD_SCOPES: dict[str, frozenset[str]] = {
     # auditor: guardrails and scores are the teacher's; only the student writes audit events.
     "/seal.v1.AuditorService/CheckSelfEdit": frozenset({SERVICE_TEACHER}),
     "/seal.v1.AuditorService/Score": frozenset({SERVICE_TEACHER}),
+    "/seal.v1.AuditorService/ScoreMany": frozenset({SERVICE_TEACHER}),
     "/seal.v1.AuditorService/SubscribeRewards": frozenset({READ, SERVICE_TEACHER}),
     "/seal.v1.AuditorService/RecordEvent": frozenset({SERVICE_STUDENT}),
     "/seal.v1.AuditorService/Recheck": frozenset({ADMIN}),

@@ -151,6 +151,18 @@ def check_adapter_id(value: str, field: str = "adapter_id") -> str:
     return value
 
 
+def check_adapter_ids(adapter_ids: Sequence[str], prompts: int, field: str = "adapter_ids") -> list[str]:
+    """A per-prompt version list (GenerateMixed): one entry per prompt, each a version id or ""
+    (the base model). Checked whole before any weights are loaded, so a typo in the last entry
+    never costs the loading of the others."""
+    if len(adapter_ids) != prompts:
+        raise ValueError(
+            f"{field} has {len(adapter_ids)} entries for {prompts} prompt(s): send one per prompt, "
+            "in the prompts' order (\"\" = the base model)"
+        )
+    return [check_adapter_id(value, f"{field}[{index}]") if value else "" for index, value in enumerate(adapter_ids)]
+
+
 # --- update overrides and sampling -------------------------------------------------------------
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from seal import adapt
-from seal.auditor import Auditor, accuracy_of
+from seal.auditor import AdapterToScore, Auditor, MixedAnswerFunction, ScoreReport, accuracy_of, base_key
 from seal.domains import fewshot_audit
 from seal.domains.fewshot import FewShotSettings, task_to_dict
 from seal.executors import CandidateJob
@@ -50,6 +50,11 @@ def candidate_job(
 
 
 class LocalStudentPort:
+    """The student port over an in-process :class:`Student`. Its ``promote`` and ``reject`` go
+    through the student's registry, so they reach the audit trail only when that student was
+    built with ``audit=`` (the service's outbox): these ports serve tests, benches and ``seal
+    eval``, whose students live in scratch homes (``evaluate_stored_policy``) and never promote."""
+
     def __init__(self, student: Student, *, should_stop: Callable[[], bool] | None = None) -> None:
         self._student = student
         self._should_stop = should_stop
@@ -156,6 +161,12 @@ class LocalAuditorPort:
         self._probe = probe
         self._answer = self._answer_fn(answer_max_new_tokens)
         self._probe_answer = self._answer_fn(probe_max_new_tokens or answer_max_new_tokens)
+        self._answer_mixed = self._mixed_fn(answer_max_new_tokens)
+        self._probe_answer_mixed = self._mixed_fn(probe_max_new_tokens or answer_max_new_tokens)
+        # The base model's answers are cached by the auditor under its fingerprint and settings.
+        fingerprint = student.fingerprint
+        self._base = base_key(fingerprint, answer_max_new_tokens)
+        self._probe_base = base_key(fingerprint, probe_max_new_tokens or answer_max_new_tokens)
         self._fewshot = fewshot or FewShotSettings()
         # The base model's graded answers per few-shot task (they depend on nothing else).
         self._fewshot_baselines: dict[str, fewshot_audit.Graded] = {}
@@ -183,6 +194,14 @@ class LocalAuditorPort:
 
         return answer
 
+    def _mixed_fn(self, max_new_tokens: int) -> MixedAnswerFunction:
+        params = SamplingParams(max_new_tokens=max_new_tokens)
+
+        def answer(prompts: list[str], adapter_ids: list[str]) -> list[str]:
+            return [g.text for g in self._student.generate_mixed(prompts, adapter_ids, params)]
+
+        return answer
+
     def check(self, task: adapt.Task, proposal: adapt.Proposal, *, seed: int, request_id: str) -> adapt.GuardrailCheck:
         if task.fewshot is not None:
             results = [fewshot_audit.check_recipe(proposal.text, self._fewshot)]
@@ -194,7 +213,7 @@ class LocalAuditorPort:
         if task.fewshot is not None:
             graded = self._fewshot_baseline(task)
             return adapt.Baseline(graded.accuracy, graded.outcomes)
-        outcomes = self._auditor.baseline(self._answer, task.questions)
+        outcomes = self._auditor.baseline(self._answer, task.questions, base=self._base)
         return adapt.Baseline(accuracy_of(outcomes), tuple(outcomes))
 
     def score(
@@ -218,17 +237,45 @@ class LocalAuditorPort:
             probe=self._probe if measure_retention else None,
             probe_answer=self._probe_answer,
             retention_kl=_retention_kl(adapter) if measure_retention else None,
+            base=self._base,
+            probe_base=self._probe_base,
         )
-        return adapt.Score(
-            accuracy=report.adapted_accuracy,
-            baseline_accuracy=report.baseline_accuracy,
-            reward=report.reward,
-            passed_gates=report.decision.promote,
-            gates=tuple(report.decision.gates),
-            outcomes=tuple(report.adapted_outcomes),
-            retention_accuracy=report.retention_accuracy,
-            baseline_retention_accuracy=report.baseline_retention_accuracy,
+        return score_of(report)
+
+    def score_many(
+        self, task: adapt.Task, jobs: Sequence[adapt.ScoreJob], *, request_id: str, measure_retention: bool
+    ) -> list[adapt.Score | adapt.CandidateRefused]:
+        """Every candidate's answers in one mixed-adapter generate for τ and one for the probe
+        (``Student.generate_mixed``), scored as :meth:`score` scores one; few-shot tasks one by one."""
+        if task.fewshot is not None:
+            return adapt.score_each(self, task, jobs, request_id=request_id, measure_retention=measure_retention)
+        reports = self._auditor.score_many(
+            self._answer,
+            self._answer_mixed,
+            [
+                AdapterToScore(
+                    job.adapter.adapter_id,
+                    [adapt.guardrail_from_gate(g) for g in job.guardrails.gates],
+                    _retention_kl(job.adapter) if measure_retention else None,
+                )
+                for job in jobs
+            ],
+            task.questions,
+            probe=self._probe if measure_retention else None,
+            probe_answer=self._probe_answer,
+            probe_answer_mixed=self._probe_answer_mixed,
+            base=self._base,
+            probe_base=self._probe_base,
         )
+        results: list[adapt.Score | adapt.CandidateRefused] = []
+        for report in reports:
+            if not isinstance(report, Exception):
+                results.append(score_of(report))
+            elif adapt.is_scoring_refusal(report):
+                results.append(adapt.CandidateRefused(str(report)))
+            else:  # not that candidate's fault: raised as a lone score would have raised it
+                raise report
+        return results
 
 
     def _score_fewshot(
@@ -241,6 +288,20 @@ class LocalAuditorPort:
             task.fewshot, baseline, adapted, [adapt.guardrail_from_gate(g) for g in guardrails.gates]
         )
         return fewshot_score(verdict)
+
+
+def score_of(report: ScoreReport) -> adapt.Score:
+    """An auditor's report as the pipeline's :class:`seal.adapt.Score`."""
+    return adapt.Score(
+        accuracy=report.adapted_accuracy,
+        baseline_accuracy=report.baseline_accuracy,
+        reward=report.reward,
+        passed_gates=report.decision.promote,
+        gates=tuple(report.decision.gates),
+        outcomes=tuple(report.adapted_outcomes),
+        retention_accuracy=report.retention_accuracy,
+        baseline_retention_accuracy=report.baseline_retention_accuracy,
+    )
 
 
 def fewshot_score(verdict: fewshot_audit.FewShotScore) -> adapt.Score:

@@ -517,12 +517,18 @@ class TransformersEngine:
         chat: bool = True,
         batch_size: int = 8,
         on_progress: Callable[[int, int], None] | None = None,
+        adapter_names: Sequence[str] | None = None,
     ) -> list[Generation]:
+        """``adapter_names``: one PEFT adapter name per prompt (``"__base__"`` = every adapter
+        off) for a ``PeftModel`` holding them all; each batch passes its rows' names to PEFT's
+        mixed-batch forward, so prompts of several adapters share one generate."""
         import torch
         from transformers import GenerationConfig
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if adapter_names is not None and len(adapter_names) != len(prompts):
+            raise ValueError(f"{len(adapter_names)} adapter names for {len(prompts)} prompts: send one per prompt")
         if not prompts:
             return []
         encoded = self.encode(prompts, chat=chat)
@@ -574,11 +580,13 @@ class TransformersEngine:
                     ids = encoded[index]
                     input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
                     attention_mask[row, width - len(ids) :] = 1
+                routed = {"adapter_names": [adapter_names[i] for i in batch]} if adapter_names is not None else {}
                 with torch.inference_mode(), _seeded(params.seed, batch_number, device):
                     output = self.model.generate(
                         input_ids=input_ids.to(device),
                         attention_mask=attention_mask.to(device),
                         generation_config=config,
+                        **routed,
                     )
                 for row, index in enumerate(batch):
                     results[index] = self._decode(output[row, width:].tolist(), len(encoded[index]), stop_ids)

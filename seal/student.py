@@ -36,7 +36,7 @@ from seal.models import (
     resolve_model_path,
 )
 from seal.registry import AdapterRegistry, Manifest, TransitionJournal, parse_adapter_id
-from seal.serving import ROUTED, BackendKind, ServingBackend, Target
+from seal.serving import ROUTED, BackendKind, MixedBatchServing, ServingBackend, Target
 from seal.serving.in_process import InProcessBackend
 from seal.update.lora_sft import (
     LoraSFTConfig,
@@ -514,6 +514,35 @@ class Student(CandidateTrainer):
         if not prompts:
             raise ValueError("no prompts: send at least one prompt to generate from")
         return self.serving.generate(prompts, self._target(choice), params, chat=chat)
+
+    def generate_mixed(
+        self, prompts: Sequence[str], adapter_ids: Sequence[str], params: SamplingParams, *, chat: bool = True
+    ) -> list[Generation]:
+        """``prompts[i]`` answered by version ``adapter_ids[i]`` ("" = the base model): how the
+        auditor asks k candidates and the base model at once. Every version is looked up before
+        anything is generated (an unknown one fails the call); a backend that batches versions
+        together (``MixedBatchServing``: in process) answers in one mixed batch, any other is
+        asked once per version. Greedy answers are those of :meth:`generate` per version."""
+        if not prompts:
+            raise ValueError("no prompts: send at least one prompt to generate from")
+        if len(adapter_ids) != len(prompts):
+            raise ValueError(f"{len(adapter_ids)} adapter ids for {len(prompts)} prompts: send one per prompt")
+        manifests = {
+            adapter_id: self.resolve(AdapterChoice(adapter_id=adapter_id)) for adapter_id in dict.fromkeys(adapter_ids)
+            if adapter_id
+        }
+        targets = [manifests[a] if a else None for a in adapter_ids]
+        if isinstance(self.serving, MixedBatchServing):
+            return self.serving.generate_mixed(prompts, targets, params, chat=chat)
+        results: list[Generation | None] = [None] * len(prompts)
+        for adapter_id in dict.fromkeys(adapter_ids):
+            rows = [i for i, a in enumerate(adapter_ids) if a == adapter_id]
+            generations, _ = self.serving.generate(
+                [prompts[i] for i in rows], manifests[adapter_id] if adapter_id else None, params, chat=chat
+            )
+            for i, generation in zip(rows, generations, strict=True):
+                results[i] = generation
+        return [g for g in results if g is not None]
 
     def _target(self, choice: AdapterChoice) -> Target:
         if choice.base_model:

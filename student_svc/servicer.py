@@ -19,6 +19,7 @@ from seal.domains.knowledge import context_digest
 from seal.executors import CandidateJob, CandidateOutcome
 from seal.limits import (
     check_adapter_id,
+    check_adapter_ids,
     check_adapter_name,
     check_context,
     check_fewshot_size,
@@ -50,6 +51,7 @@ from seal.student import AdapterChoice, Student
 from seal.tracing import Tracing, build_tracing
 from seal.transport import convert
 from seal.v1 import auditor_pb2, auditor_pb2_grpc, common_pb2, student_pb2, student_pb2_grpc
+
 
 def choice_from_proto(selector: student_pb2.AdapterSelector) -> AdapterChoice:
     """The model a request names, its name or id validated first: the student keeps a lock per
@@ -114,10 +116,11 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
             "generated_tokens_total", "Completion tokens generated.", ("adapter",)
         )
         self._generate_requests = metrics.counter(
-            "generate_requests_total", "Generate calls, by the version that served them.", ("adapter",)
+            "generate_requests_total", "Generate calls, by the version that served them ('mixed': a GenerateMixed).",
+            ("adapter",)
         )
         self._generate_seconds = metrics.histogram(
-            "generate_seconds", "Wall time of a Generate call, by the version that served it.",
+            "generate_seconds", "Wall time of a Generate call, by the version that served it ('mixed': a GenerateMixed).",
             (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300), ("adapter",)
         )
         self._swap_seconds = metrics.histogram(
@@ -368,6 +371,44 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
                 for g in generations
             ],
             served_adapter_id=served,
+        )
+
+    @map_errors
+    def GenerateMixed(self, request: student_pb2.GenerateMixedRequest, context: grpc.ServicerContext) -> student_pb2.GenerateMixedResponse:
+        limits = self._settings.limits
+        check_texts("prompts", request.prompts, max_count=limits.max_prompts, max_chars=limits.max_prompt_chars,
+                    count_setting="max_prompts", chars_setting="max_prompt_chars")
+        adapter_ids = check_adapter_ids(request.adapter_ids, len(request.prompts))
+        check_max_new_tokens(request.max_new_tokens, limits)
+        params = SamplingParams(
+            max_new_tokens=request.max_new_tokens or 64,
+            temperature=request.temperature,
+            top_p=request.top_p or 1.0,
+            seed=request.seed if request.HasField("seed") else None,
+        )
+        should_stop = deadline_checker(context)
+        # Admitted, bounded and stopped as Generate is: it is one generation, however many versions.
+        with self._generation.admitted(
+            remaining_timeout(context, self._settings.student.generation_queue_wait_s), should_stop
+        ), stop_when(should_stop):
+            started = time.perf_counter()
+            generations = self._student.generate_mixed(
+                list(request.prompts), adapter_ids, params, chat=not request.raw_prompt
+            )
+        self._generate_seconds.labels("mixed").observe(time.perf_counter() - started)
+        self._generate_requests.labels("mixed").inc()
+        for adapter_id, generation in zip(adapter_ids, generations, strict=True):
+            self._tokens.labels(adapter_id or "base").inc(generation.completion_tokens)
+        context.set_trailing_metadata((("x-seal-serving-backend", self._student.backend),))
+        if self._student.backend == "triton" and any(adapter_ids):
+            self._refresh_served()  # evaluating a candidate makes it the canary
+        return student_pb2.GenerateMixedResponse(
+            completions=[
+                student_pb2.Completion(
+                    text=g.text, prompt_tokens=g.prompt_tokens, completion_tokens=g.completion_tokens
+                )
+                for g in generations
+            ],
         )
 
     @map_errors

@@ -56,6 +56,9 @@ from seal.teacher import (
     validate_k,
     validate_prompt_style,
 )
+from seal.tracing import Tracing, build_tracing
+from seal.transport import convert
+from seal.transport.ports import GrpcAuditorPort, GrpcStudentPort
 from seal.v1 import (
     auditor_pb2,
     auditor_pb2_grpc,
@@ -63,9 +66,6 @@ from seal.v1 import (
     teacher_pb2,
     teacher_pb2_grpc,
 )
-from seal.transport import convert
-from seal.transport.ports import GrpcAuditorPort, GrpcStudentPort
-from seal.tracing import Tracing, build_tracing
 from teacher_svc.restem import round_inputs, stream_round
 
 if TYPE_CHECKING:
@@ -77,7 +77,9 @@ log = logging.getLogger(__name__)
 # Values of the ``reason`` label of seal_teacher_no_promotion_total. A label must be a small fixed
 # set (the full sentence is in the Adapt result and the audit trail): the first failed gate of the
 # candidate closest to promotion, or why no candidate was ever scored.
-NO_PROMOTION_REASONS = ("no_candidates", "guardrails", "training_failed", "tau_gain", "retention", "retention_kl", "other")
+NO_PROMOTION_REASONS = (
+    "no_candidates", "guardrails", "training_failed", "scoring_failed", "tau_gain", "retention", "retention_kl", "other",
+)
 # The phases seal.adapt times (AdaptFinished.phase_seconds), ``total`` being the whole call.
 ADAPT_PHASES = ("generation", "training", "scoring", "total")
 
@@ -85,7 +87,7 @@ ADAPT_PHASES = ("generation", "training", "scoring", "total")
 def no_promotion_reason_label(failed: list[CandidateFailed], scored: list[CandidateScored]) -> str:
     """Why an Adapt promoted nothing, as one of :data:`NO_PROMOTION_REASONS`: the first failed
     gate of the best-rewarded scored candidate; with none scored, why the first candidate never
-    was (a guardrail refused it, or its training failed)."""
+    was (a guardrail refused it, its training failed, or the auditor could not score it)."""
     if scored:
         best = max(scored, key=lambda candidate: candidate.score.reward)
         gate = next((g.gate for g in best.score.gates if not g.passed), "")
@@ -94,7 +96,9 @@ def no_promotion_reason_label(failed: list[CandidateFailed], scored: list[Candid
         return gate if gate in NO_PROMOTION_REASONS else "other"
     if failed:
         first = min(failed, key=lambda candidate: candidate.index)
-        return "guardrails" if any(not g.passed for g in first.gates) else "training_failed"
+        if first.stage == "guardrails" or any(not g.passed for g in first.gates):
+            return "guardrails"
+        return "scoring_failed" if first.stage == "scoring" else "training_failed"
     return "no_candidates"
 
 

@@ -115,6 +115,34 @@ def test_a_refused_or_guarded_self_edit_fails_alone() -> None:
     assert student.promoted == ["default@v1"]
 
 
+@pytest.mark.parametrize("batch", [False, True])
+def test_a_recipe_that_did_not_parse_says_why_in_its_failure(batch: bool) -> None:
+    """The caller gets the recipe's parse error to act on; other rules' reasons (which may quote a
+    secret) stay in the audit record."""
+    from seal.domains.fewshot import FewShotSettings
+    from seal.domains.fewshot_audit import check_recipe
+
+    recipe = check_recipe("not a recipe at all", FewShotSettings())
+    assert not recipe.passed and recipe.detail
+
+    @dataclass
+    class RecipeAuditor(ScriptedAuditor):
+        def check(self, task, proposal, *, seed, request_id) -> adapt.GuardrailCheck:
+            if proposal.index == 0:
+                gates = (adapt.guardrail_to_gate(recipe),)
+            else:
+                gates = (GateResult("guardrail:secrets", False, None, None, "found the key sk-1234"),)
+            return adapt.GuardrailCheck(False, gates)
+
+    events = list(adapt.run_adapt(
+        TASK, propose=lambda task, k, seed: _proposals(k), student=ScriptedStudent({0: "ok", 1: "ok"}),
+        auditor=RecipeAuditor({}), k=2, seed=7, adapter_name="default", request_id="r1", batch_candidates=batch,
+    ))
+    failed = {e.index: e.reason for e in events if isinstance(e, adapt.CandidateFailed)}
+    assert failed[0] == f"guardrails failed before training: guardrail:recipe ({recipe.detail})"
+    assert failed[1] == "guardrails failed before training: guardrail:secrets"
+
+
 def test_nothing_passing_promotes_nothing_and_says_why_per_candidate() -> None:
     student = ScriptedStudent({0: "ok", 1: "refuse"})
     auditor = ScriptedAuditor({"default@v1": -0.1})
@@ -243,7 +271,9 @@ def test_adapt_fails_loudly_instead_of_reusing_the_previous_edits_adapter(grpc_s
 
 # --- Adapt from a document alone ---------------------------------------------------------------
 
-from hypothesis import given, settings as hsettings, strategies as st  # noqa: E402
+from hypothesis import given  # noqa: E402
+from hypothesis import settings as hsettings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from seal.domains import self_qa  # noqa: E402
 

@@ -3,6 +3,7 @@ against one call per candidate, over real gRPC on loopback with the tiny random 
 
 from __future__ import annotations
 
+import re
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -11,14 +12,13 @@ from pathlib import Path
 import grpc
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from test_adapt import TASK, ScriptedAuditor, ScriptedStudent
 
 from seal import adapt
 from seal.config import Settings, TracingSettings
 from seal.stack import LocalStack, local_stack
 from seal.tracing import build_tracing
 from seal.v1 import common_pb2, student_pb2, student_pb2_grpc, teacher_pb2, teacher_pb2_grpc
-
+from test_adapt import TASK, ScriptedAuditor, ScriptedStudent
 
 PASSAGE = (
     "Velmora is a harbour town on the island of Quessant. It was founded in 1742 by the "
@@ -110,6 +110,19 @@ def test_batched_adapt_gives_the_candidates_and_decision_of_the_sequential_one(s
     assert calls % ("ApplySelfEdits", "1.0") in metrics[True] and calls % ("ApplySelfEdit", "0.0") in metrics[True]
     assert calls % ("ApplySelfEdits", "0.0") in metrics[False]
     assert calls % ("ApplySelfEdit", f"{len(trained[False])}.0") in metrics[False]
+    # Scored alike: one ScoreMany, its answers in one GenerateMixed per question set (τ; the probe);
+    # one at a time: a Score and Generates per candidate.
+    scores = {
+        batch: urllib.request.urlopen(f"http://127.0.0.1:{stack.auditor.metrics_port}/metrics", timeout=5).read().decode()
+        for batch, stack in stacks.items()
+    }
+    audits = 'seal_auditor_rpc_requests_total{code="OK",method="%s"} %s'
+    assert audits % ("ScoreMany", "1.0") in scores[True] and audits % ("Score", "1.0") in scores[True]  # + baseline
+    assert audits % ("ScoreMany", "0.0") in scores[False]
+    assert audits % ("Score", f"{len(trained[False]) + 1}.0") in scores[False]
+    assert calls % ("GenerateMixed", "0.0") in metrics[False]
+    mixed = re.search(r'seal_student_rpc_requests_total\{code="OK",method="GenerateMixed"\} (\d+)\.0', metrics[True])
+    assert mixed is not None and 1 <= int(mixed.group(1)) <= 2, mixed
     # The caller sees the same kinds of events in the same shape.
     kinds = {batch: {e.WhichOneof("event") for e in events} for batch, events in runs.items()}
     assert kinds[True] == kinds[False]
@@ -187,21 +200,37 @@ class BatchingStudent(ScriptedStudent):
                 yield position, refused
 
 
-def scripted_adapt(batch: bool, script: dict[int, str], tracer=None) -> tuple[list[adapt.Event], BatchingStudent]:
+@dataclass
+class BatchingAuditor(ScriptedAuditor):
+    """The scripted auditor with ``score_many``: each batch recorded, its candidates scored in order."""
+
+    batches: list[list[int]] = field(default_factory=list)
+
+    def score_many(self, task, jobs, *, request_id, measure_retention) -> list:
+        self.batches.append([job.proposal.index for job in jobs])
+        return adapt.score_each(self, task, jobs, request_id=request_id, measure_retention=measure_retention)
+
+
+def scripted_adapt(
+    batch: bool, script: dict[int, str], tracer=None
+) -> tuple[list[adapt.Event], BatchingStudent, BatchingAuditor]:
     student = BatchingStudent(script)
-    auditor = ScriptedAuditor({"default@v1": 0.5, "default@v2": 0.25}, guardrail_failures={2})
+    auditor = BatchingAuditor({"default@v1": 0.5, "default@v2": 0.25}, guardrail_failures={2})
     events = list(adapt.run_adapt(
         TASK, propose=lambda task, k, seed: [adapt.Proposal(i, f"p{i}", f"edit {i}") for i in range(k)],
         student=student, auditor=auditor, k=len(script), seed=7, adapter_name="default", request_id="r1",
         tracer=tracer, batch_candidates=batch,
     ))
-    return events, student
+    return events, student, auditor
 
 
 def test_the_batched_step_ends_as_the_one_at_a_time_step() -> None:
     script = {0: "refuse", 1: "ok", 2: "ok", 3: "ok"}  # #2 fails its guardrails, never trained
-    (batched, many), (sequential, one) = scripted_adapt(True, script), scripted_adapt(False, script)
+    (batched, many, many_auditor), (sequential, one, one_auditor) = scripted_adapt(True, script), scripted_adapt(False, script)
     assert many.batches == [[0, 1, 3]] and one.batches == []
+    # The two trained candidates are scored in one score_many call; one at a time, by score.
+    assert many_auditor.batches == [[1, 3]] and one_auditor.batches == []
+    assert many_auditor.scored == one_auditor.scored == ["default@v1", "default@v2"]
     b, s = batched[-1], sequential[-1]
     assert isinstance(b, adapt.AdaptFinished) and isinstance(s, adapt.AdaptFinished)
     summary = [(c.proposal.index, c.seed, c.failure, c.adapter and c.adapter.adapter_id, c.score) for c in b.candidates]
@@ -220,7 +249,7 @@ def test_the_batched_step_ends_as_the_one_at_a_time_step() -> None:
 
 
 def test_one_candidate_or_batching_off_keeps_one_call_per_candidate() -> None:
-    _, alone = scripted_adapt(True, {0: "ok"})
+    _, alone, _ = scripted_adapt(True, {0: "ok"})
     assert alone.batches == [] and alone.trained == 1
 
 
@@ -237,8 +266,8 @@ def test_the_batched_step_traces_a_check_and_a_score_per_candidate_and_one_train
     [root] = [s for s in spans if s.name == "seal.adapt"]
     children = [s for s in spans if s.parent is not None and s.parent.span_id == root.context.span_id]
     names = [s.name for s in sorted(children, key=lambda s: s.end_time)]
-    assert names == ["seal.propose", "seal.baseline", *["seal.check"] * 4, "seal.train", *["seal.score"] * 2,
-                     "seal.decide"]
+    assert names == ["seal.propose", "seal.baseline", *["seal.check"] * 4, "seal.train", "seal.score", "seal.decide"]
     [train] = [s for s in children if s.name == "seal.train"]
     assert train.attributes["seal.candidates"] == 3 and train.attributes["seal.candidates.trained"] == 2
-    assert sorted(s.attributes["seal.candidate.index"] for s in children if s.name == "seal.score") == [1, 3]
+    [score] = [s for s in children if s.name == "seal.score"]
+    assert score.attributes["seal.candidates"] == 2 and score.attributes["seal.candidates.scored"] == 2

@@ -23,7 +23,6 @@ import promql_parser
 import pytest
 import yaml
 from google.protobuf import empty_pb2
-from tools import ROOT, tool
 
 from seal.deploy import alerts, dashboard
 from seal.v1 import (
@@ -35,6 +34,7 @@ from seal.v1 import (
     teacher_pb2,
     teacher_pb2_grpc,
 )
+from tools import ROOT, tool
 
 DASHBOARD_FILE = ROOT / "helm/seal/files/grafana/seal-dashboard.json"
 ALERTS_FILE = ROOT / "helm/seal/files/prometheus/seal-alerts.yaml"
@@ -218,6 +218,7 @@ def test_the_no_promotion_reason_is_a_bounded_label_naming_the_blocking_gate() -
     refused = CandidateFailed(0, "guardrails failed before training: guardrail:secrets",
                               (GateResult("guardrail:secrets", False, None, None, "a key"),))
     untrained = CandidateFailed(1, "training failed: too long")
+    unscored = CandidateFailed(2, "scoring failed: unknown version", stage="scoring")
     cases = [
         # The best-rewarded candidate's first failed gate, whatever the others failed.
         ("retention", (), (scored(0, -0.5, "tau_gain"), scored(1, 0.2, "retention", "retention_kl"))),
@@ -226,6 +227,7 @@ def test_the_no_promotion_reason_is_a_bounded_label_naming_the_blocking_gate() -
         # Nothing scored: why the first candidate never was.
         ("guardrails", (untrained, refused), ()),
         ("training_failed", (untrained,), ()),
+        ("scoring_failed", (unscored,), ()),
         ("no_candidates", (), ()),
     ]
     for expected, failed, scored_ones in cases:

@@ -54,6 +54,7 @@ VALID = {
         {"context": CONTEXT, "self_edit": SELF_EDIT, "overrides": {"epochs": 1}, "seed": seed} for seed in (1, 2)
     ]},
     "Generate": {"prompts": ["The lighthouse is"], "maxNewTokens": 4},
+    "GenerateMixed": {"prompts": ["The lighthouse is", "The harbour is"], "adapterIds": ["", ""], "maxNewTokens": 4},
     "ListAdapters": {"adapterName": "default"},
     "GetAdapter": {"adapterId": "default@v1"},
     "Promote": {"adapterId": "default@v1", "reason": "fuzz"},
@@ -61,6 +62,8 @@ VALID = {
     "Rollback": {"adapterName": "default", "reason": "fuzz", "allowBaseModel": True},
     "CheckSelfEdit": {"context": CONTEXT, "selfEdit": SELF_EDIT},
     "Score": {"context": CONTEXT, "questions": QUESTIONS, "skipRetention": True},
+    "ScoreMany": {"context": CONTEXT, "questions": QUESTIONS, "skipRetention": True,
+                  "candidates": [{"adapterId": "default@v1"}, {"adapterId": "default@v2"}]},
     "SubscribeRewards": {"afterSequence": 0},
     "RecordEvent": {"eventId": "fuzz-1", "kind": "promote", "adapterId": "default@v1", "cause": "fuzz", "source": "student"},
     "Recheck": {"adapterName": "default", "dryRun": True},
@@ -76,7 +79,8 @@ ALLOWED = {
 }
 # Short deadlines keep the run to a minute or two; work that is still running when one passes is
 # stopped by the deadline it carries (that too is under test: the next examples must be served).
-EXPENSIVE = {"Adapt", "Train", "ApplySelfEdit", "ApplySelfEdits", "ProposeSelfEdits", "Score", "Generate", "Recheck"}
+EXPENSIVE = {"Adapt", "Train", "ApplySelfEdit", "ApplySelfEdits", "ProposeSelfEdits", "Score", "ScoreMany", "Generate",
+             "GenerateMixed", "Recheck"}
 INTERESTING_TEXT = [
     "", "default", "default@v1", "default@v99", "default@v0", "other@v1", "../../etc/passwd", "a" * 300,
     "ü\u202e\x00", "promote", "rollback", "reject", "lora_sft", "sdft", "implications", "self_qa", "fewshot",

@@ -242,7 +242,7 @@ def decisions_row() -> list[dict[str, Any]]:
         bars(
             "Promotions vs no promotion, by reason",
             "Adapt calls that promoted a candidate, and those that did not by why: the first failed gate of the "
-            "best-rewarded candidate, or why none was scored (guardrails, training_failed, no_candidates).",
+            "best-rewarded candidate, or why none was scored (guardrails, training_failed, scoring_failed, no_candidates).",
             [
                 target(f"sum(increase(seal_teacher_promotions_total[{RATE}]))", "promoted"),
                 target(f"sum by (reason) (increase(seal_teacher_no_promotion_total[{RATE}]))", "not promoted: {{reason}}"),

@@ -16,7 +16,7 @@ import enum
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Literal, Protocol, TypeAlias, runtime_checkable
 
 from seal.models import Generation, SamplingParams
 from seal.registry import Manifest
@@ -100,6 +100,19 @@ class ServingBackend(Protocol):
         ...
 
 
+@runtime_checkable
+class MixedBatchServing(Protocol):
+    """A backend that answers prompts of several versions in one batch (the in-process one: PEFT's
+    mixed-batch forward routes each row to its adapter). ``Student.generate_mixed`` uses it when
+    the backend has it, else asks the backend once per version; the answers are the same."""
+
+    def generate_mixed(
+        self, prompts: Sequence[str], targets: Sequence[Manifest | None], params: SamplingParams, *, chat: bool
+    ) -> list[Generation]:
+        """One generation per prompt, ``prompts[i]`` answered by ``targets[i]`` (None = the base model)."""
+        ...
+
+
 def backend_kind(settings: Settings) -> BackendKind:
     """``settings.student_serving.backend``, with ``auto`` decided: triton when a tritonserver
     binary and tritonclient are found, else in_process (with a warning)."""
@@ -142,6 +155,7 @@ def resolve_backend(
 __all__ = [
     "ROUTED",
     "BackendKind",
+    "MixedBatchServing",
     "Route",
     "ServingBackend",
     "Target",

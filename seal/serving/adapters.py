@@ -12,7 +12,7 @@ import contextlib
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from os import PathLike
 from typing import Any
 
@@ -109,6 +109,32 @@ class PeftAdapterCache:
             if key not in self._loaded and path is None:
                 raise KeyError(f"adapter {key!r} is not loaded and no directory was given to load it from")
             self.load(key, path if path is not None else self._loaded[key], check=check)
+            yield self._peft
+
+    @contextlib.contextmanager
+    def use_many(
+        self, adapters: Sequence[tuple[str, str | PathLike[str] | None, Callable[[], None] | None]]
+    ) -> Iterator[Any]:
+        """Hold the lock and yield the model with every adapter of ``adapters`` (``(key, path,
+        check)`` as ``use`` takes them) resident at once: the model a mixed batch runs on, each
+        row naming its adapter (``adapter_names=``, ``"__base__"`` for adapters off). At most
+        ``capacity`` distinct keys, since loading one more would evict one of the batch; none at
+        all yields the plain base model, as ``use(None)`` does."""
+        with self.lock:
+            keys = list(dict.fromkeys(key for key, _, _ in adapters))
+            if len(keys) > self.capacity:
+                raise ValueError(
+                    f"{len(keys)} adapters in one mixed batch, above the {self.capacity} this cache keeps loaded"
+                )
+            if not keys:
+                with self.use(None) as model:
+                    yield model
+                return
+            for key, path, check in adapters:
+                if key not in self._loaded and path is None:
+                    raise KeyError(f"adapter {key!r} is not loaded and no directory was given to load it from")
+                # Loaded in turn, each the most recently used: none of the batch is evicted by another.
+                self.load(key, path if path is not None else self._loaded[key], check=check)
             yield self._peft
 
     def _load(self, key: str, path: str) -> None:

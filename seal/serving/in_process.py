@@ -56,6 +56,36 @@ class InProcessBackend:
             generations = engine.generate(prompts, params, chat=chat, batch_size=self._batch_size)
         return generations, manifest.adapter_id if manifest is not None else ""
 
+    def generate_mixed(
+        self, prompts: Sequence[str], targets: Sequence[Manifest | None], params: SamplingParams, *, chat: bool
+    ) -> list[Generation]:
+        """``prompts[i]`` answered by ``targets[i]`` (None = the base model), the versions' rows
+        together in each batch (``seal.serving.MixedBatchServing``). More versions than the cache
+        keeps loaded are answered in groups of that many, in order of first appearance."""
+        if len(targets) != len(prompts):
+            raise ValueError(f"{len(targets)} versions for {len(prompts)} prompts: name one per prompt")
+        versions = list(dict.fromkeys(m.adapter_id for m in targets if m is not None))
+        capacity = self.adapters.capacity
+        groups = [set(versions[start : start + capacity]) for start in range(0, len(versions), capacity)] or [set()]
+        results: list[Generation | None] = [None] * len(prompts)
+        for number, group in enumerate(groups):
+            # Base-model rows ride along with the first group.
+            rows = [i for i, m in enumerate(targets) if (m.adapter_id in group if m is not None else number == 0)]
+            loads = {
+                m.adapter_id: (adapter_key(m.adapter_id), self.registry.path_of(m), partial(self.registry.verify, m))
+                for m in (targets[i] for i in rows) if m is not None
+            }
+            names = [adapter_key(targets[i].adapter_id) if targets[i] is not None else "__base__" for i in rows]  # type: ignore[union-attr]
+            with self.adapters.use_many(list(loads.values())) as model:
+                engine = TransformersEngine(model, self.tokenizer)
+                generations = engine.generate(
+                    [prompts[i] for i in rows], params, chat=chat, batch_size=self._batch_size,
+                    adapter_names=names if loads else None,
+                )
+            for i, generation in zip(rows, generations, strict=True):
+                results[i] = generation
+        return [g for g in results if g is not None]
+
     def promote(self, manifest: Manifest) -> None:
         """Nothing to switch: unnamed requests read the registry."""
 

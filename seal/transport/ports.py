@@ -20,6 +20,8 @@ from seal.v1 import auditor_pb2, auditor_pb2_grpc, common_pb2, student_pb2, stud
 
 Timeout = Callable[[], float]  # seconds left for the next call (the caller's deadline, capped)
 _REFUSALS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
+# A Score that fails with these blames its candidate alone (ScoreMany's Failed codes, by name).
+_SCORING_REFUSALS = (*_REFUSALS, grpc.StatusCode.NOT_FOUND)
 
 
 def _context(task: adapt.Task) -> common_pb2.Context:
@@ -207,15 +209,86 @@ class GrpcAuditorPort:
             ),
             timeout=self._timeout(),
         )
-        return adapt.Score(
-            accuracy=reply.adapted_accuracy,
-            baseline_accuracy=reply.baseline_accuracy,
-            reward=reply.reward,
-            passed_gates=reply.passed_gates,
-            gates=tuple(convert.gate_from_proto(g) for g in reply.gates),
-            outcomes=tuple(convert.outcome_from_proto(o) for o in reply.adapted_outcomes),
-            retention_accuracy=reply.retention_accuracy if reply.HasField("retention_accuracy") else None,
-            baseline_retention_accuracy=(
-                reply.baseline_retention_accuracy if reply.HasField("baseline_retention_accuracy") else None
-            ),
+        return _score(reply)
+
+    def score_many(
+        self, task: adapt.Task, jobs: Sequence[adapt.ScoreJob], *, request_id: str, measure_retention: bool
+    ) -> list[adapt.Score | adapt.CandidateRefused]:
+        """One ScoreMany for all of them; an auditor without that RPC (an older one: UNIMPLEMENTED)
+        gets one Score per candidate instead. A candidate the auditor could not score because of
+        itself (its version or weights) is refused alone; any other failure raises."""
+        request = auditor_pb2.ScoreManyRequest(
+            context=_context(task),
+            questions=[convert.question_to_proto(q) for q in task.questions],
+            fewshot=_fewshot(task),
+            request_id=request_id,
+            skip_retention=not measure_retention,
+            candidates=[
+                auditor_pb2.ScoreManyRequest.Candidate(
+                    adapter_id=job.adapter.adapter_id, self_edit=job.proposal.text, prompt=job.proposal.prompt,
+                    seed=job.seed, guardrails=[convert.gate_to_proto(g) for g in job.guardrails.gates],
+                )
+                for job in jobs
+            ],
         )
+        try:
+            reply = self._stub.ScoreMany(request, timeout=self._timeout())
+        except grpc.RpcError as exc:
+            if exc.code() is not grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            return self._score_each(task, jobs, request_id=request_id, measure_retention=measure_retention)
+        if len(reply.results) != len(jobs):
+            raise RuntimeError(f"the auditor answered {len(reply.results)} results for {len(jobs)} candidates")
+        results: list[adapt.Score | adapt.CandidateRefused] = []
+        for result in reply.results:
+            if result.WhichOneof("outcome") == "score":
+                results.append(_score(result.score))
+                continue
+            failed = result.failed
+            if failed.code not in adapt.SCORING_REFUSAL_CODES:  # every other candidate would fail alike
+                raise CandidateScoringFailed(
+                    f"scoring candidate {failed.index} of the batch failed: ({failed.code.upper()}) {failed.message}",
+                    failed.code or "internal",
+                )
+            results.append(adapt.CandidateRefused(f"({failed.code.upper()}) {failed.message}"))
+        return results
+
+    def _score_each(
+        self, task: adapt.Task, jobs: Sequence[adapt.ScoreJob], *, request_id: str, measure_retention: bool
+    ) -> list[adapt.Score | adapt.CandidateRefused]:
+        results: list[adapt.Score | adapt.CandidateRefused] = []
+        for job in jobs:
+            try:
+                results.append(self.score(
+                    task, job.proposal, job.adapter, seed=job.seed, guardrails=job.guardrails,
+                    request_id=request_id, measure_retention=measure_retention,
+                ))
+            except grpc.RpcError as exc:
+                if exc.code() not in _SCORING_REFUSALS:
+                    raise
+                results.append(adapt.CandidateRefused(f"({exc.code().name}) {exc.details()}"))
+        return results
+
+
+class CandidateScoringFailed(RuntimeError):
+    """A candidate of a ScoreMany failed for a reason that is not its own (the auditor's status
+    code, lower-case, in ``code``): the step ends, as a failed Score would end it."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _score(reply: auditor_pb2.ScoreResponse) -> adapt.Score:
+    return adapt.Score(
+        accuracy=reply.adapted_accuracy,
+        baseline_accuracy=reply.baseline_accuracy,
+        reward=reply.reward,
+        passed_gates=reply.passed_gates,
+        gates=tuple(convert.gate_from_proto(g) for g in reply.gates),
+        outcomes=tuple(convert.outcome_from_proto(o) for o in reply.adapted_outcomes),
+        retention_accuracy=reply.retention_accuracy if reply.HasField("retention_accuracy") else None,
+        baseline_retention_accuracy=(
+            reply.baseline_retention_accuracy if reply.HasField("baseline_retention_accuracy") else None
+        ),
+    )

@@ -91,6 +91,57 @@ class ScoreResponse(_message.Message):
     audit_sequence: int
     def __init__(self, baseline_accuracy: _Optional[float] = ..., adapted_accuracy: _Optional[float] = ..., reward: _Optional[float] = ..., baseline_outcomes: _Optional[_Iterable[_Union[_common_pb2.QuestionOutcome, _Mapping]]] = ..., adapted_outcomes: _Optional[_Iterable[_Union[_common_pb2.QuestionOutcome, _Mapping]]] = ..., gates: _Optional[_Iterable[_Union[_common_pb2.GateResult, _Mapping]]] = ..., passed_gates: _Optional[bool] = ..., reward_sequence: _Optional[int] = ..., retention_accuracy: _Optional[float] = ..., baseline_retention_accuracy: _Optional[float] = ..., retention_probe_size: _Optional[int] = ..., retention_outcomes: _Optional[_Iterable[_Union[_common_pb2.QuestionOutcome, _Mapping]]] = ..., audit_sequence: _Optional[int] = ...) -> None: ...
 
+class ScoreManyRequest(_message.Message):
+    __slots__ = ("context", "questions", "fewshot", "request_id", "skip_retention", "candidates")
+    class Candidate(_message.Message):
+        __slots__ = ("adapter_id", "self_edit", "prompt", "seed", "guardrails")
+        ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+        SELF_EDIT_FIELD_NUMBER: _ClassVar[int]
+        PROMPT_FIELD_NUMBER: _ClassVar[int]
+        SEED_FIELD_NUMBER: _ClassVar[int]
+        GUARDRAILS_FIELD_NUMBER: _ClassVar[int]
+        adapter_id: str
+        self_edit: str
+        prompt: str
+        seed: int
+        guardrails: _containers.RepeatedCompositeFieldContainer[_common_pb2.GateResult]
+        def __init__(self, adapter_id: _Optional[str] = ..., self_edit: _Optional[str] = ..., prompt: _Optional[str] = ..., seed: _Optional[int] = ..., guardrails: _Optional[_Iterable[_Union[_common_pb2.GateResult, _Mapping]]] = ...) -> None: ...
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    QUESTIONS_FIELD_NUMBER: _ClassVar[int]
+    FEWSHOT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SKIP_RETENTION_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    context: _common_pb2.Context
+    questions: _containers.RepeatedCompositeFieldContainer[_common_pb2.Question]
+    fewshot: _common_pb2.FewShotTask
+    request_id: str
+    skip_retention: bool
+    candidates: _containers.RepeatedCompositeFieldContainer[ScoreManyRequest.Candidate]
+    def __init__(self, context: _Optional[_Union[_common_pb2.Context, _Mapping]] = ..., questions: _Optional[_Iterable[_Union[_common_pb2.Question, _Mapping]]] = ..., fewshot: _Optional[_Union[_common_pb2.FewShotTask, _Mapping]] = ..., request_id: _Optional[str] = ..., skip_retention: _Optional[bool] = ..., candidates: _Optional[_Iterable[_Union[ScoreManyRequest.Candidate, _Mapping]]] = ...) -> None: ...
+
+class ScoreManyResponse(_message.Message):
+    __slots__ = ("results",)
+    class Failed(_message.Message):
+        __slots__ = ("index", "code", "message")
+        INDEX_FIELD_NUMBER: _ClassVar[int]
+        CODE_FIELD_NUMBER: _ClassVar[int]
+        MESSAGE_FIELD_NUMBER: _ClassVar[int]
+        index: int
+        code: str
+        message: str
+        def __init__(self, index: _Optional[int] = ..., code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+    class Result(_message.Message):
+        __slots__ = ("score", "failed")
+        SCORE_FIELD_NUMBER: _ClassVar[int]
+        FAILED_FIELD_NUMBER: _ClassVar[int]
+        score: ScoreResponse
+        failed: ScoreManyResponse.Failed
+        def __init__(self, score: _Optional[_Union[ScoreResponse, _Mapping]] = ..., failed: _Optional[_Union[ScoreManyResponse.Failed, _Mapping]] = ...) -> None: ...
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[ScoreManyResponse.Result]
+    def __init__(self, results: _Optional[_Iterable[_Union[ScoreManyResponse.Result, _Mapping]]] = ...) -> None: ...
+
 class SubscribeRewardsRequest(_message.Message):
     __slots__ = ("after_sequence",)
     AFTER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]

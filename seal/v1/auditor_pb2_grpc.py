@@ -46,6 +46,11 @@ class AuditorServiceStub:
                 request_serializer=seal_dot_v1_dot_auditor__pb2.ScoreRequest.SerializeToString,
                 response_deserializer=seal_dot_v1_dot_auditor__pb2.ScoreResponse.FromString,
                 _registered_method=True)
+        self.ScoreMany = channel.unary_unary(
+                '/seal.v1.AuditorService/ScoreMany',
+                request_serializer=seal_dot_v1_dot_auditor__pb2.ScoreManyRequest.SerializeToString,
+                response_deserializer=seal_dot_v1_dot_auditor__pb2.ScoreManyResponse.FromString,
+                _registered_method=True)
         self.SubscribeRewards = channel.unary_stream(
                 '/seal.v1.AuditorService/SubscribeRewards',
                 request_serializer=seal_dot_v1_dot_auditor__pb2.SubscribeRewardsRequest.SerializeToString,
@@ -77,6 +82,16 @@ class AuditorServiceServicer:
 
     def Score(self, request, context):
         """Score a candidate adapter against the base model on τ and decide its gates.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ScoreMany(self, request, context):
+        """Score several candidates of one task in one call: their answers on τ and on the retention
+        probe are asked of the student together (GenerateMixed), the base model's from the auditor's
+        cache. Each result is what Score would return for that candidate (same reward, gates, reward
+        and audit records); a candidate whose scoring fails is a Failed result and the others go on.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -117,6 +132,11 @@ def add_AuditorServiceServicer_to_server(servicer, server):
                     servicer.Score,
                     request_deserializer=seal_dot_v1_dot_auditor__pb2.ScoreRequest.FromString,
                     response_serializer=seal_dot_v1_dot_auditor__pb2.ScoreResponse.SerializeToString,
+            ),
+            'ScoreMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScoreMany,
+                    request_deserializer=seal_dot_v1_dot_auditor__pb2.ScoreManyRequest.FromString,
+                    response_serializer=seal_dot_v1_dot_auditor__pb2.ScoreManyResponse.SerializeToString,
             ),
             'SubscribeRewards': grpc.unary_stream_rpc_method_handler(
                     servicer.SubscribeRewards,
@@ -190,6 +210,33 @@ class AuditorService:
             '/seal.v1.AuditorService/Score',
             seal_dot_v1_dot_auditor__pb2.ScoreRequest.SerializeToString,
             seal_dot_v1_dot_auditor__pb2.ScoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScoreMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/seal.v1.AuditorService/ScoreMany',
+            seal_dot_v1_dot_auditor__pb2.ScoreManyRequest.SerializeToString,
+            seal_dot_v1_dot_auditor__pb2.ScoreManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -103,6 +103,24 @@ class GenerateRequest(_message.Message):
     raw_prompt: bool
     def __init__(self, prompts: _Optional[_Iterable[str]] = ..., adapter: _Optional[_Union[AdapterSelector, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., raw_prompt: _Optional[bool] = ...) -> None: ...
 
+class GenerateMixedRequest(_message.Message):
+    __slots__ = ("prompts", "adapter_ids", "max_new_tokens", "temperature", "top_p", "seed", "raw_prompt")
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    RAW_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    prompts: _containers.RepeatedScalarFieldContainer[str]
+    adapter_ids: _containers.RepeatedScalarFieldContainer[str]
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    raw_prompt: bool
+    def __init__(self, prompts: _Optional[_Iterable[str]] = ..., adapter_ids: _Optional[_Iterable[str]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., raw_prompt: _Optional[bool] = ...) -> None: ...
+
 class Completion(_message.Message):
     __slots__ = ("text", "prompt_tokens", "completion_tokens")
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +138,12 @@ class GenerateResponse(_message.Message):
     completions: _containers.RepeatedCompositeFieldContainer[Completion]
     served_adapter_id: str
     def __init__(self, completions: _Optional[_Iterable[_Union[Completion, _Mapping]]] = ..., served_adapter_id: _Optional[str] = ...) -> None: ...
+
+class GenerateMixedResponse(_message.Message):
+    __slots__ = ("completions",)
+    COMPLETIONS_FIELD_NUMBER: _ClassVar[int]
+    completions: _containers.RepeatedCompositeFieldContainer[Completion]
+    def __init__(self, completions: _Optional[_Iterable[_Union[Completion, _Mapping]]] = ...) -> None: ...
 
 class ListAdaptersRequest(_message.Message):
     __slots__ = ("adapter_name", "status")

@@ -51,6 +51,11 @@ class StudentServiceStub:
                 request_serializer=seal_dot_v1_dot_student__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=seal_dot_v1_dot_student__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateMixed = channel.unary_unary(
+                '/seal.v1.StudentService/GenerateMixed',
+                request_serializer=seal_dot_v1_dot_student__pb2.GenerateMixedRequest.SerializeToString,
+                response_deserializer=seal_dot_v1_dot_student__pb2.GenerateMixedResponse.FromString,
+                _registered_method=True)
         self.ListAdapters = channel.unary_unary(
                 '/seal.v1.StudentService/ListAdapters',
                 request_serializer=seal_dot_v1_dot_student__pb2.ListAdaptersRequest.SerializeToString,
@@ -108,6 +113,16 @@ class StudentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateMixed(self, request, context):
+        """Answer each prompt with the version it names, all in one call: in process one mixed-adapter
+        batch (PEFT routes each row to its adapter, base-model rows run with adapters off), so the
+        auditor asks the k candidates of a step and the base model together instead of k + 1 calls.
+        A student without it answers UNIMPLEMENTED; callers then send one Generate per version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListAdapters(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -157,6 +172,11 @@ def add_StudentServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=seal_dot_v1_dot_student__pb2.GenerateRequest.FromString,
                     response_serializer=seal_dot_v1_dot_student__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GenerateMixed': grpc.unary_unary_rpc_method_handler(
+                    servicer.GenerateMixed,
+                    request_deserializer=seal_dot_v1_dot_student__pb2.GenerateMixedRequest.FromString,
+                    response_serializer=seal_dot_v1_dot_student__pb2.GenerateMixedResponse.SerializeToString,
             ),
             'ListAdapters': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAdapters,
@@ -267,6 +287,33 @@ class StudentService:
             '/seal.v1.StudentService/Generate',
             seal_dot_v1_dot_student__pb2.GenerateRequest.SerializeToString,
             seal_dot_v1_dot_student__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateMixed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/seal.v1.StudentService/GenerateMixed',
+            seal_dot_v1_dot_student__pb2.GenerateMixedRequest.SerializeToString,
+            seal_dot_v1_dot_student__pb2.GenerateMixedResponse.FromString,
             options,
             channel_credentials,
             insecure,
