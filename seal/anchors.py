@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from seal.cancellation import install_stop_hook
 from seal.chat import chat_prompt_ids
 from seal.domains.knowledge import build_question_prompt
 from seal.durable import atomic_write_json
@@ -261,9 +262,15 @@ def generate_anchor_set(
     from seal.retention import check_fingerprint
 
     check_fingerprint(fingerprint)
-    generations = TransformersEngine(model, tokenizer).generate(
-        list(prompts), SamplingParams(max_new_tokens=max_new_tokens), chat=True, batch_size=batch_size
-    )
+    # Under a cancellation scope (seal.cancellation.stop_when) the build stops at the next forward
+    # pass once the caller leaves; the hook goes again so training passes never pay for it.
+    hook = install_stop_hook(model)
+    try:
+        generations = TransformersEngine(model, tokenizer).generate(
+            list(prompts), SamplingParams(max_new_tokens=max_new_tokens), chat=True, batch_size=batch_size
+        )
+    finally:
+        hook.remove()
     kept = [(p, g.text.strip()) for p, g in zip(prompts, generations, strict=True) if g.text.strip()]
     if not kept:
         raise ValueError("the base model answered none of the anchor prompts; rehearsal has nothing to train on")

@@ -17,6 +17,7 @@ from functools import partial
 from typing import Any
 
 from seal.anchors import AnchorSet, AnchorStore, anchor_examples, kl_drift
+from seal.cancellation import GenerationStopped, stop_when
 from seal.config import Settings
 from seal.domains import fewshot
 from seal.domains.knowledge import build_question_prompt, build_training_sequences, parse_self_edit
@@ -41,6 +42,7 @@ from seal.serving.in_process import InProcessBackend
 from seal.update.lora_sft import (
     LoraSFTConfig,
     LoraSFTTrainer,
+    TrainingCancelled,
     TrainResult,
     lora_sft_config,
     save_adapter,
@@ -234,7 +236,7 @@ class CandidateTrainer:
             specs = []
             for index, (_position, _job, config, texts) in enumerate(together):
                 trainer = LoraSFTTrainer(self._train_base, self.tokenizer, config)
-                anchors = self._anchor_examples(config.max_seq_len) if config.uses_anchors else ()
+                anchors = self._anchor_examples(config.max_seq_len, should_stop) if config.uses_anchors else ()
                 specs.append(AdapterSpec(f"candidate_{index}", config, trainer.tokenize(texts), anchors))
 
             def report(index: int, step: int, total: int, loss: float) -> None:
@@ -308,7 +310,7 @@ class CandidateTrainer:
             started = time.perf_counter()
             prepared = fewshot.prepare_update(task, recipe, self.tokenizer, settings, seed=seed)
             config = lora_sft_config(self.settings.lora, seed=seed, overrides=prepared.lora_overrides())
-            anchors = self._anchor_examples(config.max_seq_len) if config.uses_anchors else None
+            anchors = self._anchor_examples(config.max_seq_len, should_stop) if config.uses_anchors else None
             result = fewshot.train_update(
                 self._train_base, self.tokenizer, prepared, self.settings.lora, seed=seed,
                 on_step=on_step, should_stop=should_stop, anchors=anchors,
@@ -349,7 +351,7 @@ class CandidateTrainer:
         config = self.lora_config(overrides or {}, self.settings.seed if seed is None else seed)
         with self._train_lock:
             started = time.perf_counter()
-            anchors = self._anchor_examples(config.max_seq_len) if config.uses_anchors else None
+            anchors = self._anchor_examples(config.max_seq_len, should_stop) if config.uses_anchors else None
             result = LoraSFTTrainer(self._train_base, self.tokenizer, config).train(
                 sequences, on_step=on_step, should_stop=should_stop, anchors=anchors
             )
@@ -421,16 +423,24 @@ class CandidateTrainer:
             metrics=metrics,
         )
 
-    def _anchor_examples(self, max_seq_len: int) -> list[tuple[list[int], list[int]]]:
+    def _anchor_examples(
+        self, max_seq_len: int, should_stop: Callable[[], bool] | None = None
+    ) -> list[tuple[list[int], list[int]]]:
         """The base model's own answers to the anchor prompts, built once per base model and
         cached on disk (``<home>/student/anchors``), tokenised once per ``max_seq_len``; called
-        under the training lock."""
+        under the training lock. The first build generates for a minute or more on a CPU: it
+        stops with the caller (``should_stop``) like the training after it, and nothing is
+        cached from a stopped build."""
         if self._anchors is None:
             store = AnchorStore(self.settings.home / "student" / "anchors")
-            self._anchors = store.load_or_build(
-                self.fingerprint, self._train_base, self.tokenizer,
-                max_new_tokens=self.settings.lora.anchor_max_new_tokens,
-            )
+            try:
+                with stop_when(should_stop):
+                    self._anchors = store.load_or_build(
+                        self.fingerprint, self._train_base, self.tokenizer,
+                        max_new_tokens=self.settings.lora.anchor_max_new_tokens,
+                    )
+            except GenerationStopped as exc:
+                raise TrainingCancelled(f"stopped while building the anchor set: {exc}") from None
         if max_seq_len not in self._anchor_examples_by_len:
             self._anchor_examples_by_len[max_seq_len] = anchor_examples(
                 self.tokenizer, self._anchors, max_seq_len=max_seq_len

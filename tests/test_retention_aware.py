@@ -210,3 +210,30 @@ def test_student_rehearses_its_own_anchors_and_records_the_drift(tiny_model_dir:
     assert manifest.hyperparameters["anchor_set_id"] == anchor_set_id
     assert manifest.hyperparameters["kl_beta"] == 1.0 and manifest.hyperparameters["update_rule"] == "lora_sft"
     assert manifest.metrics["retention_kl"] > 0.0
+
+
+def test_a_caller_that_leaves_while_the_anchor_set_is_built_stops_it(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The first update on a base model generates its anchor set (a minute or more on a CPU for the
+    embedded model): a caller's deadline stops that generation too, nothing half-built is
+    cached, and the next update builds it whole."""
+    from seal.update.lora_sft import TrainingCancelled
+
+    settings = Settings(
+        home=tmp_path, model={"path": str(tiny_model_dir)},
+        lora={"epochs": 1, "batch_size": 4, "max_seq_len": 64, "rehearsal_ratio": 1.0, "anchor_max_new_tokens": 6},
+    )
+    student = Student(settings)
+    try:
+        with pytest.raises(TrainingCancelled, match="anchor set"):
+            student.train_candidate(
+                adapter_name="default", title="Velmora", passage=" ".join(TEXTS), self_edit="\n".join(TEXTS),
+                context_id="c" * 64, seed=1, should_stop=lambda: True,
+            )
+        assert not list((tmp_path / "student" / "anchors").glob("*.json"))
+        student.train_candidate(
+            adapter_name="default", title="Velmora", passage=" ".join(TEXTS), self_edit="\n".join(TEXTS),
+            context_id="c" * 64, seed=1,
+        )
+    finally:
+        student.close()
+    assert len(list((tmp_path / "student" / "anchors").glob("*.json"))) == 1
