@@ -14,9 +14,9 @@ import importlib
 import ipaddress
 import json
 import logging
-import urllib.request
 import pkgutil
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +32,15 @@ import seal.v1
 from seal import auth as authz
 from seal.config import AuthSettings, Settings
 from seal.rpc import RpcMetrics, dial, start_service
-from seal.v1 import auditor_pb2, auditor_pb2_grpc, common_pb2, student_pb2, student_pb2_grpc, teacher_pb2, teacher_pb2_grpc
+from seal.v1 import (
+    auditor_pb2,
+    auditor_pb2_grpc,
+    common_pb2,
+    student_pb2,
+    student_pb2_grpc,
+    teacher_pb2,
+    teacher_pb2_grpc,
+)
 
 AUTH_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 # One principal per scope, so that "a wrong scope" is tried with every scope a method does not take.

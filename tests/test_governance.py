@@ -34,7 +34,15 @@ from seal.retention import (
     self_consistency_probe,
 )
 from seal.teacher import ProposedSelfEdit
-from seal.v1 import auditor_pb2, auditor_pb2_grpc, common_pb2, student_pb2, student_pb2_grpc, teacher_pb2, teacher_pb2_grpc
+from seal.v1 import (
+    auditor_pb2,
+    auditor_pb2_grpc,
+    common_pb2,
+    student_pb2,
+    student_pb2_grpc,
+    teacher_pb2,
+    teacher_pb2_grpc,
+)
 
 FINGERPRINT = "ab" * 32
 PASSAGE = (
@@ -466,10 +474,13 @@ def test_skip_retention_scores_without_asking_the_probe(governed) -> None:
             grpc.insecure_channel(governed["auditor"].address) as a_channel:
         adapter_id = _train(student_pb2_grpc.StudentServiceStub(s_channel), "skip", GARBAGE, learning_rate=0.05, epochs=3)
         auditor = auditor_pb2_grpc.AuditorServiceStub(a_channel)
-        score = lambda skip: auditor.Score(auditor_pb2.ScoreRequest(
-            adapter_id=adapter_id, context=common_pb2.Context(title="Velmora", passage=PASSAGE),
-            questions=[common_pb2.Question(question=q, answer=a) for q, a in QUESTIONS], self_edit=GARBAGE,
-            skip_retention=skip), timeout=300)
+
+        def score(skip: bool) -> auditor_pb2.ScoreResponse:
+            return auditor.Score(auditor_pb2.ScoreRequest(
+                adapter_id=adapter_id, context=common_pb2.Context(title="Velmora", passage=PASSAGE),
+                questions=[common_pb2.Question(question=q, answer=a) for q, a in QUESTIONS], self_edit=GARBAGE,
+                skip_retention=skip), timeout=300)
+
         skipped, measured = score(True), score(False)
     assert not skipped.HasField("retention_accuracy") and skipped.retention_probe_size == 0
     assert next(g for g in skipped.gates if g.gate == "retention").reason == "retention not measured"

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import kubernetes_validate
 import pytest
-from fake_kube_api import FakeKubeApi, format_indexes, pod_failure_action
 from peft import PeftModel
 from pydantic import ValidationError
 
+from fake_kube_api import FakeKubeApi, format_indexes, pod_failure_action
 from seal.config import KubernetesExecutorSettings, Settings
 from seal.executors import CandidateJob, CandidateOutcome, CandidateTrainingFailed, ExecutorError
 from seal.executors.batch import (

@@ -16,7 +16,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from seal.config import Settings
 from seal.rpc import CallerGone, Overloaded, WorkQueue, retry_after_estimate
 from seal.stack import local_stack
-from seal.v1 import auditor_pb2, auditor_pb2_grpc, common_pb2, student_pb2, student_pb2_grpc, teacher_pb2, teacher_pb2_grpc
+from seal.v1 import (
+    auditor_pb2,
+    auditor_pb2_grpc,
+    common_pb2,
+    student_pb2,
+    student_pb2_grpc,
+    teacher_pb2,
+    teacher_pb2_grpc,
+)
 
 PASSAGE = (
     "Velmora is a harbour town on the island of Quessant. It was founded in 1742 by the "

@@ -19,9 +19,9 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 import grpc  # noqa: E402
 
 from seal.config import Settings  # noqa: E402
-from tiny_model import build_tiny_model  # noqa: E402
 from seal.stack import local_stack  # noqa: E402
 from seal.v1 import common_pb2, teacher_pb2, teacher_pb2_grpc  # noqa: E402
+from tiny_model import build_tiny_model  # noqa: E402
 
 PASSAGES = [
     ("Velmora", "Velmora is a harbour town on the island of Quessant. It was founded in 1742 by Ilse Marrow.",

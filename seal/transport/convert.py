@@ -13,12 +13,12 @@ from typing import Any
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from seal import adapt
+from seal.adapt import guardrail_from_gate, guardrail_to_gate
 from seal.auditor import QuestionOutcome
 from seal.domains.arc_grids import Grid, as_grid
 from seal.domains.fewshot import ArcPair, ArcTask
 from seal.domains.knowledge import Question
 from seal.gates import GateResult
-from seal.adapt import guardrail_from_gate, guardrail_to_gate
 from seal.guardrails import GuardrailResult
 from seal.limits import echo
 from seal.registry import Manifest
