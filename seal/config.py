@@ -266,6 +266,14 @@ class RestemSettings(BaseModel):
     )
     k: int = Field(4, ge=1, le=64, description="self-edits sampled per context (the paper: 5)")
     seeds_per_edit: int = Field(1, ge=1, le=16, description="inner-loop seeds per self-edit (the paper: 3)")
+    # An engine knob, not part of a round's identity (seal.rl.restem.run_round): samples once
+    # recorded are never drawn again, so changing it between a round's invocations mixes nothing.
+    contexts_per_sample_batch: int = Field(
+        4, ge=1, le=64,
+        description="training contexts whose k self-edits a round samples in one batched generate (contexts x k "
+        "prompts per batch); 1 = one context at a time. Each context's samples are still recorded once, so a "
+        "resumed round is exact, but the text drawn depends on the batch a context was sampled in",
+    )
     # best_of_k: the paper's rule, the best sample even with zero or negative gain.
     # best_positive: only a strictly positive mean gain; ties go to the shorter self-edit.
     keep_rule: Literal["best_of_k", "best_positive"] = Field(

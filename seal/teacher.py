@@ -3,6 +3,8 @@ streams back in a durable buffer for ReST^EM (transport-free; ``teacher_svc`` wr
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,10 +52,49 @@ class SelfEditProposer:
             for index, generation in enumerate(generations)
         ]
 
+    def propose_many(self, requests: Sequence[tuple[str, int, int]]) -> list[list[ProposedSelfEdit]]:
+        """For each (prompt, k, seed), k self-edits, all sampled in one batched generate (each
+        prompt repeated k times): a ReST^EM round samples several contexts at once this way.
+
+        One request is exactly ``propose_from_prompt``. Several share the generate's one seed
+        (``batch_seed`` of theirs, as an engine seeds a generate, not each prompt), so what a
+        prompt draws depends on the batch it is in: the same batch draws the same text, the same
+        prompt in another batch may not."""
+        if len(requests) == 1:
+            prompt, k, seed = requests[0]
+            return [self.propose_from_prompt(prompt, k, seed)]
+        if not requests:
+            return []
+        prompts = [prompt for prompt, k, _ in requests for _ in range(k)]
+        params = SamplingParams(
+            max_new_tokens=self._max_new_tokens, temperature=self._temperature, top_p=self._top_p,
+            seed=batch_seed([seed for _, _, seed in requests]),
+        )
+        generations = self._engine.generate(prompts, params, chat=True, batch_size=len(prompts))
+        if len(generations) != len(prompts):
+            raise RuntimeError(f"the engine returned {len(generations)} generations for {len(prompts)} prompts")
+        proposed, start = [], 0
+        for prompt, k, _ in requests:
+            proposed.append([
+                ProposedSelfEdit(index, prompt, generation.text, generation.completion_tokens)
+                for index, generation in enumerate(generations[start : start + k])
+            ])
+            start += k
+        return proposed
+
     def complete(self, prompt: str, *, seed: int, max_new_tokens: int) -> str:
         """One sampled chat completion of ``prompt`` (the question-writing step of self-QA)."""
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=self._temperature, top_p=self._top_p, seed=seed)
         return self._engine.generate([prompt], params, chat=True, batch_size=1)[0].text
+
+
+def batch_seed(seeds: Sequence[int]) -> int:
+    """The one seed of a generate that samples for several seeded requests: the seed itself for
+    one, else a digest of them all in order (a non-negative 31-bit integer)."""
+    if len(seeds) == 1:
+        return seeds[0]
+    digest = hashlib.sha256(json.dumps(list(seeds), separators=(",", ":")).encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
 class RewardBuffer:

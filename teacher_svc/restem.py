@@ -12,6 +12,9 @@ kept (``seal.rl.restem``).
 A round is in one domain: knowledge passages, or few-shot ARC tasks (the recipe prompt, the
 recipe gate, a binary solved-or-not reward); each context becomes the ``seal.adapt.Task`` Adapt
 would be given for it, so both domains share the sampler, the scorer and the handler.
+
+The teacher samples the k self-edits of ``restem.contexts_per_sample_batch`` contexts in one
+batched generate (``proposer_sample_many_fn``), in either domain.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from seal.adapt import (
 )
 from seal.config import Settings
 from seal.domains.fewshot import FewShotSettings, validate_fewshot_overrides
+from seal.domains.fewshot import build_self_edit_prompt as fewshot_prompt
 from seal.domains.knowledge import Question
+from seal.domains.knowledge import build_self_edit_prompt as knowledge_prompt
 from seal.limits import check_update_overrides
 from seal.rl import restem
 from seal.rl.policy import TeacherPolicy
@@ -207,6 +212,30 @@ def proposer_sample_fn(
     return sample
 
 
+def self_edit_prompt(context: restem.TrainingContext, style: str, fewshot: FewShotSettings | None = None) -> str:
+    """The prompt a context's self-edits answer, as ``proposer_sample_fn`` builds it: the
+    ``style`` prompt for a passage, the recipe prompt (with ``fewshot``'s limits) for an ARC task."""
+    if context.fewshot is not None:
+        return fewshot_prompt(context.fewshot, fewshot)
+    return knowledge_prompt(context.title, context.passage, validate_prompt_style(style))
+
+
+def proposer_sample_many_fn(
+    proposer: SelfEditProposer, style: str, fewshot: FewShotSettings | None = None
+) -> restem.SampleManyFn:
+    """``restem.SampleManyFn``: the k self-edits of several contexts in one batched generate
+    (``SelfEditProposer.propose_many``), each context's prompt as ``proposer_sample_fn`` writes
+    it, in either domain. A group of one draws exactly what ``proposer_sample_fn`` would; in a
+    larger group the generate has one seed for all (``seal.teacher.batch_seed`` of the contexts'
+    seeds), so the text drawn depends on the group. The round records it once (resume is exact)."""
+
+    def sample_many(requests: list[tuple[restem.TrainingContext, int, int]]) -> list[list[restem.Sample]]:
+        proposed = proposer.propose_many([(self_edit_prompt(c, style, fewshot), k, seed) for c, k, seed in requests])
+        return [[restem.Sample(p.index, p.prompt, p.text, p.completion_tokens) for p in edits] for edits in proposed]
+
+    return sample_many
+
+
 def _optional(message: Any, field: str, value: float | None) -> None:
     if value is not None:
         setattr(message, field, value)
@@ -316,6 +345,9 @@ def stream_round(
             config,
             restem.RoundStore(settings.home / "teacher" / "restem"),
             sample=proposer_sample_fn(proposer, config.prompt_style, settings.fewshot),
+            # Several contexts' k self-edits per generate (restem.contexts_per_sample_batch).
+            sample_many=proposer_sample_many_fn(proposer, config.prompt_style, settings.fewshot),
+            contexts_per_sample_batch=settings.restem.contexts_per_sample_batch,
             score=scorer,
             train_policy=lambda examples, round_id, on_step: policy.train(
                 examples, round_id, on_step, seed=config.seed, should_stop=should_stop

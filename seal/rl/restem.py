@@ -8,7 +8,8 @@ policy and score each one by the same path as Adapt. A round is in one domain:
 - few-shot ARC: C is a task's demonstrations, τ its test outputs, the self-edit a JSON training
   recipe, reward = 1 when the candidate solves the task (pass@2 on every test input), else 0.
 
-Several inner-loop seeds per self-edit are averaged, as the paper does with 3.
+Several inner-loop seeds per self-edit are averaged, as the paper does with 3. The k self-edits
+of several contexts can be sampled in one batched generate (``run_round``'s ``sample_many``).
 Filter: keep one self-edit per context by a keep rule (``keep``).
 M-step: supervised fine-tuning of the teacher's policy adapter on (prompt → kept self-edit).
 
@@ -288,6 +289,8 @@ class PolicyUpdate:
 
 # (context, k, seed) → k samples from the current policy
 SampleFn = Callable[[TrainingContext, int, int], list[Sample]]
+# [(context, k, seed), ...] → for each, in order, its k samples: several contexts in one batch
+SampleManyFn = Callable[[list[tuple[TrainingContext, int, int]]], list[list[Sample]]]
 # (context, sample, inner-loop seed) → score; must not promote anything
 ScoreFn = Callable[[TrainingContext, Sample, int], Scored]
 # (context_id, self_edit, inner-loop seed, not_before) → a reward already in the durable buffer
@@ -446,9 +449,16 @@ class RoundState:
                 return [_sample_from_record(s) for s in record["samples"]]
         return None
 
-    def record_samples(self, context_id: str, records: list[dict[str, Any]]) -> list[Sample]:
-        """Store the context's samples as ``screened`` made them fit to keep; returns them as stored."""
-        self._samples.append(self._samples_log.append({"context_id": context_id, "samples": records}))
+    def record_samples(
+        self, context_id: str, records: list[dict[str, Any]], *, sampled_with: Sequence[str] = ()
+    ) -> list[Sample]:
+        """Store the context's samples as ``screened`` made them fit to keep; returns them as stored.
+        ``sampled_with``: the other contexts drawn in the same batched generate, if any (what the
+        drawn text depended on; see ``run_round``)."""
+        entry: dict[str, Any] = {"context_id": context_id, "samples": records}
+        if sampled_with:
+            entry["sampled_with"] = list(sampled_with)
+        self._samples.append(self._samples_log.append(entry))
         return [_sample_from_record(r) for r in records]
 
     def scores(self, context_id: str) -> dict[tuple[int, int], Scored]:
@@ -616,11 +626,31 @@ def run_round(
     should_stop: Callable[[], bool] | None = None,
     restart: bool = False,
     redact: RedactFn | None = None,
+    sample_many: SampleManyFn | None = None,
+    contexts_per_sample_batch: int = 1,
 ) -> RoundReport:
     """Run (or resume) one ReST^EM round and return its report (also stored in round.json).
     ``redact``: how self-edits and prompts are masked before they are stored (``redactor``; the
-    default guardrail settings when None)."""
+    default guardrail settings when None).
+
+    ``sample_many``: when given, the contexts without recorded samples are sampled in groups of
+    up to ``contexts_per_sample_batch``, one call (the teacher: one batched generate) per group,
+    each context with the seed ``sample`` would get. A group is drawn when the loop reaches its
+    first context and holds the next unsampled contexts in order; every context's samples are
+    screened and recorded as one ``sample`` call's would be, and its ``ContextSampled`` comes
+    when the loop reaches it (``seconds``: its share of the group's generation time). The stop
+    request is checked before each group. Without ``sample_many`` every context is sampled on
+    its own through ``sample``, as before.
+
+    Reproducibility: samples once recorded are never drawn again, so a resumed round is exact
+    whatever the batching of either invocation; the knob is therefore not part of the round's
+    identity (``round_fingerprint``). What a fresh round draws for a context may depend on the
+    batch it was sampled in (the engine seeds a generate, not each prompt of it), so runs with
+    other ``contexts_per_sample_batch`` can draw other text; a context's record names the
+    contexts it was sampled with (``sampled_with``)."""
     redact = redact or redactor()
+    if contexts_per_sample_batch < 1:
+        raise ValueError(f"contexts_per_sample_batch must be >= 1, got {contexts_per_sample_batch}")
     if not contexts:
         raise ValueError("no training contexts: a round needs at least one context with its τ")
     for index, context in enumerate(contexts):
@@ -655,26 +685,53 @@ def run_round(
         domain,
     ))
 
+    group_size = contexts_per_sample_batch if sample_many is not None else 1
+    # Samples this invocation drew for contexts the loop has not reached yet: as stored, the
+    # originals by index (the only text a redacted self-edit may be scored from; the state holds
+    # its masked text), and the context's share of its group's generation time.
+    drawn_now: dict[str, tuple[list[Sample], dict[int, Sample], float]] = {}
+
+    def sample_group(first: int) -> None:
+        group = [first]
+        for later in range(first + 1, len(contexts)):
+            if len(group) >= group_size:
+                break
+            if state.samples(contexts[later].context_id) is None:
+                group.append(later)
+        check_stop()
+        t0 = time.perf_counter()
+        requests = [
+            (contexts[i], config.k, derive_seed(config.seed, state.round_id, contexts[i].context_id, "sample"))
+            for i in group
+        ]
+        drawn = sample_many(requests) if sample_many is not None else [sample(*requests[0])]
+        if len(drawn) != len(group):
+            raise RuntimeError(f"the teacher returned self-edits for {len(drawn)} contexts, expected {len(group)}")
+        ids = [contexts[i].context_id for i in group]
+        for cid, edits in zip(ids, drawn, strict=True):
+            if len(edits) != config.k:
+                raise RuntimeError(f"the teacher returned {len(edits)} self-edits for {cid}, expected {config.k}")
+        seconds = clock.add("generation", t0) / len(group)
+        for i, cid, edits in zip(group, ids, drawn, strict=True):
+            screens = [screened(s, contexts[i], redact) for s in edits]
+            stored = state.record_samples(
+                cid, [record for _, record in screens], sampled_with=[other for other in ids if other != cid]
+            )
+            drawn_now[cid] = (stored, {live.index: live for live, _ in screens}, seconds)
+
     per_context: list[tuple[Sample, EditResult]] = []
     all_edits: list[EditResult] = []
     samples_scored = samples_failed = samples_resumed = 0
     for context_index, context in enumerate(contexts):
         cid = context.context_id
-        samples = state.samples(cid)
-        # This invocation's own samples, their text as written: the only ones a redacted
-        # self-edit may be scored from (the state holds its masked text).
+        if cid not in drawn_now and state.samples(cid) is None:
+            sample_group(context_index)
         written: dict[int, Sample] = {}
-        if samples is None:
-            check_stop()
-            t0 = time.perf_counter()
-            drawn = sample(context, config.k, derive_seed(config.seed, state.round_id, cid, "sample"))
-            if len(drawn) != config.k:
-                raise RuntimeError(f"the teacher returned {len(drawn)} self-edits for {cid}, expected {config.k}")
-            screens = [screened(s, context, redact) for s in drawn]
-            written = {live.index: live for live, _ in screens}
-            samples = state.record_samples(cid, [record for _, record in screens])
-            emit(ContextSampled(context_index, cid, samples, clock.add("generation", t0), reused=False))
+        if cid in drawn_now:
+            samples, written, seconds = drawn_now.pop(cid)
+            emit(ContextSampled(context_index, cid, samples, seconds, reused=False))
         else:
+            samples = state.samples(cid) or []
             emit(ContextSampled(context_index, cid, samples, 0.0, reused=True))
 
         scores = state.scores(cid)
