@@ -23,7 +23,6 @@ import shutil
 import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 import grpc  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
+from seal.cli.supervisor import SERVICES, ServiceProcess  # noqa: E402
 from seal.models import prepare_embedded_tokenizer  # noqa: E402
 from seal.v1 import common_pb2, student_pb2, student_pb2_grpc, teacher_pb2, teacher_pb2_grpc  # noqa: E402
 from tests.tiny_model import build_tiny_model  # noqa: E402
@@ -45,8 +45,6 @@ PASSAGE = (
     "Velmora is a harbour town on the island of Quessant. It was founded in 1742 by the "
     "cartographer Ilse Marrow. The town's lighthouse, the Grey Lantern, is 41 meters tall."
 )
-SERVICES = ("student", "auditor", "teacher")  # the start order: each finds the ones before it
-
 
 def free_port() -> int:
     """A port free now. The three services must know each other's addresses before any of them
@@ -56,7 +54,6 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
 
-
 def percentiles(samples: list[float]) -> dict[str, float | int]:
     if not samples:
         return {"n": 0}
@@ -65,45 +62,10 @@ def percentiles(samples: list[float]) -> dict[str, float | int]:
     return {"n": len(ordered), "p50_s": round(statistics.median(ordered), 3), "p95_s": round(p95, 3),
             "max_s": round(ordered[-1], 3)}
 
-
 def peak_rss_mb(pid: int) -> float:
     """The process's high-water resident set (VmHWM), in MB."""
     status = Path(f"/proc/{pid}/status").read_text()
     return round(int(re.search(r"VmHWM:\s+(\d+) kB", status)[1]) / 1024, 1)
-
-
-class Service:
-    def __init__(self, name: str, env: dict[str, str], log: Path) -> None:
-        self.name, self.log = name, log
-        with log.open("wb") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "seal.cli", "serve", name, "--metrics-port", "0"],
-                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True,
-            )
-
-    def wait_serving(self, address: str, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"{self.name} exited:\n{self.log.read_text(errors='replace')[-3000:]}")
-                try:
-                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.5)
-        raise RuntimeError(f"{self.name} not serving after {timeout}s")
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
 
 def adapt_request(seed: int) -> teacher_pb2.AdaptRequest:
     return teacher_pb2.AdaptRequest(
@@ -112,7 +74,6 @@ def adapt_request(seed: int) -> teacher_pb2.AdaptRequest:
                    common_pb2.Question(question="How tall is the Grey Lantern?", answer="41 meters")],
         k=1, seed=seed,
     )
-
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -144,11 +105,11 @@ def main() -> int:
         **{f"SEAL_SERVICES__{name.upper()}_PORT": str(port) for name, port in ports.items()},
         **{f"SEAL_SERVICES__{name.upper()}_ADDRESS": address for name, address in addresses.items()},
     }
-    services: dict[str, Service] = {}
+    services: dict[str, ServiceProcess] = {}
     try:
         for name in SERVICES:
-            services[name] = Service(name, env, work / f"{name}.log")
-            services[name].wait_serving(addresses[name])
+            services[name] = ServiceProcess(name, env=env, log=work / f"{name}.log", metrics_port=0, cwd=ROOT)
+            services[name].wait_serving(addresses[name], timeout=300)
         print(f"services up: {addresses}", flush=True)
         # Warm-up (not counted): the first Adapt builds the anchor set the student rehearses.
         with grpc.insecure_channel(addresses["teacher"]) as channel:
@@ -264,7 +225,6 @@ def main() -> int:
         out.with_suffix(".md").write_text(markdown(report))
     return 0
 
-
 def markdown(report: dict) -> str:
     def rows(kind: str) -> list[str]:
         lines = []
@@ -304,7 +264,6 @@ def markdown(report: dict) -> str:
         + ", ".join(f"{name} {mb} MB" for name, mb in report["peak_rss_mb"].items()) + ".",
         "",
     ])
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

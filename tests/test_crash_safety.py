@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -31,6 +30,7 @@ import pytest
 
 from seal.audit import AuditLog
 from seal.audit_outbox import AuditOutbox, OutboxInUse
+from seal.cli.supervisor import ServiceProcess
 from seal.durable import JsonLinesLog
 from seal.registry import AdapterRegistry, Status
 
@@ -394,38 +394,15 @@ def test_a_start_reaps_only_a_leftover_server_of_its_own_working_directory(tmp_p
 # --- `seal serve` under SIGKILL loops ------------------------------------------------------------
 
 
-class Service:
-    """One `seal serve <name>` child on port 0, its output in a log file."""
+class Service(ServiceProcess):
+    """One `seal serve <name>` child on port 0 (its /metrics too), its address read from its log."""
 
     def __init__(self, name: str, env: dict[str, str], log: Path) -> None:
-        self.name, self.log = name, log
-        self._log_start = log.stat().st_size if log.exists() else 0  # earlier starts wrote above it
-        with log.open("ab") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "seal.cli", "serve", name, "--port", "0", "--metrics-port", "0"],
-                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT, start_new_session=True,
-            )
-        self.address = self._wait_for_address(timeout=240)
-
-    def _wait_for_address(self, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        pattern = re.compile(rf"{self.name} serving on ([0-9.]+:[0-9]+)")
-        while time.monotonic() < deadline:
-            text = self.log.read_bytes()[self._log_start:].decode(errors="replace")
-            if match := pattern.search(text):
-                return match[1]
-            if self.process.poll() is not None:
-                raise AssertionError(f"{self.name} exited with {self.process.returncode}:\n{text[-4000:]}")
-            time.sleep(0.1)
-        raise AssertionError(f"{self.name} not serving after {timeout}s:\n{self.log.read_text(errors='replace')[-4000:]}")
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=30)
+        super().__init__(name, env=env, log=log, port=0, metrics_port=0, cwd=REPO_ROOT)
+        self.address = self.wait_for_address(timeout=240)
 
     def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=60)
+        return super().stop(grace=60)
 
 
 def _random_lora(base: Path, seed: int):
