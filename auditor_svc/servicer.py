@@ -12,7 +12,7 @@ import grpc
 from google.protobuf import empty_pb2, json_format
 from prometheus_client import Gauge
 
-from seal.audit import KIND_PROMOTE, KIND_REJECT, KIND_ROLLBACK
+from seal.audit import KIND_PROMOTE, KIND_REJECT, KIND_ROLLBACK, policy_kind
 from seal.auditor import (
     KIND_PROBE,  # noqa: F401 - re-exported: the kinds this service writes
     KIND_RECHECK,  # noqa: F401
@@ -24,6 +24,7 @@ from seal.auditor import (
     RewardRecord,
     ScoredCandidate,
 )
+from seal.auth import SERVICE_STUDENT, SERVICE_TEACHER
 from seal.config import Settings
 from seal.domains.knowledge import Question
 from seal.grading import build_grader
@@ -47,6 +48,7 @@ from seal.rpc import (
     Configured,
     RpcMetrics,
     RunningService,
+    current_scopes,
     dial,
     error_message,
     map_errors,
@@ -61,7 +63,22 @@ from seal.v1 import auditor_pb2, auditor_pb2_grpc, common_pb2, student_pb2, stud
 
 log = logging.getLogger(__name__)
 # repair: a status change the student's start-up recovery made (seal.registry.KIND_REPAIR).
-_REPORTED_KINDS = (KIND_PROMOTE, KIND_REJECT, KIND_ROLLBACK, KIND_REPAIR)
+_STUDENT_KINDS = (KIND_PROMOTE, KIND_REJECT, KIND_ROLLBACK, KIND_REPAIR)
+# The same transitions of the teacher's policy registry (seal.audit.policy_kind).
+_POLICY_KINDS = tuple(policy_kind(kind) for kind in _STUDENT_KINDS)
+_REPORTED_KINDS = _STUDENT_KINDS + _POLICY_KINDS
+
+
+class KindNotYours(PermissionError):
+    code = "permission_denied"
+
+
+def reportable_kinds(scopes: frozenset[str] | None) -> tuple[str, ...]:
+    """What a caller may report: the student its adapters' transitions, the teacher its policy's.
+    With auth off (``scopes`` None) nobody is told apart, so every kind is accepted."""
+    if scopes is None:
+        return _REPORTED_KINDS
+    return (_STUDENT_KINDS if SERVICE_STUDENT in scopes else ()) + (_POLICY_KINDS if SERVICE_TEACHER in scopes else ())
 
 
 def record_to_proto(record: RewardRecord) -> auditor_pb2.RewardEvent:
@@ -414,6 +431,11 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServiceServicer):
         limits = self._settings.limits
         if request.kind not in _REPORTED_KINDS:
             raise ValueError(f"kind {echo(request.kind)} cannot be reported; use one of {', '.join(_REPORTED_KINDS)}")
+        if request.kind not in (allowed := reportable_kinds(current_scopes())):
+            raise KindNotYours(
+                f"kind {request.kind!r} is not this caller's to report: it may report {', '.join(allowed)} "
+                "(the student reports its adapters' transitions, the teacher its policy's)"
+            )
         if not request.event_id:
             raise ValueError("event_id is required: it makes retried deliveries idempotent")
         check_id("event_id", request.event_id)

@@ -39,6 +39,19 @@ KIND_CANDIDATE = "candidate"
 KIND_PROMOTE = "promote"
 KIND_REJECT = "reject"
 KIND_ROLLBACK = "rollback"
+# The teacher's policy (the adapter that writes self-edits, trained by ReST^EM) changes status
+# in a registry of its own; its transitions are reported under kinds of their own
+# ("policy_promote", …) so that they never read as the served student's.
+POLICY_KIND_PREFIX = "policy_"
+
+
+def policy_kind(kind: str) -> str:
+    """The audit kind of a transition of the teacher's policy.
+
+    >>> policy_kind("promote")
+    'policy_promote'
+    """
+    return POLICY_KIND_PREFIX + kind
 # Other kinds are allowed (the list of events will grow); the pattern keeps them filterable.
 _KIND = re.compile(r"[a-z][a-z0-9_.:-]{0,63}")
 

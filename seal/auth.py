@@ -52,7 +52,8 @@ SCOPES: dict[str, str] = {
     READ: "read adapters, the reward stream and the API's schema (ListAdapters, GetAdapter, SubscribeRewards, "
     "reflection)",
     ADMIN: "change what is served or trained: Promote, Rollback, Reject (with weight deletion), Train, Recheck",
-    SERVICE_TEACHER: "the teacher service: trains, scores, promotes and rejects candidates during Adapt and Train",
+    SERVICE_TEACHER: "the teacher service: trains, scores, promotes and rejects candidates during Adapt and Train, "
+    "and reports its own policy's status changes to the audit trail (RecordEvent, policy_* kinds only)",
     SERVICE_STUDENT: "the student service: reports promote/reject/rollback events to the audit trail (RecordEvent)",
     SERVICE_AUDITOR: "the auditor service: asks the student for answers, manifests and rollbacks when it scores "
     "and re-checks",
@@ -79,12 +80,13 @@ METHOD_SCOPES: dict[str, frozenset[str]] = {
     "/seal.v1.StudentService/Promote": frozenset({ADMIN, SERVICE_TEACHER}),
     "/seal.v1.StudentService/Reject": frozenset({ADMIN, SERVICE_TEACHER}),
     "/seal.v1.StudentService/Rollback": frozenset({ADMIN, SERVICE_AUDITOR}),
-    # auditor: guardrails and scores are the teacher's; only the student writes audit events.
+    # auditor: guardrails and scores are the teacher's; audit events come from the student (its
+    # adapters) and the teacher (its policy; the auditor checks which kinds each may report).
     "/seal.v1.AuditorService/CheckSelfEdit": frozenset({SERVICE_TEACHER}),
     "/seal.v1.AuditorService/Score": frozenset({SERVICE_TEACHER}),
     "/seal.v1.AuditorService/ScoreMany": frozenset({SERVICE_TEACHER}),
     "/seal.v1.AuditorService/SubscribeRewards": frozenset({READ, SERVICE_TEACHER}),
-    "/seal.v1.AuditorService/RecordEvent": frozenset({SERVICE_STUDENT}),
+    "/seal.v1.AuditorService/RecordEvent": frozenset({SERVICE_STUDENT, SERVICE_TEACHER}),
     "/seal.v1.AuditorService/Recheck": frozenset({ADMIN}),
     # reflection tells the API's shape: readers only.
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": frozenset({READ}),

@@ -376,17 +376,24 @@ _UNLIMITED_SERVICES = ("grpc.health.v1.Health",)
 # Threads beyond max_concurrent_rpcs, so that health checks and refusals never wait for a worker.
 _RESERVED_THREADS = 4
 _IGNORED = object()  # what a refused call's request "decodes" to: its bytes are never parsed
-_principal: contextvars.ContextVar[str | None] = contextvars.ContextVar("seal_principal", default=None)
+_principal: contextvars.ContextVar[authz.Principal | None] = contextvars.ContextVar("seal_principal", default=None)
 
 
 def current_principal() -> str | None:
     """Name of the principal whose RPC this thread is serving; None with auth off."""
-    return _principal.get()
+    principal = _principal.get()
+    return None if principal is None else principal.name
+
+
+def current_scopes() -> frozenset[str] | None:
+    """Scopes of the principal whose RPC this thread is serving; None with auth off."""
+    principal = _principal.get()
+    return None if principal is None else principal.scopes
 
 
 @contextmanager
 def _acting_as(principal: authz.Principal) -> Iterator[None]:
-    token = _principal.set(principal.name)
+    token = _principal.set(principal)
     try:
         yield
     finally:

@@ -13,7 +13,7 @@ from prometheus_client import Gauge
 
 from seal.audit_outbox import AuditOutbox
 from seal.cancellation import stop_when
-from seal.config import AuthSettings, Settings
+from seal.config import Settings
 from seal.domains.fewshot import task_to_dict
 from seal.domains.knowledge import context_digest
 from seal.executors import CandidateJob, CandidateOutcome
@@ -39,7 +39,6 @@ from seal.rpc import (
     WorkQueue,
     current_principal,
     deadline_checker,
-    dial,
     error_message,
     map_errors,
     remaining_timeout,
@@ -50,7 +49,8 @@ from seal.serving import resolve_backend
 from seal.student import AdapterChoice, Student
 from seal.tracing import Tracing, build_tracing
 from seal.transport import convert
-from seal.v1 import auditor_pb2, auditor_pb2_grpc, common_pb2, student_pb2, student_pb2_grpc
+from seal.transport.audit_events import AuditEventSender
+from seal.v1 import common_pb2, student_pb2, student_pb2_grpc
 
 
 def choice_from_proto(selector: student_pb2.AdapterSelector) -> AdapterChoice:
@@ -64,34 +64,6 @@ def choice_from_proto(selector: student_pb2.AdapterSelector) -> AdapterChoice:
     if target == "promoted_of" and selector.promoted_of:
         return AdapterChoice(promoted_of=check_adapter_name(selector.promoted_of, "adapter.promoted_of"))
     return AdapterChoice()
-
-
-class AuditorEventSender:
-    """Delivers outbox events to the auditor's RecordEvent; the address can change (tests start
-    the auditor after the student, on a port chosen at start). Only the student may record events:
-    it calls with its own identity (auth.student_token_file and/or its client certificate)."""
-
-    def __init__(self, address: str, auth: AuthSettings) -> None:
-        self._channel = dial(address, auth, identity="student")
-        self._stub = auditor_pb2_grpc.AuditorServiceStub(self._channel)
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        at = convert.timestamp(event["at"])
-        self._stub.RecordEvent(
-            auditor_pb2.RecordEventRequest(
-                event_id=event["event_id"],
-                kind=event["kind"],
-                adapter_id=event["adapter_id"],
-                cause=event["cause"],
-                details=convert.struct(event["details"]),
-                at=at,
-                source=event["source"],
-            ),
-            timeout=10,
-        )
-
-    def close(self) -> None:
-        self._channel.close()
 
 
 class StudentServicer(student_pb2_grpc.StudentServiceServicer):
@@ -503,7 +475,8 @@ def _serve(
 ) -> RunningService:
     metrics = RpcMetrics("student")
     services = settings.services
-    senders: list[AuditorEventSender] = [AuditorEventSender(services.address_of("auditor"), settings.auth)]
+    # Only the student reports its adapters' transitions, under its own identity.
+    senders = [AuditEventSender(services.address_of("auditor"), settings.auth, identity="student")]
     outbox.set_sender(senders[0])
     servicer = StudentServicer(student, settings, metrics, audit=outbox)
 
@@ -519,7 +492,7 @@ def _serve(
     )
 
     def connect_auditor(address: str) -> None:
-        senders.append(AuditorEventSender(address, settings.auth))
+        senders.append(AuditEventSender(address, settings.auth, identity="student"))
         outbox.set_sender(senders[-1])
 
     running.connect["auditor"] = connect_auditor

@@ -27,6 +27,8 @@ from seal.adapt import (
     run_adapt,
     update_rule,
 )
+from seal.audit import policy_kind
+from seal.audit_outbox import AuditOutbox
 from seal.cancellation import stop_when
 from seal.config import Settings
 from seal.domains.fewshot import validate_fewshot_overrides
@@ -58,6 +60,7 @@ from seal.teacher import (
 )
 from seal.tracing import Tracing, build_tracing
 from seal.transport import convert
+from seal.transport.audit_events import AuditEventSender
 from seal.transport.ports import GrpcAuditorPort, GrpcStudentPort
 from seal.v1 import (
     auditor_pb2,
@@ -347,9 +350,10 @@ class RewardSubscriber:
         self._thread.join(timeout=5)
 
 
-def build_teacher_policy(settings: Settings) -> TeacherPolicy:
-    """The teacher's engine with its promoted policy adapter loaded (the base model if none)."""
-    policy = open_teacher_policy(settings)
+def build_teacher_policy(settings: Settings, audit: AuditOutbox | None = None) -> TeacherPolicy:
+    """The teacher's engine with its promoted policy adapter loaded (the base model if none);
+    ``audit`` journals and reports the policy registry's transitions."""
+    policy = open_teacher_policy(settings, audit)
     served = policy.load_serving()
     log.info("teacher policy: %s", served.adapter_id if served else "base model")
     return policy
@@ -363,7 +367,18 @@ def serve_teacher(
     ``settings.tracing`` says."""
     services = settings.services
     tracing = tracing if tracing is not None else build_tracing("teacher", settings.tracing)
-    policy = build_teacher_policy(settings)
+    # The policy registry's transitions (a ReST^EM round's hot-load) reach the audit chain as the
+    # student's do: journaled first, delivered later and retried, as policy_* kinds.
+    audit = AuditOutbox(settings.home / "teacher" / "audit_outbox.jsonl", None, source="teacher")
+    audit_sender = AuditEventSender(services.address_of("auditor"), settings.auth, identity="teacher",
+                                    kind_of=policy_kind)
+    audit.set_sender(audit_sender)
+    try:
+        policy = build_teacher_policy(settings, audit)
+    except BaseException:
+        audit.close(timeout=0)
+        audit_sender.close()
+        raise
     teacher = settings.teacher
     proposer = SelfEditProposer(
         policy.engine,
@@ -392,5 +407,8 @@ def serve_teacher(
         tracing=tracing,
     )
     subscriber.start()
-    running.on_stop.extend([subscriber.stop, student_channel.close, auditor_channel.close, policy.engine.close])
+    running.on_stop.extend([
+        subscriber.stop, audit.close, audit_sender.close, student_channel.close, auditor_channel.close,
+        policy.engine.close,
+    ])
     return running

@@ -554,6 +554,16 @@ def test_plaintext_mode_still_checks_tokens_and_scopes(tmp_path: Path) -> None:
             with pytest.raises(grpc.RpcError) as forged:
                 auditor_pb2_grpc.AuditorServiceStub(channel).RecordEvent(_event("e2"), timeout=30)
             assert forged.value.code() is grpc.StatusCode.PERMISSION_DENIED
+            assert "may report policy_promote" in forged.value.details()
+            # The teacher reports its own policy's transitions, and only those.
+            policy = _event("e4")
+            policy.kind, policy.adapter_id = "policy_promote", "teacher-policy@v1"
+            assert auditor_pb2_grpc.AuditorServiceStub(channel).RecordEvent(policy, timeout=30).sequence >= 1
+        with dial(auditor.address, as_student, identity="student") as channel:
+            policy.event_id = "e5"
+            with pytest.raises(grpc.RpcError) as not_the_students:
+                auditor_pb2_grpc.AuditorServiceStub(channel).RecordEvent(policy, timeout=30)
+            assert not_the_students.value.code() is grpc.StatusCode.PERMISSION_DENIED
         with grpc.insecure_channel(auditor.address) as channel:
             with pytest.raises(grpc.RpcError) as anonymous:
                 auditor_pb2_grpc.AuditorServiceStub(channel).RecordEvent(_event("e3"), timeout=30)

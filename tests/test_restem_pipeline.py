@@ -195,6 +195,19 @@ def test_a_round_end_to_end_trains_and_hot_loads_the_policy(stack: LocalStack) -
     assert promoted.hyperparameters["restem_round"] == report.round_id
     assert promoted.hyperparameters["examples"] == report.kept
     assert propose(stack) != before
+    # The hot-load is in the auditor's chain, reported by the teacher under a kind of its own.
+    from seal.audit import AuditLog
+
+    deadline = time.monotonic() + 30
+    with AuditLog(home / "auditor" / "audit.db") as audit:
+        while not (records := audit.records(kind="policy_promote")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert [r.adapter_id for r in records] == ["teacher-policy@v1"]
+        assert records[0].payload["source"] == "teacher" and records[0].payload["principal"] == "teacher"
+        assert report.round_id in records[0].payload["cause"]
+        assert not audit.records(kind="promote", adapter_id="teacher-policy@v1")
+        assert audit.verify().ok
+    assert not (home / "teacher" / "audit_outbox.jsonl").read_bytes().strip()  # delivered
 
     # The rewards reached the teacher's durable buffer through the auditor's stream.
     deadline = time.monotonic() + 30

@@ -4,14 +4,14 @@ lineage name, hot-loaded into the teacher's engine.
 The promoted version of the lineage is the policy the teacher serves: a restarted teacher loads
 it again, and ``registry.rollback`` followed by ``load_serving`` undoes a round.
 
-Not the audited registry. The audit trail's promote/reject/rollback records (one per transition,
-through the student's ``seal.audit_outbox``) are about the student's adapters: the registry under
-``settings.registry_dir`` whose promoted version answers Generate. This registry is the teacher's
-own, under ``<home>/teacher/registry`` (``open_teacher_policy``), and holds only the policy that
-writes self-edits; nothing the student serves is read from it, and the auditor's RecordEvent
-accepts reports from the student's identity only. Its promotions (``hot_load``, one per ReST^EM
-round) are therefore not sent to the auditor; each is recorded in the version's manifest history
-(reason naming the round) and in the round's ``round.json`` report (``policy_adapter_id``).
+Audited like the student's registry, under kinds of its own. This registry is the teacher's,
+under ``<home>/teacher/registry`` (``open_teacher_policy``), and holds only the policy that writes
+self-edits; nothing the student serves is read from it. With ``audit`` (the teacher service's
+``seal.audit_outbox.AuditOutbox``) every status change is journaled before it is made and reported
+once to the auditor's chain, where the teacher may report only ``policy_*`` kinds
+(``seal.audit.policy_kind``; the auditor checks): a hot-loaded round is ``policy_promote``, the
+version it replaced is recorded in its manifest history. Without ``audit`` (``seal eval``, tests)
+the manifest history and the round's ``round.json`` are the only record.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from seal.audit import KIND_PROMOTE
 from seal.engines import PolicyEngine, PolicyRef
 from seal.registry import AdapterRegistry, Manifest
 from seal.rl.restem import PolicyUpdate
@@ -31,6 +32,7 @@ from seal.update.lora_sft import LoraSFTConfig, save_adapter
 from seal.update.policy_sft import PolicyExample, train_policy
 
 if TYPE_CHECKING:
+    from seal.audit_outbox import AuditOutbox
     from seal.config import Settings
 
 log = logging.getLogger(__name__)
@@ -47,9 +49,13 @@ class TeacherPolicy:
         sft_config: Callable[[int], LoraSFTConfig],
         dtype: str = "float32",
         device: str = "cpu",
+        audit: AuditOutbox | None = None,
     ) -> None:
+        """``audit``: the outbox ``registry`` journals its transitions in (the same object), which
+        reports them to the auditor; None = not reported."""
         self.engine = engine
         self.registry = registry
+        self.audit = audit
         self.name = name
         self._base_model_path = Path(base_model_path)
         self._sft_config = sft_config
@@ -98,9 +104,9 @@ class TeacherPolicy:
         self.registry.verify(manifest)
         self.engine.load_policy(self.ref(manifest))
         if manifest.status != "promoted":
-            # The teacher's private policy registry, not the served one: no audit outbox here
-            # (see the module's documentation); the manifest history keeps the reason.
             manifest = self.registry.promote(manifest.adapter_id, reason)
+            if self.audit is not None:  # the journaled transition, reported as policy_promote
+                self.audit.record(KIND_PROMOTE, manifest.adapter_id, reason, principal="teacher")
         return manifest
 
     # --- training -----------------------------------------------------------------------------
@@ -175,19 +181,25 @@ def policy_sft_config(settings: Settings, seed: int) -> LoraSFTConfig:
     return LoraSFTConfig(**settings.restem.policy.model_dump(), seed=seed)
 
 
-def open_teacher_policy(settings: Settings) -> TeacherPolicy:
+def open_teacher_policy(settings: Settings, audit: AuditOutbox | None = None) -> TeacherPolicy:
     """The teacher's engine (``teacher.engine``) on the configured base model, with its policy
-    store under ``<home>/teacher/registry``; nothing is loaded into the engine yet."""
+    store under ``<home>/teacher/registry``; nothing is loaded into the engine yet. With ``audit``
+    (the service) the registry journals every transition there and recovers from a crash first:
+    leftover intents settled and reported, staging of dead writers removed."""
     from seal.engines import create_policy_engine
     from seal.models import resolve_model_path
 
     model_path = resolve_model_path(settings.model)
+    registry = AdapterRegistry(settings.home / "teacher" / "registry", journal=audit)
+    if audit is not None:
+        registry.recover()
     return TeacherPolicy(
         create_policy_engine(settings, model_path),
-        AdapterRegistry(settings.home / "teacher" / "registry"),
+        registry,
         name=settings.restem.policy_adapter_name,
         base_model_path=model_path,
         sft_config=lambda seed: policy_sft_config(settings, seed),
         dtype=settings.model.dtype,
         device=settings.model.device,
+        audit=audit,
     )
