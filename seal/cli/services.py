@@ -1,12 +1,14 @@
 """Commands that run SEAL's services: ``seal prepare-model``, ``seal serve`` (one service, as a
-container runs it), ``seal up`` and ``seal demo`` (all three as child processes, see
-seal.cli.supervisor) and ``seal health`` (the standard gRPC health check of each)."""
+container runs it), ``seal up`` and ``seal demo`` (all three in this process on their configured
+ports: ``seal.stack.local_stack``) and ``seal health`` (the standard gRPC health check of each)."""
 
 from __future__ import annotations
 
 import argparse
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 
 import grpc
 
@@ -19,7 +21,7 @@ from seal.cli.adapt import (
     run_adapt,
 )
 from seal.cli.client import add_token_arg
-from seal.cli.supervisor import SERVICES, local_services
+from seal.cli.supervisor import SERVICES
 from seal.config import Settings
 
 INSECURE_HELP = "authentication off (auth.insecure): plaintext, no tokens"
@@ -101,9 +103,25 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+@contextmanager
+def running_locally(settings: Settings) -> Iterator[dict[str, str]]:
+    """The three services in this process on their configured loopback ports (``seal up``,
+    ``seal demo``): the same ``seal.stack.local_stack`` the tests start on free ports."""
+    from seal.auth import check_server_settings
+    from seal.stack import local_stack
+
+    check_server_settings(settings.auth)  # a missing principals file or certificate fails here, by name
+    with ExitStack() as running:
+        with render.console.status("starting student, auditor and teacher (each loads the model)"):
+            stack = running.enter_context(local_stack(
+                settings, ports="configured", student_backend=None, grace_s=settings.services.shutdown_grace_s,
+            ))
+        yield stack.addresses
+
+
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     settings = with_insecure(settings, args.insecure)
-    with local_services(settings) as addresses:
+    with running_locally(settings) as addresses:
         render.console.print(f"all services up: {addresses}; Ctrl-C stops them")
         signal.signal(signal.SIGTERM, _interrupt)
         try:
@@ -121,7 +139,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     context = load_context(args)
     render.console.print(
         f"passage {args.index} of {args.squad_file}: [bold]{context.title}[/] ({len(context.questions)} questions)")
-    with local_services(settings):
+    with running_locally(settings):
         result = run_adapt(settings.services.address_of("teacher"), adapt_request(context, args), args.timeout,
                            auth=settings.auth, token_file=args.token_file)
         render.print_result(result)

@@ -1,23 +1,18 @@
-"""The three services as child processes (``seal serve NAME`` each) on their configured loopback
-addresses: what ``seal up`` and ``seal demo`` run. :class:`ServiceProcess` is the one way a
-``seal serve`` child is started, waited for and stopped (``seal up``, the kill tests, the load
-bench). Tests and benchmarks that want the services in their own process use
-``seal.stack.local_stack`` instead (ephemeral ports, no child processes)."""
+"""A service as a child process: :class:`ServiceProcess` is the one way a ``seal serve NAME``
+child is started, waited for and stopped, for whatever needs real processes (the SIGKILL tests,
+the load bench). ``seal up`` and ``seal demo`` run the three services in their own process
+instead (``seal.stack.local_stack`` on the configured ports)."""
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from seal.cli import render
-from seal.config import AuthSettings, Settings
+from seal.config import AuthSettings
 
 SERVICES = ("student", "auditor", "teacher")  # start order: each needs the ones before it
 FULL_NAMES = {  # the gRPC service each child is healthy for
@@ -111,35 +106,3 @@ class ServiceProcess:
         """SIGKILL, as a crash would."""
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(timeout=30)
-
-
-@contextmanager
-def local_services(settings: Settings, *, startup_timeout: float = 600.0) -> Iterator[dict[str, str]]:
-    """Run the three services as child processes on loopback; stop them on exit. They read the
-    same settings as this process (environment and config file), plus auth.insecure when
-    ``settings.auth.insecure`` is on (seal up/demo --insecure)."""
-    from seal.auth import check_server_settings
-
-    check_server_settings(settings.auth)  # a missing principals file or certificate fails here, not in a child log
-    auth_env = {"SEAL_AUTH__INSECURE": "true"} if settings.auth.insecure else {}
-    log_dir = settings.home / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    children: list[ServiceProcess] = []
-    addresses = {name: settings.services.address_of(name) for name in SERVICES}
-    try:
-        for name in SERVICES:
-            log_path = log_dir / f"{name}.log"
-            child = ServiceProcess(name, env={**os.environ, "SEAL_HOME": str(settings.home), **auth_env}, log=log_path)
-            children.append(child)
-            with render.console.status(f"starting {name} (log: {log_path})"):
-                try:
-                    child.wait_serving(addresses[name], startup_timeout, settings.auth)
-                except (TimeoutError, RuntimeError) as exc:
-                    raise RuntimeError(f"{name} did not start (log: {log_path}): {exc}") from exc
-            render.console.print(f"[green]✓[/] {name} on {addresses[name]}")
-        yield addresses
-    finally:
-        for child in reversed(children):
-            child.terminate()
-        for child in reversed(children):
-            child.stop(grace=settings.services.shutdown_grace_s + 10)
