@@ -60,4 +60,9 @@ def test_seal_up_serves_the_three_services_until_ctrl_c(tiny_model_dir: Path, tm
     for name in SERVICES:
         with pytest.raises(TimeoutError):
             wait_until_serving(addresses[name], FULL_NAMES[name], timeout=2)
-    assert "auth.insecure is on" in log.read_text(errors="replace")
+    output = log.read_text(errors="replace")
+    assert "auth.insecure is on" in output  # a warning: on the console too
+    # Everything else the services log goes to <home>/logs/services.log, not over the command's output.
+    assert "listening on" not in output
+    services_log = (tmp_path / "home" / "logs" / "services.log").read_text(errors="replace")
+    assert all(f"{name} listening on 127.0.0.1:" in services_log for name in SERVICES)

@@ -5,10 +5,12 @@ ports: ``seal.stack.local_stack``) and ``seal health`` (the standard gRPC health
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 import grpc
 
@@ -112,11 +114,35 @@ def running_locally(settings: Settings) -> Iterator[dict[str, str]]:
 
     check_server_settings(settings.auth)  # a missing principals file or certificate fails here, by name
     with ExitStack() as running:
+        log_path = running.enter_context(_service_logs_to(settings.home / "logs" / "services.log"))
+        render.console.print(f"service logs: {log_path} (warnings here too)")
         with render.console.status("starting student, auditor and teacher (each loads the model)"):
             stack = running.enter_context(local_stack(
                 settings, ports="configured", student_backend=None, grace_s=settings.services.shutdown_grace_s,
             ))
         yield stack.addresses
+
+
+@contextmanager
+def _service_logs_to(path: Path) -> Iterator[Path]:
+    """While the services run in this process, their log records go to ``path`` and the console
+    shows warnings and errors only, so that the command's own output stays readable."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    consoles = [h for h in root.handlers if type(h) is logging.StreamHandler]
+    levels = [h.level for h in consoles]
+    for console in consoles:
+        console.setLevel(max(console.level, logging.WARNING))
+    root.addHandler(handler)
+    try:
+        yield path
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+        for console, level in zip(consoles, levels, strict=True):
+            console.setLevel(level)
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
