@@ -116,11 +116,32 @@ def running_locally(settings: Settings) -> Iterator[dict[str, str]]:
     with ExitStack() as running:
         log_path = running.enter_context(_service_logs_to(settings.home / "logs" / "services.log"))
         render.console.print(f"service logs: {log_path} (warnings here too)")
-        with render.console.status("starting student, auditor and teacher (each loads the model)"):
+        with render.console.status("starting student, auditor and teacher (each loads the model)"), \
+                _signals_held_until_started():
             stack = running.enter_context(local_stack(
                 settings, ports="configured", student_backend=None, grace_s=settings.services.shutdown_grace_s,
             ))
         yield stack.addresses
+
+
+@contextmanager
+def _signals_held_until_started() -> Iterator[None]:
+    """Ctrl-C (SIGINT) or SIGTERM while the services start is held and raised as
+    KeyboardInterrupt once all three have started, so the stack stops whole: an interrupt in the
+    middle of a service's start would leave its server threads running and the process hanging."""
+    received: list[int] = []
+
+    def hold(signum: int, _frame: object) -> None:
+        received.append(signum)
+
+    previous = {signum: signal.signal(signum, hold) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if received:
+        raise KeyboardInterrupt
 
 
 @contextmanager
@@ -147,14 +168,14 @@ def _service_logs_to(path: Path) -> Iterator[Path]:
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     settings = with_insecure(settings, args.insecure)
-    with running_locally(settings) as addresses:
-        render.console.print(f"all services up: {addresses}; Ctrl-C stops them")
-        signal.signal(signal.SIGTERM, _interrupt)
-        try:
+    try:
+        with running_locally(settings) as addresses:
+            render.console.print(f"all services up: {addresses}; Ctrl-C stops them")
+            signal.signal(signal.SIGTERM, _interrupt)
             while True:
                 time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM, during the start or after: the stack has stopped
+        pass
     return 0
 
 
