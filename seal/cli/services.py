@@ -171,6 +171,9 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     try:
         with running_locally(settings) as addresses:
             render.console.print(f"all services up: {addresses}; Ctrl-C stops them")
+            # Both set here: a process started in the background by a non-interactive shell
+            # inherits SIGINT ignored, and Python then never raises KeyboardInterrupt.
+            signal.signal(signal.SIGINT, _interrupt)
             signal.signal(signal.SIGTERM, _interrupt)
             while True:
                 time.sleep(3600)
