@@ -6,6 +6,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -308,23 +309,9 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
 
     @map_errors
     def Generate(self, request: student_pb2.GenerateRequest, context: grpc.ServicerContext) -> student_pb2.GenerateResponse:
-        limits = self._settings.limits
-        check_texts("prompts", request.prompts, max_count=limits.max_prompts, max_chars=limits.max_prompt_chars,
-                    count_setting="max_prompts", chars_setting="max_prompt_chars")
-        check_max_new_tokens(request.max_new_tokens, limits)
+        params = self._sampling(request)
         choice = choice_from_proto(request.adapter)
-        params = SamplingParams(
-            max_new_tokens=request.max_new_tokens or 64,
-            temperature=request.temperature,
-            top_p=request.top_p or 1.0,
-            seed=request.seed if request.HasField("seed") else None,
-        )
-        should_stop = deadline_checker(context)
-        # Admitted apart from training (never starved by it); refused with a retry hint when the
-        # queue is full; the generation loop stops once the caller's deadline passes or it leaves.
-        with self._generation.admitted(
-            remaining_timeout(context, self._settings.student.generation_queue_wait_s), should_stop
-        ), stop_when(should_stop):
+        with self._generating(context):
             started = time.perf_counter()
             generations, served = self._student.generate(
                 list(request.prompts), choice, params, chat=not request.raw_prompt
@@ -345,24 +332,34 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
             served_adapter_id=served,
         )
 
-    @map_errors
-    def GenerateMixed(self, request: student_pb2.GenerateMixedRequest, context: grpc.ServicerContext) -> student_pb2.GenerateMixedResponse:
+    def _sampling(self, request: student_pb2.GenerateRequest | student_pb2.GenerateMixedRequest) -> SamplingParams:
+        """The prompts and sampling fields Generate and GenerateMixed share, checked."""
         limits = self._settings.limits
         check_texts("prompts", request.prompts, max_count=limits.max_prompts, max_chars=limits.max_prompt_chars,
                     count_setting="max_prompts", chars_setting="max_prompt_chars")
-        adapter_ids = check_adapter_ids(request.adapter_ids, len(request.prompts))
         check_max_new_tokens(request.max_new_tokens, limits)
-        params = SamplingParams(
+        return SamplingParams(
             max_new_tokens=request.max_new_tokens or 64,
             temperature=request.temperature,
             top_p=request.top_p or 1.0,
             seed=request.seed if request.HasField("seed") else None,
         )
+
+    @contextmanager
+    def _generating(self, context: grpc.ServicerContext) -> Iterator[None]:
+        """Admitted apart from training (never starved by it); refused with a retry hint when the
+        queue is full; the generation loop stops once the caller's deadline passes or it leaves."""
         should_stop = deadline_checker(context)
-        # Admitted, bounded and stopped as Generate is: it is one generation, however many versions.
         with self._generation.admitted(
             remaining_timeout(context, self._settings.student.generation_queue_wait_s), should_stop
         ), stop_when(should_stop):
+            yield
+
+    @map_errors
+    def GenerateMixed(self, request: student_pb2.GenerateMixedRequest, context: grpc.ServicerContext) -> student_pb2.GenerateMixedResponse:
+        params = self._sampling(request)
+        adapter_ids = check_adapter_ids(request.adapter_ids, len(request.prompts))
+        with self._generating(context):  # one generation, however many versions
             started = time.perf_counter()
             generations = self._student.generate_mixed(
                 list(request.prompts), adapter_ids, params, chat=not request.raw_prompt
