@@ -34,7 +34,7 @@ from seal.domains.knowledge import (
     extract_answer,
 )
 from seal.durable import JsonLinesLog
-from seal.gates import CandidateScores, Decision, GateSettings, decide, reward
+from seal.gates import CandidateScores, Decision, GateSettings, decide, refused_before_retention, reward
 from seal.guardrails import GuardrailResult, GuardrailSettings, check_self_edit
 from seal.retention import (
     CanarySignal,
@@ -77,6 +77,24 @@ class AdapterToScore:
     adapter_id: str
     guardrails: Sequence[GuardrailResult] = ()
     retention_kl: float | None = None
+
+
+@dataclass(frozen=True)
+class _TauPart:
+    """A candidate scored on τ, before the retention probe is (or is not) asked."""
+
+    adapter: AdapterToScore
+    baseline_outcomes: list[QuestionOutcome]
+    adapted_outcomes: list[QuestionOutcome]
+
+    def scores(self, **retention: Any) -> CandidateScores:
+        return CandidateScores(
+            tau_accuracy=accuracy_of(self.adapted_outcomes),
+            baseline_tau_accuracy=accuracy_of(self.baseline_outcomes),
+            guardrails=tuple(self.adapter.guardrails),
+            retention_kl=self.adapter.retention_kl if self.adapter.adapter_id else None,
+            **retention,
+        )
 
 
 def prefetched(answer: AnswerFunction, answers: Mapping[tuple[str, str], str]) -> AnswerFunction:
@@ -254,47 +272,17 @@ class Auditor:
         retention_kl: float | None = None,
         base: str = "",
         probe_base: str = "",
+        skip_refused: bool = False,
     ) -> ScoreReport:
         """``probe`` (with ``probe_answer``, e.g. shorter answers) adds the retention measurement
         to a candidate's scores; the base model alone is never asked it. ``retention_kl`` is the
         candidate's KL drift from the base, measured by the student when it trained it. ``base``
         and ``probe_base`` name the base model and the settings of ``answer`` and ``probe_answer``
-        (:func:`base_key`): the base model's answers are cached under them."""
-        baseline_outcomes = self.baseline(answer, questions, base=base)
-        baseline_accuracy = accuracy_of(baseline_outcomes)
-        if adapter_id:
-            adapted_outcomes = self.closed_book(answer, questions, adapter_id)
-        else:
-            adapted_outcomes = baseline_outcomes
-        adapted_accuracy = accuracy_of(adapted_outcomes)
-        retention_accuracy = baseline_retention_accuracy = None
-        retention_outcomes: list[QuestionOutcome] = []
-        if probe is not None and adapter_id:
-            retention_accuracy, baseline_retention_accuracy, retention_outcomes = self.retention(
-                probe_answer or answer, probe, adapter_id, base=probe_base
-            )
-        scores = CandidateScores(
-            tau_accuracy=adapted_accuracy,
-            baseline_tau_accuracy=baseline_accuracy,
-            retention_accuracy=retention_accuracy,
-            baseline_retention_accuracy=baseline_retention_accuracy,
-            guardrails=tuple(guardrails),
-            retention_kl=retention_kl if adapter_id else None,
-        )
-        decision = decide(scores, self._gate_settings)
-        return ScoreReport(
-            baseline_accuracy,
-            adapted_accuracy,
-            reward(adapted_accuracy, baseline_accuracy),
-            baseline_outcomes,
-            adapted_outcomes,
-            decision,
-            scores=scores,
-            retention_accuracy=retention_accuracy,
-            baseline_retention_accuracy=baseline_retention_accuracy,
-            retention_outcomes=retention_outcomes,
-            probe_id=probe.probe_id if probe is not None and probe.questions else "",
-        )
+        (:func:`base_key`): the base model's answers are cached under them. ``skip_refused``: the
+        probe is not asked of a candidate another gate already refuses (:func:`refused_before_retention`)."""
+        tau = self._score_tau(answer, AdapterToScore(adapter_id, guardrails, retention_kl), questions, base)
+        probed = probe if self._needs_probe(tau, probe, skip_refused) else None
+        return self._finish(tau, probed, probe_answer or answer, probe_base, skipped=probed is None and probe is not None)
 
     def score_many(
         self,
@@ -308,30 +296,95 @@ class Auditor:
         probe_answer_mixed: MixedAnswerFunction | None = None,
         base: str = "",
         probe_base: str = "",
+        skip_refused: bool = False,
     ) -> list[ScoreReport | Exception]:
         """:meth:`score` for each of ``adapters`` (the same reports), with every candidate's
-        answers asked up front in one ``answer_mixed`` call for τ and one for the probe, the base
-        model's rows that are not cached yet among them. One report per adapter, in order; a
-        candidate whose scoring raised has its exception in its place, and the others are scored.
-        Should a mixed call fail, each candidate is asked alone (so a bad one fails alone)."""
+        answers asked up front in one ``answer_mixed`` call for τ and one for the probe (only the
+        candidates that still need it, with ``skip_refused``), the base model's rows that are not
+        cached yet among them. One report per adapter, in order; a candidate whose scoring raised
+        has its exception in its place, and the others are scored. Should a mixed call fail, each
+        candidate is asked alone (so a bad one fails alone)."""
         if not questions:
             raise ValueError("τ is empty: send at least one question with its gold answer")
         ids = [a.adapter_id for a in adapters if a.adapter_id]
-        tau = self._prefetch(answer_mixed, ids, questions, base)
-        probe_answers: Mapping[tuple[str, str], str] = {}
-        if probe is not None and probe.questions:
-            probe_answers = self._prefetch(probe_answer_mixed or answer_mixed, ids, probe.questions, probe_base)
-        reports: list[ScoreReport | Exception] = []
+        tau_answers = prefetched(answer, self._prefetch(answer_mixed, ids, questions, base))
+        parts: list[_TauPart | Exception] = []
         for adapter in adapters:
             try:
-                reports.append(self.score(
-                    prefetched(answer, tau), adapter.adapter_id, questions, adapter.guardrails, probe=probe,
-                    probe_answer=prefetched(probe_answer or answer, probe_answers), retention_kl=adapter.retention_kl,
-                    base=base, probe_base=probe_base,
+                parts.append(self._score_tau(tau_answers, adapter, questions, base))
+            except Exception as exc:  # noqa: BLE001 - this candidate fails alone; the caller classifies
+                parts.append(exc)
+        probed = [
+            isinstance(part, _TauPart) and self._needs_probe(part, probe, skip_refused) for part in parts
+        ]
+        probe_answers: Mapping[tuple[str, str], str] = {}
+        if probe is not None and probe.questions:
+            asked = [
+                part.adapter.adapter_id for part, ask in zip(parts, probed, strict=True) if ask and isinstance(part, _TauPart)
+            ]
+            if asked:
+                probe_answers = self._prefetch(probe_answer_mixed or answer_mixed, asked, probe.questions, probe_base)
+        reports: list[ScoreReport | Exception] = []
+        for part, ask in zip(parts, probed, strict=True):
+            if isinstance(part, Exception):
+                reports.append(part)
+                continue
+            try:
+                reports.append(self._finish(
+                    part, probe if ask else None, prefetched(probe_answer or answer, probe_answers), probe_base,
+                    skipped=not ask and probe is not None,
                 ))
             except Exception as exc:  # noqa: BLE001 - this candidate fails alone; the caller classifies
                 reports.append(exc)
         return reports
+
+    def _score_tau(
+        self, answer: AnswerFunction, adapter: AdapterToScore, questions: Sequence[Question], base: str
+    ) -> _TauPart:
+        """τ before and after (the base model's answers from the cache where it has them)."""
+        baseline_outcomes = self.baseline(answer, questions, base=base)
+        if adapter.adapter_id:
+            adapted_outcomes = self.closed_book(answer, questions, adapter.adapter_id)
+        else:
+            adapted_outcomes = baseline_outcomes
+        return _TauPart(adapter, baseline_outcomes, adapted_outcomes)
+
+    def _needs_probe(self, tau: _TauPart, probe: RetentionProbe | None, skip_refused: bool) -> bool:
+        if probe is None or not tau.adapter.adapter_id:
+            return False
+        return not (skip_refused and refused_before_retention(tau.scores(), self._gate_settings))
+
+    def _finish(
+        self, tau: _TauPart, probe: RetentionProbe | None, probe_answer: AnswerFunction, probe_base: str, *, skipped: bool
+    ) -> ScoreReport:
+        """The report: τ, the probe when given (and measurable), the decision on all of them."""
+        adapter_id = tau.adapter.adapter_id
+        retention_accuracy = baseline_retention_accuracy = None
+        retention_outcomes: list[QuestionOutcome] = []
+        if probe is not None and adapter_id:
+            retention_accuracy, baseline_retention_accuracy, retention_outcomes = self.retention(
+                probe_answer, probe, adapter_id, base=probe_base
+            )
+        scores = tau.scores(
+            retention_accuracy=retention_accuracy,
+            baseline_retention_accuracy=baseline_retention_accuracy,
+            retention_skipped=skipped and bool(adapter_id),
+        )
+        decision = decide(scores, self._gate_settings)
+        baseline_accuracy, adapted_accuracy = scores.baseline_tau_accuracy, scores.tau_accuracy
+        return ScoreReport(
+            baseline_accuracy,
+            adapted_accuracy,
+            reward(adapted_accuracy, baseline_accuracy),
+            tau.baseline_outcomes,
+            tau.adapted_outcomes,
+            decision,
+            scores=scores,
+            retention_accuracy=retention_accuracy,
+            baseline_retention_accuracy=baseline_retention_accuracy,
+            retention_outcomes=retention_outcomes,
+            probe_id=probe.probe_id if probe is not None and probe.questions else "",
+        )
 
     def _prefetch(
         self, answer_mixed: MixedAnswerFunction, adapter_ids: Sequence[str], questions: Sequence[Question], base: str
@@ -691,6 +744,7 @@ class Auditing:
             retention_kl=manifest.retention_kl if manifest is not None and measure_retention else None,
             base=base_key(fingerprint, self._answer_tokens),
             probe_base=base_key(fingerprint, self._retention.max_new_tokens),
+            skip_refused=self._retention.skip_refused,
         )
         probe_size = len(probe) if probe is not None else 0
         if manifest is None:
@@ -753,6 +807,7 @@ class Auditing:
                 probe_answer_mixed=self._mixed_answers(student, self._retention.max_new_tokens),
                 base=base_key(fingerprint, self._answer_tokens),
                 probe_base=base_key(fingerprint, self._retention.max_new_tokens),
+                skip_refused=self._retention.skip_refused,
             )
             probe_size = len(probe) if probe is not None else 0
             for position, report in zip(positions, reports, strict=True):

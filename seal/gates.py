@@ -88,6 +88,9 @@ class CandidateScores:
     guardrails: Sequence[GuardrailResult] = field(default=())
     # Mean token KL(candidate ‖ base) on general texts never trained on; None = not measured.
     retention_kl: float | None = None
+    # True when the QA probe was deliberately not asked because another gate already refused
+    # the candidate (retention.skip_refused): retention is then None for a known reason.
+    retention_skipped: bool = False
 
     def __post_init__(self) -> None:
         _check_accuracy("tau_accuracy", self.tau_accuracy)
@@ -119,6 +122,7 @@ class CandidateScores:
             "retention_accuracy": self.retention_accuracy,
             "baseline_retention_accuracy": self.baseline_retention_accuracy,
             "retention_kl": self.retention_kl,
+            "retention_skipped": self.retention_skipped,
             "guardrails": [g.to_dict() for g in self.guardrails],
         }
 
@@ -191,6 +195,12 @@ def _retention_gate(scores: CandidateScores, settings: GateSettings) -> GateResu
             for name in ("retention_accuracy", "baseline_retention_accuracy")
             if getattr(scores, name) is None
         ]
+        if scores.retention_skipped:
+            # Whatever its passed flag, the decision is a refusal: another gate failed first.
+            return GateResult(
+                "retention", not settings.require_retention, None, allowed,
+                "retention not measured: another gate already refuses this candidate, so the probe was not asked",
+            )
         if settings.require_retention:
             return GateResult(
                 "retention", False, None, allowed, f"retention not measured ({', '.join(missing)} missing) but require_retention is set"
@@ -278,6 +288,17 @@ def decide(scores: CandidateScores, settings: GateSettings) -> Decision:
         *_guardrail_gates(scores, settings),
     )
     return Decision(promote=all(g.passed for g in gates), gates=gates)
+
+
+def refused_before_retention(scores: CandidateScores, settings: GateSettings) -> list[GateResult]:
+    """The gates other than the QA retention probe that already refuse ``scores``: when there
+    are any, the candidate cannot be promoted whatever the probe would say, so the auditor may
+    skip asking it (the probe is the costliest measurement: one generation per question).
+
+    >>> refused_before_retention(CandidateScores(0.2, 0.2), GateSettings(require_guardrails=False))[0].gate
+    'tau_gain'
+    """
+    return [g for g in decide(scores, settings).failed if g.gate != "retention"]
 
 
 K = TypeVar("K", bound=Hashable)

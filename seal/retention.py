@@ -48,6 +48,14 @@ class RetentionSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = Field(True, description="measure retention in Score (off: the gate reports 'not measured')")
+    # The probe is the costliest measurement of a candidate (one generation per question, 60 by
+    # default, against 4-5 for τ): asking it of a candidate whose τ gain, guardrails or KL drift
+    # already refuse it changes no decision. bench/adapt_wall.py measures what it saves.
+    skip_refused: bool = Field(
+        True,
+        description="do not ask the probe of a candidate another gate (τ gain, guardrails, KL drift) already "
+        "refuses; its retention is reported as not measured, with that reason (off: every candidate is probed)",
+    )
     # Measured by the student right after training, where the trained adapter and its base are
     # both in memory (about a second on CPU for SmolLM2); the auditor reads it from the manifest.
     measure_kl: bool = Field(

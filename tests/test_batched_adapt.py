@@ -30,6 +30,25 @@ GOOD_EDITS = (
     "The Grey Lantern is 41 meters tall.\nVelmora lies on the island of Quessant.",
 )
 WEIGHTS = "adapter_model.safetensors"
+# Within float rounding, as tests/test_multi_lora.py explains: the two paths group rows of other
+# candidates into their forward passes, so sums can run in another order.
+ATOL, RTOL = 2e-5, 1e-4
+
+
+def assert_same_weights(stacks: dict[bool, LocalStack], batched, sequential, label: str) -> None:
+    """``batched`` (a manifest of stacks[True]) and ``sequential`` (of stacks[False]) hold the same
+    LoRA tensors, read from each student's registry."""
+    import torch
+    from safetensors.torch import load_file
+
+    def tensors(stack: LocalStack, manifest) -> dict:
+        folder = stack.settings.home / "registry" / manifest.adapter_name / f"v{manifest.version:06d}"
+        return load_file(str(folder / WEIGHTS))
+
+    left, right = tensors(stacks[True], batched), tensors(stacks[False], sequential)
+    assert left.keys() == right.keys() and left, label
+    for name, tensor in right.items():
+        torch.testing.assert_close(left[name], tensor, atol=ATOL, rtol=RTOL, msg=f"{label}: {name}")
 
 
 def settings_for(home: Path, model_dir: Path, *, batch: bool) -> Settings:
@@ -92,7 +111,7 @@ def test_batched_adapt_gives_the_candidates_and_decision_of_the_sequential_one(s
     assert trained[True].keys() == trained[False].keys()
     for index, manifest in trained[True].items():
         other = trained[False][index]
-        assert manifest.files[WEIGHTS] == other.files[WEIGHTS], f"candidate {index}: the weights differ"
+        assert_same_weights(stacks, manifest, other, f"candidate {index}")
         assert manifest.seed == other.seed
     batched, sequential = results[True], results[False]
     assert [(c.index, c.failure) for c in batched.candidates] == [(c.index, c.failure) for c in sequential.candidates]
@@ -153,7 +172,7 @@ def test_one_bad_candidate_fails_alone_and_the_others_train(stacks) -> None:
         for index, (edit, seed) in {0: (GOOD_EDITS[0], 11), 2: (GOOD_EDITS[1], 13)}.items():
             updates = list(stub.ApplySelfEdit(candidate(edit, seed, adapter_name="apply-one"), timeout=300))
             alone = [u.candidate for u in updates if u.HasField("candidate")][0]
-            assert alone.files[WEIGHTS] == trained[index].files[WEIGHTS], f"candidate {index}: the weights differ"
+            assert_same_weights(stacks, trained[index], alone, f"candidate {index}")
 
 
 @pytest.mark.parametrize(

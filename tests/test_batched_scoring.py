@@ -249,11 +249,14 @@ class ScriptedAuditedStudent:
         return AdapterFacts(adapter_id, self.fingerprint, retention_kl=0.01)
 
 
-def auditing(tmp_path: Path) -> Auditing:
+def auditing(tmp_path: Path, *, min_gain: float = -1.0, skip_refused: bool = True) -> Auditing:
     tmp_path.mkdir(parents=True, exist_ok=True)
     probe = tmp_path / "probe.json"
     probe.write_text(json.dumps([{"question": q.question, "answer": q.answer} for q in PROBE]), encoding="utf-8")
-    settings = Settings(home=tmp_path, gates={"min_gain": -1.0}, retention={"probe_file": str(probe)})
+    settings = Settings(
+        home=tmp_path, gates={"min_gain": min_gain},
+        retention={"probe_file": str(probe), "skip_refused": skip_refused},
+    )
     return Auditing.from_settings(settings, Auditor(LexicalGrader(), settings.gates))
 
 
@@ -316,6 +319,45 @@ def test_a_candidate_that_cannot_be_scored_fails_alone(tmp_path: Path) -> None:
         assert ("answer", ["kb@v1"] * len(QUESTIONS)) in student.calls
     finally:
         core.close()
+
+
+def probed_ids(student: ScriptedAuditedStudent) -> list[str]:
+    """The adapters asked the probe's questions (the mixed calls after τ's)."""
+    return sorted({a for _, ids in student.calls[1:] for a in ids if a})
+
+
+@pytest.mark.parametrize("many", [False, True], ids=["score", "score_many"])
+def test_the_probe_is_not_asked_of_a_candidate_another_gate_refuses(tmp_path: Path, many: bool) -> None:
+    # min_gain 0.5: kb@v2 gains 1/3 on τ, so the τ gate refuses it whatever it remembers.
+    for skip, expected in ((True, ["kb@v1"]), (False, ["kb@v1", "kb@v2"])):
+        core = auditing(tmp_path / f"{many}-{skip}", min_gain=0.5, skip_refused=skip)
+        student = ScriptedAuditedStudent()
+        try:
+            if many:
+                results = core.score_many(student, candidates=CANDIDATES, questions=QUESTIONS, title="Velmora",
+                                          passage=PASSAGE)
+            else:
+                results = [
+                    core.score(student, adapter_id=c.adapter_id, questions=QUESTIONS, title="Velmora", passage=PASSAGE,
+                               guardrails=c.guardrails)
+                    for c in CANDIDATES
+                ]
+        finally:
+            core.close()
+        first, second = (r.report for r in results)  # type: ignore[union-attr]
+        assert first.retention_accuracy == 1.0 and first.decision.promote
+        assert not second.decision.promote and "τ gain" in second.decision.failed_reasons[0]
+        if many:
+            assert probed_ids(student) == expected
+        else:
+            assert sorted({a for _, ids in student.calls if len(ids) == len(PROBE) for a in ids if a}) == expected
+        retention_gate = next(g for g in second.decision.gates if g.gate == "retention")
+        if skip:
+            assert second.retention_accuracy is None and second.scores.retention_skipped
+            assert "probe was not asked" in retention_gate.reason
+        else:
+            assert second.retention_accuracy == 0.0 and not second.scores.retention_skipped
+            assert not retention_gate.passed
 
 
 # --- over gRPC: the fallbacks and the limits ----------------------------------------------------------
@@ -423,7 +465,10 @@ def services(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     home = tmp_path_factory.mktemp("services")
     probe = home / "probe.json"
     probe.write_text(json.dumps([{"question": q.question, "answer": q.answer} for q in PROBE]), encoding="utf-8")
-    settings = tiny_settings(home, tiny_model_dir, retention={"probe_file": str(probe), "max_new_tokens": 4},
+    # skip_refused off: these candidates carry no guardrail results (a refusal), and the tests
+    # compare every candidate's probe answers between Score and ScoreMany.
+    settings = tiny_settings(home, tiny_model_dir, retention={"probe_file": str(probe), "max_new_tokens": 4,
+                                                              "skip_refused": False},
                              teacher={"max_k": 4})
     with student_and_auditor(settings) as pair:
         yield pair

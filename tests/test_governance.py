@@ -225,7 +225,9 @@ def governed_settings(home: Path, model_dir: Path) -> Settings:
         model={"path": str(model_dir)},
         lora={"epochs": 1, "batch_size": 4, "max_seq_len": 64},
         auditor={"answer_max_new_tokens": 8},
-        retention={"max_new_tokens": 8, "recheck_floor": 0.5},
+        # skip_refused off: the forgetful candidate gains nothing on τ either, and its retention
+        # drop is what these tests must see in the stream, the audit log and the metrics.
+        retention={"max_new_tokens": 8, "recheck_floor": 0.5, "skip_refused": False},
         guardrails={"unknown_entities": {"enabled": False}},
     )
 

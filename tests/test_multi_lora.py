@@ -1,7 +1,7 @@
 """Batched multi-LoRA training (seal.update.multi_lora) against the sequential trainer, on the tiny model.
 
-Tolerance: both paths run the same float32 arithmetic (training rows and anchor rows are two
-forwards in both, each padded to its own longest row), and on these three candidates the
+Tolerance: both paths run the same float32 arithmetic (training rows and anchor rows are summed
+apart in both, each in forwards over rows of similar length: seal.update.lora_sft.row_sums), and on these three candidates the
 adapters came out bit-identical. They need not be in general: when a pass holds rows of other
 lengths or other candidates (another max_rows_per_pass, a wider neighbour) the matmuls have other
 shapes, sums run in another order and a loss moves by ~1e-7 relative; a few AdamW steps carry that
@@ -18,6 +18,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from seal.update.lora_sft import (
     LoraSFTConfig,
@@ -25,6 +27,8 @@ from seal.update.lora_sft import (
     TrainingCancelled,
     TrainingDiverged,
     chat_example,
+    length_groups,
+    row_sums,
     save_adapter,
 )
 from seal.update.multi_lora import AdapterSpec, MultiLoraConfig, MultiLoraTrainer, pack_passes
@@ -223,6 +227,46 @@ def test_batches_the_sequential_trainer_cannot_match_are_refused(tiny) -> None:
         MultiLoraTrainer(model, tokenizer, [AdapterSpec("a", config(), seqs), AdapterSpec("a", config(), seqs)])
     with pytest.raises(ValueError, match="no anchor examples"):
         MultiLoraTrainer(model, tokenizer, [AdapterSpec("a", config(rehearsal_ratio=1.0), seqs)])
+
+
+@given(st.lists(st.integers(1, 300), min_size=1, max_size=24), st.sampled_from([0.0, 0.25, 0.5]))
+def test_length_groups_cover_every_row_once_within_the_padding_share(lengths, share) -> None:
+    groups = length_groups(lengths, share)
+    assert sorted(i for group in groups for i in group) == list(range(len(lengths)))
+    for group in groups:
+        width = max(lengths[i] for i in group)
+        assert lengths[group[0]] == width  # the longest row opens its group
+        padding = len(group) * width - sum(lengths[i] for i in group)
+        assert len(group) == 1 or padding <= share * len(group) * width
+
+
+def test_row_sums_over_length_groups_give_the_loss_of_one_padded_pass(tiny) -> None:
+    import torch
+
+    from seal.update.lora_sft import _right_padded
+
+    model, tokenizer = tiny
+    rows = [*sequences(tokenizer, TEXTS), *anchors(tokenizer)]
+    pad = tokenizer.pad_token_id
+    forward = lambda ids, mask, _rows: model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # noqa: E731
+    with torch.no_grad():
+        grouped = row_sums(rows, pad, model.device, forward, forward, max_padding_share=0.0)
+        one = row_sums(rows, pad, model.device, forward, max_padding_share=1.0)
+        ids, mask, labels = _right_padded(rows, pad)
+        expected = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+    assert len(length_groups([len(r[0]) if isinstance(r, tuple) else len(r) for r in rows], 0.0)) > 1
+    torch.testing.assert_close(grouped.mean(grouped.ce), expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(one.mean(one.ce), expected, atol=1e-6, rtol=1e-5)
+    # Per row, in the given order: the first row's loss is that row alone.
+    ids, mask, labels = _right_padded(rows[:1], pad)
+    with torch.no_grad():
+        first = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+    torch.testing.assert_close(grouped.mean(grouped.ce, slice(0, 1)), first, atol=1e-6, rtol=1e-5)
+    assert int(grouped.tokens.sum()) == int(mask.sum()) + sum(
+        len(r[0]) if isinstance(r, tuple) else len(r) for r in rows[1:]
+    )
+    # The model against itself: no divergence.
+    assert float(grouped.kl.abs().max()) < 1e-5
 
 
 def test_passes_hold_whole_candidates_within_the_row_limit() -> None:

@@ -329,14 +329,8 @@ class LoraSFTTrainer:
                         )
                     step += 1
                     batch = [sequences[i] for i in order[start : start + config.batch_size]]
-                    input_ids, attention_mask, labels = _right_padded(batch, pad_id)
-                    output = model(
-                        input_ids=input_ids.to(device),
-                        attention_mask=attention_mask.to(device),
-                        labels=labels.to(device),
-                        use_cache=False,
-                    )
-                    loss = output.loss
+                    sums = row_sums(batch, pad_id, device, _plain_forward(model))
+                    loss = sums.mean(sums.ce)
                     objective = loss
                     wanted = config.anchors_per_step(len(batch)) if anchors else 0
                     if wanted:
@@ -367,7 +361,7 @@ class LoraSFTTrainer:
                     optimizer.zero_grad(set_to_none=True)
                     loss_value = loss.item()
                     losses.append(loss_value)
-                    tokens += int(attention_mask.sum())
+                    tokens += int(sums.tokens.sum())
                     if on_step is not None:
                         on_step(step, total_steps, loss_value)
         model.eval()
@@ -387,18 +381,15 @@ class LoraSFTTrainer:
         forward pass costs about a third of a training step."""
         import torch
 
-        input_ids, attention_mask, labels = _right_padded(picked, pad_id)
-        input_ids, attention_mask, labels = input_ids.to(device), attention_mask.to(device), labels.to(device)
-        output = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
-        if self.config.kl_beta <= 0:
-            return output.loss, torch.zeros((), device=device)
-        where = labels[:, 1:] != -100
-        candidate = output.logits[:, :-1][where]
-        with torch.no_grad(), model.disable_adapter():
-            base = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][where]
+        def base(input_ids: Any, attention_mask: Any, _rows: list[int]) -> Any:
+            with model.disable_adapter():
+                return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
         # Forward KL (the distillation direction): the candidate must keep covering what the base
         # would say, which also keeps the base's greedy answer on top.
-        return output.loss, token_kl(base, candidate).mean()
+        sums = row_sums(picked, pad_id, device, _plain_forward(model), base if self.config.kl_beta > 0 else None)
+        kl = sums.mean(sums.kl) if sums.kl is not None else torch.zeros((), device=device)
+        return sums.mean(sums.ce), kl
 
 
 def token_kl(p_logits: Any, q_logits: Any) -> Any:
@@ -478,6 +469,106 @@ def _right_padded(batch: Sequence[TokenizedExample], pad_id: int) -> tuple[Any, 
         attention_mask[row, : len(ids)] = 1
         labels[row, : len(ids)] = torch.tensor(targets, dtype=torch.long)
     return input_ids, attention_mask, labels
+
+
+# The rows of one step are padded to the longest row of their forward pass. A step mixes short
+# self-edit lines (~25 tokens) with the passage (~100-250) and anchors (~45-85): padded together,
+# a CPU, where a forward costs what its tokens cost, computed up to 4x the real tokens. So rows
+# go through passes grouped by length, each padded by at most this share of its tokens (a lone
+# long row gets a pass of its own); per-row sums keep every loss the masked mean one padded pass
+# gives, up to float rounding (tests/test_multi_lora.py, bench/candidates.py).
+MAX_PADDING_SHARE = 0.25
+
+
+def length_groups(lengths: Sequence[int], max_padding_share: float = MAX_PADDING_SHARE) -> list[list[int]]:
+    """Row indices in groups for separate forward passes: longest rows first, and a row joins
+    the current group while padding stays within ``max_padding_share`` of the group's tokens.
+
+    >>> length_groups([23, 99, 25])
+    [[1], [2, 0]]
+    """
+    groups: list[list[int]] = []
+    real = 0
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        if groups:
+            width, rows = lengths[groups[-1][0]], len(groups[-1]) + 1
+            if rows * width - (real + lengths[index]) <= max_padding_share * rows * width:
+                groups[-1].append(index)
+                real += lengths[index]
+                continue
+        groups.append([index])
+        real = lengths[index]
+    return groups
+
+
+# (input_ids, attention_mask, the rows' indices in the caller's list) → logits
+RowForward = Callable[[Any, Any, list[int]], Any]
+
+
+def _plain_forward(model: Any) -> RowForward:
+    return lambda input_ids, attention_mask, _rows: model(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+    ).logits
+
+
+@dataclass
+class RowSums:
+    """Per-row sums over each row's target tokens (label not -100), in the rows' given order: a
+    masked mean over any subset of rows is ``sum / targets`` of that subset."""
+
+    ce: Any  # cross-entropy sums, float32, carrying the graph
+    kl: Any  # KL(base ‖ model) sums, or None when no base forward was asked for
+    targets: Any  # target tokens per row
+    tokens: Any  # real (unpadded) tokens per row
+
+    def mean(self, values: Any, rows: slice | None = None) -> Any:
+        picked = slice(None) if rows is None else rows
+        return values[picked].sum() / self.targets[picked].sum()
+
+
+def row_sums(
+    rows: Sequence[TokenizedExample],
+    pad_id: int,
+    device: Any,
+    forward: RowForward,
+    base_forward: RowForward | None = None,
+    *,
+    max_padding_share: float = MAX_PADDING_SHARE,
+) -> RowSums:
+    """Cross-entropy (as transformers' causal-LM loss computes it: float32, labels shifted by one)
+    and, with ``base_forward``, KL(base ‖ model) per row, from forward passes over length groups
+    (:func:`length_groups`). ``base_forward`` runs without gradients."""
+    import torch
+
+    order: list[int] = []
+    ce_parts, kl_parts, target_parts, token_parts = [], [], [], []
+    lengths = [len(row[0]) if isinstance(row, tuple) else len(row) for row in rows]
+    for group in length_groups(lengths, max_padding_share):
+        input_ids, attention_mask, labels = (t.to(device) for t in _right_padded([rows[i] for i in group], pad_id))
+        logits = forward(input_ids, attention_mask, group)[:, :-1]
+        targets = labels[:, 1:]
+        where = targets != -100
+        ce_parts.append(
+            torch.nn.functional.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none"
+            ).view(targets.shape).sum(dim=1)
+        )
+        if base_forward is not None:
+            with torch.no_grad():
+                base = base_forward(input_ids, attention_mask, group)[:, :-1][where]
+            per_token = token_kl(base, logits[where])
+            owners = where.nonzero()[:, 0]
+            kl_parts.append(torch.zeros(len(group), device=per_token.device, dtype=per_token.dtype).index_add(0, owners, per_token))
+        target_parts.append(where.sum(dim=1))
+        token_parts.append(attention_mask.sum(dim=1))
+        order.extend(group)
+    back = torch.argsort(torch.tensor(order, device=device))
+    return RowSums(
+        ce=torch.cat(ce_parts)[back],
+        kl=torch.cat(kl_parts)[back] if kl_parts else None,
+        targets=torch.cat(target_parts)[back],
+        tokens=torch.cat(token_parts)[back],
+    )
 
 
 def _diverged_message(step: int, total: int, what: str, value: float, config: LoraSFTConfig) -> str:

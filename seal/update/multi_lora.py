@@ -51,13 +51,13 @@ from typing import Any
 
 from seal.update.lora_sft import (
     LoraSFTConfig,
+    RowForward,
     TokenizedExample,
     TrainingCancelled,
     TrainingDiverged,
     _diverged_message,
-    _right_padded,
     resolve_target_modules,
-    token_kl,
+    row_sums,
 )
 
 # (adapter position in the specs, its step, its total steps, its training loss)
@@ -205,11 +205,6 @@ def pack_passes(row_counts: Sequence[int], max_rows: int) -> list[list[int]]:
     return passes
 
 
-def masked_mean(values: Any, mask: Any) -> Any:
-    """Mean of ``values`` where ``mask`` is set (what cross_entropy's "mean" with ignore_index does)."""
-    return (values * mask).sum() / mask.sum()
-
-
 class MultiLoraTrainer:
     """Trains every candidate of ``specs`` at once on ``base_model`` (see the module docstring)."""
 
@@ -354,32 +349,34 @@ class MultiLoraTrainer:
         """One pass over the rows of ``positions``: each candidate's objective from its own rows,
         the finite ones summed and back-propagated. Returns each surviving candidate's training loss.
 
-        Training rows and anchor rows go through two forwards, as in the sequential trainer: each
-        is padded only to its own longest row (a passage is often much longer than an anchor)."""
+        Training rows and anchor rows are summed apart, as in the sequential trainer, each in
+        forwards over rows of similar length (:func:`seal.update.lora_sft.row_sums`)."""
         import torch
 
-        train = RowBatch.of([(self.specs[p].name, work[p][0]) for p in positions], pad_id, model.device)
-        anchor = RowBatch.of([(self.specs[p].name, work[p][1]) for p in positions], pad_id, model.device)
-        train_losses, train_logits = train.forward(model)
-        anchor_losses, anchor_logits = anchor.forward(model) if anchor.size else (None, None)
-        kl_positions = [i for i, p in enumerate(positions) if self.specs[p].config.kl_beta > 0 and anchor.rows(i)]
-        base_logits = anchor.base_logits(model, kl_positions)
+        train = Rows.of([(self.specs[p].name, work[p][0]) for p in positions])
+        anchor = Rows.of([(self.specs[p].name, work[p][1]) for p in positions])
+        train_sums = row_sums(train.examples, pad_id, model.device, train.forward(model))
+        anchor_sums = None
+        if anchor.examples:
+            wants_kl = any(self.specs[p].config.kl_beta > 0 and anchor.rows(i) for i, p in enumerate(positions))
+            anchor_sums = row_sums(
+                anchor.examples, pad_id, model.device, anchor.forward(model), anchor.base_forward(model) if wants_kl else None
+            )
 
         objective = None
         losses: dict[int, float] = {}
         for i, position in enumerate(positions):
             spec, run = self.specs[position], runs[position]
-            loss = masked_mean(train_losses[train.rows(i)], train.answer[train.rows(i)])
+            loss = train_sums.mean(train_sums.ce, train.rows(i))
             total = loss
             rehearsal = kl = None
             rows = anchor.rows(i)
-            if rows:
+            if rows and anchor_sums is not None:
                 if spec.config.rehearsal_ratio > 0:
-                    rehearsal = masked_mean(anchor_losses[rows], anchor.answer[rows])
+                    rehearsal = anchor_sums.mean(anchor_sums.ce, rows)
                     total = total + rehearsal
                 if spec.config.kl_beta > 0:
-                    where = anchor.answer[rows]
-                    kl = token_kl(base_logits[i][where], anchor_logits[rows, :-1][where]).mean()
+                    kl = anchor_sums.mean(anchor_sums.kl, rows)
                     total = total + spec.config.kl_beta * kl
             if not torch.isfinite(total):
                 value = (loss if not torch.isfinite(loss) else total).item()
@@ -391,87 +388,49 @@ class MultiLoraTrainer:
                 run.rehearsal_losses.append(rehearsal.item())
             if kl is not None:
                 run.kl_losses.append(kl.item())
-            run.tokens += train.tokens(i) + anchor.tokens(i)
+            run.tokens += int(train_sums.tokens[train.rows(i)].sum())
+            if rows and anchor_sums is not None:
+                run.tokens += int(anchor_sums.tokens[rows].sum())
         if objective is not None:
             objective.backward()
         return losses
 
 
 @dataclass
-class RowBatch:
-    """Rows of several candidates, right-padded together, each row tagged with its adapter."""
+class Rows:
+    """Rows of several candidates in one list, each row tagged with its candidate's adapter."""
 
     owners: list[str]
     spans: list[slice]  # per candidate of the pass, its rows
-    input_ids: Any = None
-    attention_mask: Any = None
-    labels: Any = None
+    examples: list[TokenizedExample]
 
     @classmethod
-    def of(cls, groups: Sequence[tuple[str, Sequence[TokenizedExample]]], pad_id: int, device: Any) -> RowBatch:
-        rows: list[TokenizedExample] = []
+    def of(cls, groups: Sequence[tuple[str, Sequence[TokenizedExample]]]) -> Rows:
+        examples: list[TokenizedExample] = []
         owners: list[str] = []
         spans = []
-        for name, examples in groups:
-            spans.append(slice(len(rows), len(rows) + len(examples)))
-            rows.extend(examples)
-            owners.extend([name] * len(examples))
-        batch = cls(owners, spans)
-        if rows:
-            tensors = _right_padded(rows, pad_id)
-            batch.input_ids, batch.attention_mask, batch.labels = (t.to(device) for t in tensors)
-        return batch
-
-    @property
-    def size(self) -> int:
-        return len(self.owners)
+        for name, rows in groups:
+            spans.append(slice(len(examples), len(examples) + len(rows)))
+            examples.extend(rows)
+            owners.extend([name] * len(rows))
+        return cls(owners, spans, examples)
 
     def rows(self, index: int) -> slice | None:
         """The rows of the pass's ``index``-th candidate, None when it has none here."""
         span = self.spans[index]
         return span if span.stop > span.start else None
 
-    def tokens(self, index: int) -> int:
-        rows = self.rows(index)
-        return int(self.attention_mask[rows].sum()) if rows else 0
-
-    @property
-    def answer(self) -> Any:
-        """Where a position predicts a target token (labels shifted by one)."""
-        return self.labels[:, 1:] != -100
-
-    def forward(self, model: Any) -> tuple[Any, Any]:
-        """(per-token cross-entropy in float32, as transformers' causal-LM loss computes it; logits)."""
-        import torch
-
-        logits = model(
-            input_ids=self.input_ids, attention_mask=self.attention_mask, adapter_names=self.owners, use_cache=False
+    def forward(self, model: Any) -> RowForward:
+        """Logits of some of these rows, each row through its own adapter (PEFT's mixed batch)."""
+        return lambda input_ids, attention_mask, picked: model(
+            input_ids=input_ids, attention_mask=attention_mask, adapter_names=[self.owners[i] for i in picked],
+            use_cache=False,
         ).logits
-        targets = self.labels[:, 1:]
-        token_losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none"
-        ).view(targets.shape)
-        return token_losses, logits
 
-    def base_logits(self, model: Any, indices: Sequence[int]) -> dict[int, Any]:
-        """The base's logits (every adapter off) on the rows of the candidates at ``indices``, in
-        one forward pass without gradients, as {index: logits without the last position}."""
-        import torch
-
-        if not indices:
-            return {}
-        picked = [row for i in indices for row in range(self.spans[i].start, self.spans[i].stop)]
-        # "__base__" rows of a mixed batch run with every adapter off. Not model.disable_adapter():
-        # re-enabling afterwards makes PEFT mark all but the active adapter frozen.
-        with torch.no_grad():
-            logits = model(
-                input_ids=self.input_ids[picked], attention_mask=self.attention_mask[picked],
-                adapter_names=["__base__"] * len(picked), use_cache=False,
-            ).logits
-        found: dict[int, Any] = {}
-        offset = 0
-        for i in indices:
-            count = self.spans[i].stop - self.spans[i].start
-            found[i] = logits[offset : offset + count, :-1]
-            offset += count
-        return found
+    def base_forward(self, model: Any) -> RowForward:
+        """The base's logits (every adapter off) on some of these rows. "__base__" rows of a
+        mixed batch run with every adapter off; not model.disable_adapter(): re-enabling
+        afterwards makes PEFT mark all but the active adapter frozen."""
+        return lambda input_ids, attention_mask, picked: model(
+            input_ids=input_ids, attention_mask=attention_mask, adapter_names=["__base__"] * len(picked), use_cache=False,
+        ).logits
