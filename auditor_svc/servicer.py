@@ -118,7 +118,9 @@ class GrpcAuditedStudent:
         self._stub = stub
         self._timeout = timeout
 
-    def answer(self, prompts: list[str], adapter_id: str, *, max_new_tokens: int) -> list[str]:
+    def answer(
+        self, prompts: list[str], adapter_id: str, *, max_new_tokens: int, stop_after_first_sentence: bool = False
+    ) -> list[str]:
         selector = (
             student_pb2.AdapterSelector(adapter_id=adapter_id)
             if adapter_id
@@ -126,19 +128,23 @@ class GrpcAuditedStudent:
         )
         reply = self._stub.Generate(
             student_pb2.GenerateRequest(
-                prompts=prompts, adapter=selector, max_new_tokens=max_new_tokens, temperature=0.0
+                prompts=prompts, adapter=selector, max_new_tokens=max_new_tokens, temperature=0.0,
+                stop_after_first_sentence=stop_after_first_sentence,
             ),
             timeout=self._timeout(),
         )
         return [completion.text for completion in reply.completions]
 
-    def answer_mixed(self, prompts: list[str], adapter_ids: list[str], *, max_new_tokens: int) -> list[str]:
+    def answer_mixed(
+        self, prompts: list[str], adapter_ids: list[str], *, max_new_tokens: int, stop_after_first_sentence: bool = False
+    ) -> list[str]:
         """One GenerateMixed; a student without it (UNIMPLEMENTED: an older one) is asked one
         Generate per version instead, with the same answers."""
         try:
             reply = self._stub.GenerateMixed(
                 student_pb2.GenerateMixedRequest(
-                    prompts=prompts, adapter_ids=adapter_ids, max_new_tokens=max_new_tokens, temperature=0.0
+                    prompts=prompts, adapter_ids=adapter_ids, max_new_tokens=max_new_tokens, temperature=0.0,
+                    stop_after_first_sentence=stop_after_first_sentence,
                 ),
                 timeout=self._timeout(),
             )
@@ -149,8 +155,8 @@ class GrpcAuditedStudent:
         answers: dict[int, str] = {}
         for adapter_id in dict.fromkeys(adapter_ids):
             rows = [i for i, a in enumerate(adapter_ids) if a == adapter_id]
-            answers.update(zip(rows, self.answer([prompts[i] for i in rows], adapter_id, max_new_tokens=max_new_tokens),
-                               strict=True))
+            answers.update(zip(rows, self.answer([prompts[i] for i in rows], adapter_id, max_new_tokens=max_new_tokens,
+                                                 stop_after_first_sentence=stop_after_first_sentence), strict=True))
         return [answers[i] for i in range(len(prompts))]
 
     def adapter(self, adapter_id: str) -> AdapterFacts:

@@ -63,11 +63,12 @@ MixedAnswerFunction = Callable[[list[str], list[str]], list[str]]
 MAX_CACHED_BASE_OUTCOMES = 100_000
 
 
-def base_key(fingerprint: str, max_new_tokens: int) -> str:
+def base_key(fingerprint: str, max_new_tokens: int, *, first_sentence: bool = False) -> str:
     """Names the base model's closed-book answers in the auditor's cache: the base model (its
     fingerprint, "" when not known) and the settings they were asked with (greedy, the chat
-    template, ``max_new_tokens``). Answers under different keys are never taken for each other."""
-    return f"{fingerprint or 'unknown'}:greedy:chat:{max_new_tokens}"
+    template, ``max_new_tokens``, stopped after the first sentence or not). Answers under
+    different keys are never taken for each other."""
+    return f"{fingerprint or 'unknown'}:greedy:chat:{max_new_tokens}" + (":first-sentence" if first_sentence else "")
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,9 @@ def accuracy_of(outcomes: Sequence[QuestionOutcome]) -> float:
 class Auditor:
     def __init__(self, grader: Grader, gate_settings: GateSettings) -> None:
         self._grader = grader
+        # A grader that reads only an answer's first sentence lets the student stop generating
+        # there (SamplingParams.stop_after_first_sentence); one that reads more must get it all.
+        self.stops_after_first_sentence = bool(getattr(grader, "reads_first_sentence_only", False))
         self._gate_settings = gate_settings
         # The base model's graded answer to a question depends only on the base model and the
         # generation settings (``base``, see base_key), the question as asked (its prompt) and the
@@ -433,11 +437,16 @@ class AuditedStudent(Protocol):
     The auditor service implements it over the student's gRPC stub, ``seal.local`` over an
     in-process :class:`seal.student.Student`; tests may pass a small fake."""
 
-    def answer(self, prompts: list[str], adapter_id: str, *, max_new_tokens: int) -> list[str]:
-        """Greedy completions with adapter ``adapter_id`` ("" = the base model), in prompt order."""
+    def answer(
+        self, prompts: list[str], adapter_id: str, *, max_new_tokens: int, stop_after_first_sentence: bool = False
+    ) -> list[str]:
+        """Greedy completions with adapter ``adapter_id`` ("" = the base model), in prompt order;
+        ``stop_after_first_sentence``: each may end once its first sentence is complete."""
         ...
 
-    def answer_mixed(self, prompts: list[str], adapter_ids: list[str], *, max_new_tokens: int) -> list[str]:
+    def answer_mixed(
+        self, prompts: list[str], adapter_ids: list[str], *, max_new_tokens: int, stop_after_first_sentence: bool = False
+    ) -> list[str]:
         """Greedy completions, ``prompts[i]`` with adapter ``adapter_ids[i]`` ("" = the base
         model), in one call where the student can (the same answers as :meth:`answer` per adapter)."""
         ...
@@ -648,7 +657,10 @@ class Auditing:
             answers: list[str] = []
             for start in range(0, len(prompts), self._max_prompts):
                 part = prompts[start : start + self._max_prompts]
-                answers.extend(student.answer(part, adapter_id, max_new_tokens=max_new_tokens))
+                answers.extend(student.answer(
+                    part, adapter_id, max_new_tokens=max_new_tokens,
+                    stop_after_first_sentence=self.auditor.stops_after_first_sentence,
+                ))
             return answers
 
         return answer
@@ -658,10 +670,17 @@ class Auditing:
             answers: list[str] = []
             for start in range(0, len(prompts), self._max_prompts):
                 end = start + self._max_prompts
-                answers.extend(student.answer_mixed(prompts[start:end], adapter_ids[start:end], max_new_tokens=max_new_tokens))
+                answers.extend(student.answer_mixed(
+                    prompts[start:end], adapter_ids[start:end], max_new_tokens=max_new_tokens,
+                    stop_after_first_sentence=self.auditor.stops_after_first_sentence,
+                ))
             return answers
 
         return answer
+
+    def _answers_key(self, fingerprint: str, max_new_tokens: int) -> str:
+        """The cache key of the base model's answers asked by :meth:`_answers` (:func:`base_key`)."""
+        return base_key(fingerprint, max_new_tokens, first_sentence=self.auditor.stops_after_first_sentence)
 
     def _manifest(self, student: AuditedStudent, adapter_id: str) -> AdapterFacts:
         manifest = student.adapter(adapter_id)
@@ -742,8 +761,8 @@ class Auditing:
         report = self.auditor.score(
             answer, adapter_id, questions, guardrails, probe=probe, probe_answer=probe_answer,
             retention_kl=manifest.retention_kl if manifest is not None and measure_retention else None,
-            base=base_key(fingerprint, self._answer_tokens),
-            probe_base=base_key(fingerprint, self._retention.max_new_tokens),
+            base=self._answers_key(fingerprint, self._answer_tokens),
+            probe_base=self._answers_key(fingerprint, self._retention.max_new_tokens),
             skip_refused=self._retention.skip_refused,
         )
         probe_size = len(probe) if probe is not None else 0
@@ -805,8 +824,8 @@ class Auditing:
                 probe=probe,
                 probe_answer=self._answers(student, self._retention.max_new_tokens),
                 probe_answer_mixed=self._mixed_answers(student, self._retention.max_new_tokens),
-                base=base_key(fingerprint, self._answer_tokens),
-                probe_base=base_key(fingerprint, self._retention.max_new_tokens),
+                base=self._answers_key(fingerprint, self._answer_tokens),
+                probe_base=self._answers_key(fingerprint, self._retention.max_new_tokens),
                 skip_refused=self._retention.skip_refused,
             )
             probe_size = len(probe) if probe is not None else 0
@@ -827,9 +846,33 @@ class Auditing:
     def score_many_fewshot(
         self, student: AuditedStudent, *, candidates: Sequence[CandidateToScore], task: ArcTask, request_id: str = ""
     ) -> list[ScoredCandidate | Exception]:
-        """:meth:`score_fewshot` for each candidate, one after the other (a few-shot task's answers
-        are voted over augmented prompts per adapter; they are not batched across candidates).
-        A candidate whose scoring raises gets its exception in its place; the others go on."""
+        """:meth:`score_fewshot` for each candidate (the same reports and records), with every
+        candidate's answers to the task's voting prompts asked in one mixed-adapter generate, the
+        base model's among them until its baseline is cached. A candidate whose scoring raises gets
+        its exception in its place; should the mixed call fail, each candidate is asked alone."""
+        from seal.domains.fewshot import answer_budget, solve_prompts
+
+        ids = []
+        for adapter_id in dict.fromkeys(c.adapter_id for c in candidates if c.adapter_id):
+            try:
+                self._manifest(student, adapter_id)
+            except Exception:  # noqa: BLE001 - e.g. an unknown version: it fails alone below, not the batch
+                continue
+            ids.append(adapter_id)
+        owners = ([] if task.context_id in self._fewshot_baselines else [""]) + ids
+        prompts = list(dict.fromkeys(solve_prompts(task, self._fewshot))) if task.has_solutions else []
+        budget = answer_budget(task, self._fewshot.answer_max_new_tokens)
+        asked: dict[tuple[str, str], str] = {}
+        rows = [(owner, prompt) for owner in owners for prompt in prompts]
+        if rows and ids:
+            try:
+                texts = student.answer_mixed([p for _, p in rows], [o for o, _ in rows], max_new_tokens=budget)
+            except Exception:  # noqa: BLE001 - an optimisation failed: each candidate is asked alone
+                log.warning("asking %d few-shot candidates in one mixed generate failed; asking each alone", len(ids),
+                            exc_info=True)
+                texts = []
+            if len(texts) == len(rows):
+                asked = dict(zip(rows, texts, strict=True))
         results: list[ScoredCandidate | Exception] = []
         for position, candidate in enumerate(candidates):
             if not candidate.adapter_id:
@@ -839,6 +882,7 @@ class Auditing:
                 results.append(self.score_fewshot(
                     student, adapter_id=candidate.adapter_id, task=task, guardrails=candidate.guardrails,
                     prompt=candidate.prompt, self_edit=candidate.self_edit, seed=candidate.seed, request_id=request_id,
+                    answered=(asked, budget),
                 ))
             except Exception as exc:  # noqa: BLE001 - this candidate fails alone; the caller classifies
                 results.append(exc)
@@ -855,15 +899,21 @@ class Auditing:
         self_edit: str = "",
         seed: int = 0,
         request_id: str = "",
+        answered: tuple[Mapping[tuple[str, str], str], int] = ({}, 0),
     ) -> ScoredCandidate:
         """Score ``adapter_id`` on a few-shot task's test outputs (pass@2, binary reward, the
-        ``solved`` gate); without an adapter, the base model alone. Recorded like :meth:`score`."""
+        ``solved`` gate); without an adapter, the base model alone. Recorded like :meth:`score`.
+        ``answered``: ((adapter_id, prompt) → answer, the max_new_tokens they were asked with),
+        answers already generated (:meth:`score_many_fewshot`); the rest are asked of ``student``."""
         from seal.domains import fewshot_audit
 
         if not task.has_solutions:
             raise ValueError(f"few-shot task {task.task_id} needs a test output per test input to be scored")
+        known, known_tokens = answered
 
         def answer(prompts: Sequence[str], max_new_tokens: int, adapter: str) -> list[str]:
+            if max_new_tokens == known_tokens and all((adapter, p) in known for p in prompts):
+                return [known[(adapter, p)] for p in prompts]
             return student.answer(list(prompts), adapter, max_new_tokens=max_new_tokens)
 
         baseline = self._fewshot_baselines.get(task.context_id)
@@ -974,7 +1024,7 @@ class Auditing:
             answer = self._answers(student, self._retention.max_new_tokens)
             accuracy, baseline, _ = self.auditor.retention(
                 answer, probe, manifest.adapter_id,
-                base=base_key(manifest.base_model_fingerprint, self._retention.max_new_tokens),
+                base=self._answers_key(manifest.base_model_fingerprint, self._retention.max_new_tokens),
             )
         signals = tuple(self.canary_signals(manifest.adapter_id))
         verdict = recheck_verdict(accuracy, baseline, floor, signals)

@@ -34,7 +34,7 @@ from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from seal.domains.knowledge import (
     Grade,
@@ -93,18 +93,48 @@ def strip_boilerplate(text: str) -> str:
         text = stripped
 
 
-def first_sentence(text: str) -> str:
-    """The first line, boilerplate stripped, up to the first sentence end."""
-    lines = text.strip().splitlines()
-    text = strip_boilerplate(lines[0] if lines else "")
+def _first_sentence_end(text: str) -> re.Match[str] | None:
+    """The first sentence end of ``text`` that is not an initial's or an abbreviation's period."""
     for match in _SENTENCE_END.finditer(text):
         if match.group().startswith(".") and len(match.group()) == 1:
             word = text[: match.start()].rsplit(maxsplit=1)[-1] if text[: match.start()].strip() else ""
             bare = word.rstrip(".").lstrip("(\"'“‘")
             if re.fullmatch(r"(?:[A-Za-z]\.)*[A-Za-z]", bare) or bare.casefold() in _ABBREVIATIONS:
                 continue
-        return text[: match.start()].strip()
-    return text.strip()
+        return match
+    return None
+
+
+def first_sentence(text: str) -> str:
+    """The first line, boilerplate stripped, up to the first sentence end."""
+    lines = text.strip().splitlines()
+    text = strip_boilerplate(lines[0] if lines else "")
+    end = _first_sentence_end(text)
+    return (text[: end.start()] if end is not None else text).strip()
+
+
+def first_sentence_complete(text: str) -> bool:
+    """Whether no continuation of ``text`` can change :func:`first_sentence`: its first line has
+    ended, or a sentence end in it is followed by more text. Every grader reads only the first
+    line of an answer (``extract_answer``) and the committed grader only its first sentence, so a
+    generation graded by it may stop here (``SamplingParams.stop_after_first_sentence``).
+
+    >>> first_sentence_complete("Paris."), first_sentence_complete("Paris. It is"), first_sentence_complete("Dr. ")
+    (False, True, False)
+    """
+    stripped = text.lstrip()
+    if not stripped:
+        return False
+    line = stripped.splitlines()[0]
+    if len(line) < len(stripped):
+        return True  # a line break after the first line's text
+    body = strip_boilerplate(line)
+    end = _first_sentence_end(body)
+    if end is None:
+        return False
+    # A sentence end at the very end of the text may still grow ("3." + "5", "Dr" + "."): only
+    # whitespace after it, already generated, settles it.
+    return end.end() < len(body) or line != line.rstrip()
 
 
 def _tokens_with_clauses(sentence: str) -> list[tuple[str, int]]:
@@ -145,6 +175,10 @@ def committed_span(prediction: str, gold: str = "") -> tuple[str, bool]:
 @dataclass(frozen=True)
 class CommittedGrader:
     """Grades the committed span only (see the module docstring)."""
+
+    # It reads nothing past an answer's first sentence, so answers may stop there
+    # (seal.auditor.Auditor.stops_after_first_sentence).
+    reads_first_sentence_only: ClassVar[bool] = True
 
     f1_threshold: float = 0.5
 

@@ -165,8 +165,9 @@ class LocalAuditorPort:
         self._probe_answer_mixed = self._mixed_fn(probe_max_new_tokens or answer_max_new_tokens)
         # The base model's answers are cached by the auditor under its fingerprint and settings.
         fingerprint = student.fingerprint
-        self._base = base_key(fingerprint, answer_max_new_tokens)
-        self._probe_base = base_key(fingerprint, probe_max_new_tokens or answer_max_new_tokens)
+        first_sentence = auditor.stops_after_first_sentence
+        self._base = base_key(fingerprint, answer_max_new_tokens, first_sentence=first_sentence)
+        self._probe_base = base_key(fingerprint, probe_max_new_tokens or answer_max_new_tokens, first_sentence=first_sentence)
         self._fewshot = fewshot or FewShotSettings()
         # The base model's graded answers per few-shot task (they depend on nothing else).
         self._fewshot_baselines: dict[str, fewshot_audit.Graded] = {}
@@ -185,7 +186,9 @@ class LocalAuditorPort:
         return self._fewshot_baselines[task.context_id]
 
     def _answer_fn(self, max_new_tokens: int) -> Callable[[list[str], str], list[str]]:
-        params = SamplingParams(max_new_tokens=max_new_tokens)
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens, stop_after_first_sentence=self._auditor.stops_after_first_sentence
+        )
 
         def answer(prompts: list[str], adapter_id: str) -> list[str]:
             choice = AdapterChoice(adapter_id=adapter_id) if adapter_id else AdapterChoice(base_model=True)
@@ -195,7 +198,9 @@ class LocalAuditorPort:
         return answer
 
     def _mixed_fn(self, max_new_tokens: int) -> MixedAnswerFunction:
-        params = SamplingParams(max_new_tokens=max_new_tokens)
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens, stop_after_first_sentence=self._auditor.stops_after_first_sentence
+        )
 
         def answer(prompts: list[str], adapter_ids: list[str]) -> list[str]:
             return [g.text for g in self._student.generate_mixed(prompts, adapter_ids, params)]

@@ -446,6 +446,10 @@ class SamplingParams:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     seed: int | None = None
+    # Stop each row once its answer's first sentence is complete (seal.grading.first_sentence_complete):
+    # the committed grader reads nothing after it, and on a CPU a batch otherwise runs to
+    # max_new_tokens for its one rambling row.
+    stop_after_first_sentence: bool = False
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -523,7 +527,7 @@ class TransformersEngine:
         off) for a ``PeftModel`` holding them all; each batch passes its rows' names to PEFT's
         mixed-batch forward, so prompts of several adapters share one generate."""
         import torch
-        from transformers import GenerationConfig
+        from transformers import GenerationConfig, StoppingCriteriaList
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -581,15 +585,20 @@ class TransformersEngine:
                     input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
                     attention_mask[row, width - len(ids) :] = 1
                 routed = {"adapter_names": [adapter_names[i] for i in batch]} if adapter_names is not None else {}
+                sentence = _first_sentence_stop(self.tokenizer, width, len(batch)) if params.stop_after_first_sentence else None
                 with torch.inference_mode(), _seeded(params.seed, batch_number, device):
                     output = self.model.generate(
                         input_ids=input_ids.to(device),
                         attention_mask=attention_mask.to(device),
                         generation_config=config,
+                        stopping_criteria=None if sentence is None else StoppingCriteriaList([sentence]),
                         **routed,
                     )
                 for row, index in enumerate(batch):
-                    results[index] = self._decode(output[row, width:].tolist(), len(encoded[index]), stop_ids)
+                    new_tokens = output[row, width:].tolist()
+                    if sentence is not None and sentence.done_at[row] is not None:
+                        new_tokens = new_tokens[: sentence.done_at[row]]  # what follows is padding
+                    results[index] = self._decode(new_tokens, len(encoded[index]), stop_ids)
                 if on_progress is not None:
                     on_progress(min(start + batch_size, len(order)), len(order))
         finally:
@@ -605,6 +614,30 @@ class TransformersEngine:
                 break
         text = self.tokenizer.decode(completion, skip_special_tokens=True)
         return Generation(text=text, prompt_tokens=prompt_tokens, completion_tokens=len(completion))
+
+
+def _first_sentence_stop(tokenizer: Any, prompt_width: int, rows: int) -> Any:
+    """A transformers stopping criterion with one flag per row: a row stops once the text it has
+    generated holds a complete first sentence; ``done_at[row]`` is how many tokens it had then."""
+    import torch
+    from transformers import StoppingCriteria
+
+    from seal.grading import first_sentence_complete
+
+    class FirstSentenceStop(StoppingCriteria):
+        def __init__(self) -> None:
+            self.done_at: list[int | None] = [None] * rows
+
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            new = input_ids[:, prompt_width:]
+            for row in range(new.shape[0]):
+                if self.done_at[row] is None and first_sentence_complete(
+                    tokenizer.decode(new[row], skip_special_tokens=True)
+                ):
+                    self.done_at[row] = new.shape[1]
+            return torch.tensor([at is not None for at in self.done_at], dtype=torch.bool, device=input_ids.device)
+
+    return FirstSentenceStop()
 
 
 @contextmanager

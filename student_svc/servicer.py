@@ -343,6 +343,7 @@ class StudentServicer(student_pb2_grpc.StudentServiceServicer):
             temperature=request.temperature,
             top_p=request.top_p or 1.0,
             seed=request.seed if request.HasField("seed") else None,
+            stop_after_first_sentence=request.stop_after_first_sentence,
         )
 
     @contextmanager

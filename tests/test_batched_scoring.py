@@ -224,6 +224,7 @@ class ScriptedAuditedStudent:
         self.fail_mixed = fail_mixed
         self.broken = broken
         self.calls: list[tuple[str, list[str]]] = []
+        self.stops: list[bool] = []  # stop_after_first_sentence of each call
 
     def _one(self, prompt: str, adapter_id: str) -> str:
         if adapter_id in self.broken:
@@ -231,11 +232,15 @@ class ScriptedAuditedStudent:
         known = {"kb@v1": QUESTIONS + PROBE, "kb@v2": QUESTIONS[:1], "": PROBE}.get(adapter_id, ())
         return next((q.answer for q in known if q.question in prompt), "I do not know")
 
-    def answer(self, prompts: list[str], adapter_id: str, *, max_new_tokens: int) -> list[str]:
+    def answer(self, prompts: list[str], adapter_id: str, *, max_new_tokens: int,
+               stop_after_first_sentence: bool = False) -> list[str]:
+        self.stops.append(stop_after_first_sentence)
         self.calls.append(("answer", [adapter_id] * len(prompts)))
         return [self._one(p, adapter_id) for p in prompts]
 
-    def answer_mixed(self, prompts: list[str], adapter_ids: list[str], *, max_new_tokens: int) -> list[str]:
+    def answer_mixed(self, prompts: list[str], adapter_ids: list[str], *, max_new_tokens: int,
+                     stop_after_first_sentence: bool = False) -> list[str]:
+        self.stops.append(stop_after_first_sentence)
         self.calls.append(("answer_mixed", list(adapter_ids)))
         if self.fail_mixed:
             raise RuntimeError("mixed generation is down")
@@ -321,6 +326,23 @@ def test_a_candidate_that_cannot_be_scored_fails_alone(tmp_path: Path) -> None:
         core.close()
 
 
+@pytest.mark.parametrize("grader", ["committed", "any"])
+def test_answers_stop_after_the_first_sentence_only_for_a_grader_that_reads_no_further(
+    tmp_path: Path, grader: str
+) -> None:
+    from seal.grading import build_grader
+
+    settings = Settings(home=tmp_path, auditor={"grader": grader})
+    core = Auditing.from_settings(settings, Auditor(build_grader(settings.auditor), settings.gates))
+    student = ScriptedAuditedStudent()
+    try:
+        core.score_many(student, candidates=CANDIDATES, questions=QUESTIONS, title="Velmora", passage=PASSAGE,
+                        measure_retention=False)
+    finally:
+        core.close()
+    assert student.stops and set(student.stops) == {grader == "committed"}
+
+
 def probed_ids(student: ScriptedAuditedStudent) -> list[str]:
     """The adapters asked the probe's questions (the mixed calls after τ's)."""
     return sorted({a for _, ids in student.calls[1:] for a in ids if a})
@@ -358,6 +380,67 @@ def test_the_probe_is_not_asked_of_a_candidate_another_gate_refuses(tmp_path: Pa
         else:
             assert second.retention_accuracy == 0.0 and not second.scores.retention_skipped
             assert not retention_gate.passed
+
+
+class ScriptedArcStudent(ScriptedAuditedStudent):
+    """Few-shot answers by rule: ``arc@v1`` answers the gold grid, everyone else a wrong one."""
+
+    def __init__(self, gold: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.gold = gold
+
+    def _one(self, prompt: str, adapter_id: str) -> str:
+        if adapter_id in self.broken:
+            raise AdapterNotFound(f"adapter {adapter_id} has no weights")
+        return self.gold if adapter_id == "arc@v1" else "11\n11"
+
+
+@pytest.mark.parametrize("fail_mixed", [False, True], ids=["mixed", "mixed-fails"])
+def test_fewshot_candidates_are_answered_in_one_mixed_generate_with_the_scores_of_each_alone(
+    tmp_path: Path, fail_mixed: bool
+) -> None:
+    from seal.domains.fewshot import ArcPair, ArcTask, grid_to_text
+
+    def flip(grid):
+        return tuple(tuple(reversed(row)) for row in grid)
+
+    inputs = [((1, 0), (2, 0)), ((0, 3), (0, 4))]
+    test = ((7, 0), (0, 8))
+    task = ArcTask("flip", tuple(ArcPair(g, flip(g)) for g in inputs), (test,), (flip(test),))
+    candidates = [CandidateToScore(a, [GuardrailResult("recipe", True, "")], "p", "{}", i)
+                  for i, a in enumerate(("arc@v1", "arc@v2", "kb@v404"))]
+
+    def scored(core: Auditing, student: ScriptedArcStudent, many: bool) -> list:
+        if many:
+            return core.score_many_fewshot(student, candidates=candidates, task=task)
+        results = []
+        for c in candidates:
+            try:
+                results.append(core.score_fewshot(student, adapter_id=c.adapter_id, task=task, guardrails=c.guardrails,
+                                                  prompt=c.prompt, self_edit=c.self_edit, seed=c.seed))
+            except AdapterNotFound as exc:
+                results.append(exc)
+        return results
+
+    gold = grid_to_text(flip(test))
+    alone_core, many_core = auditing(tmp_path / "alone"), auditing(tmp_path / "many")
+    try:
+        alone = scored(alone_core, ScriptedArcStudent(gold), many=False)
+        student = ScriptedArcStudent(gold, fail_mixed=fail_mixed)
+        together = scored(many_core, student, many=True)
+    finally:
+        alone_core.close()
+        many_core.close()
+    assert isinstance(together[2], AdapterNotFound) and isinstance(alone[2], AdapterNotFound)
+    assert [comparable(s) for s in together[:2]] == [comparable(s) for s in alone[:2]]
+    assert [s.report.reward for s in together[:2]] == [1.0, 0.0]
+    mixed = [ids for method, ids in student.calls if method == "answer_mixed"]
+    assert len(mixed) == 1 and set(mixed[0]) == {"", "arc@v1", "arc@v2"}  # the unknown version is left out
+    assert not any(student.stops)  # a grid answer has many lines: never cut after the first sentence
+    if fail_mixed:  # each asked alone afterwards, as score_fewshot would
+        assert {ids[0] for method, ids in student.calls if method == "answer"} == {"", "arc@v1", "arc@v2"}
+    else:
+        assert [method for method, _ in student.calls] == ["answer_mixed"]
 
 
 # --- over gRPC: the fallbacks and the limits ----------------------------------------------------------

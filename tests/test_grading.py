@@ -17,13 +17,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from seal.config import AuditorSettings
-from seal.domains.knowledge import LexicalGrader
+from seal.domains.knowledge import LexicalGrader, extract_answer
 from seal.grading import (
     CommittedGrader,
     JudgeError,
     JudgeGrader,
     build_grader,
     committed_span,
+    first_sentence,
+    first_sentence_complete,
     parse_judge_verdict,
 )
 
@@ -35,6 +37,39 @@ GRADER = CommittedGrader()
 
 
 # --- the committed answer -------------------------------------------------------------------
+
+# Pieces answers are made of, boilerplate, abbreviations and number formats included, so that
+# random texts hit the corners where a sentence end is still open.
+ANSWER_PIECES = st.lists(
+    st.sampled_from([
+        "Paris", "Dr", "Mt", "St", "J", "D.C", "3", "5", "1,000", "Sure", "Okay", "The answer is", "Answer",
+        "I think", "It is", "it's", "and", "or", ".", "..", "?", "!", ";", "…", ",", ":", " ", "  ", "\n", "\r",
+        "\t", "*", '"', "(", "x",
+    ]),
+    max_size=12,
+).map("".join)
+
+
+@settings(max_examples=600, deadline=None)
+@given(ANSWER_PIECES, ANSWER_PIECES)
+def test_a_complete_first_sentence_is_never_changed_by_what_follows(text: str, more: str) -> None:
+    if first_sentence_complete(text):
+        assert first_sentence(text + more) == first_sentence(text)
+        # What every grader reads (the first line) keeps the committed answer too.
+        assert first_sentence(extract_answer(text + more)) == first_sentence(extract_answer(text))
+
+
+def test_a_first_sentence_is_complete_only_once_something_follows_its_end() -> None:
+    assert not first_sentence_complete("")
+    assert not first_sentence_complete("Paris")
+    assert not first_sentence_complete("Paris.")  # "Paris.5"? only what follows settles it
+    assert first_sentence_complete("Paris. ")
+    assert first_sentence_complete("Paris. It is the capital")
+    assert first_sentence_complete("Paris\nLyon") and first_sentence_complete("Paris\n")
+    assert not first_sentence_complete("Dr. ")  # an abbreviation, not a sentence end
+    assert first_sentence_complete("Dr. Smith. He")
+    assert not first_sentence_complete("Sure. ")  # boilerplate: the answer has not started
+    assert not first_sentence_complete("The answer is 3.")
 
 
 def test_the_demo_list_is_not_credited_for_a_later_item() -> None:

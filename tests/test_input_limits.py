@@ -408,7 +408,7 @@ def test_the_auditor_asks_the_student_in_parts_it_accepts(tmp_path: Path) -> Non
     asked: list[list[str]] = []
 
     class RecordingStudent:  # the student's side of the port; the auditing core is real
-        def answer(self, prompts: list[str], adapter_id: str, *, max_new_tokens: int) -> list[str]:
+        def answer(self, prompts: list[str], adapter_id: str, *, max_new_tokens: int, **_: object) -> list[str]:
             asked.append(prompts)
             return [f"answer {len(asked)}.{i}" for i in range(len(prompts))]
 

@@ -375,3 +375,38 @@ def test_embedded_model_converts_reloads_and_answers(embedded_model_dir: Path) -
     assert "paris" in generations[0].text.lower()
     assert "pacific" in generations[1].text.lower()
     assert "<|im_end|>" not in generations[0].text
+
+
+# --- stopping after the first sentence ----------------------------------------------------------
+
+
+def test_the_first_sentence_stop_flags_each_row_once_its_sentence_is_complete(tiny) -> None:
+    from seal.models import _first_sentence_stop
+
+    _, tokenizer = tiny
+    texts = ["Paris. It is", "Paris", "Dr. Smith", "Lyon\nand more"]
+    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    # Two prompt tokens, then each text right-padded (pads are special: decoded as nothing).
+    ids = torch.tensor([[pad, pad, *r, *[pad] * (width - len(r))] for r in rows])
+    stop = _first_sentence_stop(tokenizer, 2, len(rows))
+    assert stop(ids, None).tolist() == [True, False, False, True]
+    assert stop.done_at == [width, None, None, width]
+    # A row that was done stays done, at the length it was done at.
+    assert stop(torch.cat([ids, ids[:, -1:]], dim=1), None).tolist() == [True, False, False, True]
+    assert stop.done_at == [width, None, None, width]
+
+
+def test_answers_stopped_after_the_first_sentence_keep_it(tiny) -> None:
+    from seal.domains.knowledge import extract_answer
+    from seal.grading import first_sentence
+
+    model, tokenizer = tiny
+    engine = TransformersEngine(model, tokenizer)
+    prompts = [f"Answer with a short phrase.\nQuestion: what is item {i}?" for i in range(8)]
+    full = engine.generate(prompts, SamplingParams(max_new_tokens=24), batch_size=4)
+    short = engine.generate(prompts, SamplingParams(max_new_tokens=24, stop_after_first_sentence=True), batch_size=4)
+    for whole, cut in zip(full, short, strict=True):
+        assert whole.text.startswith(cut.text) and cut.completion_tokens <= whole.completion_tokens
+        assert first_sentence(extract_answer(cut.text)) == first_sentence(extract_answer(whole.text))

@@ -724,15 +724,25 @@ def answer_budget(task: ArcTask, cap: int) -> int:
     return min(cap, 2 * largest + 8)
 
 
-def predict(task: ArcTask, generate: GenerateFn, settings: FewShotSettings) -> list[Prediction]:
-    """Answers to every test input: each view's prompt is answered (one ``generate`` call for
-    all), parsed, mapped back through the view's inverse, and voted on."""
+def _solve_requests(task: ArcTask, settings: FewShotSettings) -> list[tuple[int, GridTransform, str]]:
     views = [transform_named(name) for name in settings.vote_views]
-    requests = [
+    return [
         (test_index, view, prompt)
         for test_index in range(len(task.test_inputs))
         for view, prompt in view_requests(task, test_index, views, settings.max_side)
     ]
+
+
+def solve_prompts(task: ArcTask, settings: FewShotSettings) -> list[str]:
+    """Every prompt :func:`predict` asks for ``task``, in its order: the same for any adapter, so
+    the answers of several candidates can be asked in one mixed-adapter generate."""
+    return [prompt for _, _, prompt in _solve_requests(task, settings)]
+
+
+def predict(task: ArcTask, generate: GenerateFn, settings: FewShotSettings) -> list[Prediction]:
+    """Answers to every test input: each view's prompt is answered (one ``generate`` call for
+    all), parsed, mapped back through the view's inverse, and voted on."""
+    requests = _solve_requests(task, settings)
     texts = list(generate([prompt for _, _, prompt in requests], answer_budget(task, settings.answer_max_new_tokens)))
     if len(texts) != len(requests):
         raise RuntimeError(f"generate returned {len(texts)} answers for {len(requests)} prompts")

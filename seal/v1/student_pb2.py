@@ -26,7 +26,7 @@ from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from seal.v1 import common_pb2 as seal_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15seal/v1/student.proto\x12\x07seal.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x14seal/v1/common.proto\"\xec\x01\n\x14\x41pplySelfEditRequest\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x01 \x01(\t\x12!\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x10.seal.v1.Context\x12\x11\n\tself_edit\x18\x03 \x01(\t\x12+\n\toverrides\x18\x04 \x01(\x0b\x32\x18.seal.v1.UpdateOverrides\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x18\n\x10training_prompts\x18\x06 \x03(\t\x12%\n\x07\x66\x65wshot\x18\x07 \x01(\x0b\x32\x14.seal.v1.FewShotTaskB\x07\n\x05_seed\"`\n\x15\x41pplySelfEditsRequest\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x01 \x01(\t\x12\x31\n\ncandidates\x18\x02 \x03(\x0b\x32\x1d.seal.v1.ApplySelfEditRequest\"\x9c\x03\n\x16\x41pplySelfEditsResponse\x12<\n\x08progress\x18\x01 \x01(\x0b\x32(.seal.v1.ApplySelfEditsResponse.ProgressH\x00\x12:\n\x07trained\x18\x02 \x01(\x0b\x32\'.seal.v1.ApplySelfEditsResponse.TrainedH\x00\x12\x38\n\x06\x66\x61iled\x18\x03 \x01(\x0b\x32&.seal.v1.ApplySelfEditsResponse.FailedH\x00\x1a\x46\n\x08Progress\x12\r\n\x05index\x18\x01 \x01(\r\x12+\n\x08progress\x18\x02 \x01(\x0b\x32\x19.seal.v1.TrainingProgress\x1a\x45\n\x07Trained\x12\r\n\x05index\x18\x01 \x01(\r\x12+\n\tcandidate\x18\x02 \x01(\x0b\x32\x18.seal.v1.AdapterManifest\x1a\x36\n\x06\x46\x61iled\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\tB\x07\n\x05\x65vent\"~\n\x15\x41pplySelfEditResponse\x12-\n\x08progress\x18\x01 \x01(\x0b\x32\x19.seal.v1.TrainingProgressH\x00\x12-\n\tcandidate\x18\x02 \x01(\x0b\x32\x18.seal.v1.AdapterManifestH\x00\x42\x07\n\x05\x65vent\"v\n\x0f\x41\x64\x61pterSelector\x12,\n\nbase_model\x18\x01 \x01(\x0b\x32\x16.google.protobuf.EmptyH\x00\x12\x14\n\nadapter_id\x18\x02 \x01(\tH\x00\x12\x15\n\x0bpromoted_of\x18\x03 \x01(\tH\x00\x42\x08\n\x06target\"\xb9\x01\n\x0fGenerateRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12)\n\x07\x61\x64\x61pter\x18\x02 \x01(\x0b\x32\x18.seal.v1.AdapterSelector\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x01\x12\r\n\x05top_p\x18\x05 \x01(\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nraw_prompt\x18\x07 \x01(\x08\x42\x07\n\x05_seed\"\xa8\x01\n\x14GenerateMixedRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\x13\n\x0b\x61\x64\x61pter_ids\x18\x02 \x03(\t\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x01\x12\r\n\x05top_p\x18\x05 \x01(\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nraw_prompt\x18\x07 \x01(\x08\x42\x07\n\x05_seed\"L\n\nCompletion\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\"W\n\x10GenerateResponse\x12(\n\x0b\x63ompletions\x18\x01 \x03(\x0b\x32\x13.seal.v1.Completion\x12\x19\n\x11served_adapter_id\x18\x02 \x01(\t\"A\n\x15GenerateMixedResponse\x12(\n\x0b\x63ompletions\x18\x01 \x03(\x0b\x32\x13.seal.v1.Completion\"S\n\x13ListAdaptersRequest\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x01 \x01(\t\x12&\n\x06status\x18\x02 \x01(\x0e\x32\x16.seal.v1.AdapterStatus\"B\n\x14ListAdaptersResponse\x12*\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x18.seal.v1.AdapterManifest\"\'\n\x11GetAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"?\n\x12GetAdapterResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.seal.v1.AdapterManifest\"4\n\x0ePromoteRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"<\n\x0fPromoteResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.seal.v1.AdapterManifest\"L\n\rRejectRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x17\n\x0f\x64iscard_weights\x18\x03 \x01(\x08\";\n\x0eRejectResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.seal.v1.AdapterManifest\"Q\n\x0fRollbackRequest\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x18\n\x10\x61llow_base_model\x18\x03 \x01(\x08\"p\n\x10RollbackResponse\x12-\n\x0brolled_back\x18\x01 \x01(\x0b\x32\x18.seal.v1.AdapterManifest\x12-\n\x0bnow_serving\x18\x02 \x01(\x0b\x32\x18.seal.v1.AdapterManifest2\x96\x05\n\x0eStudentService\x12P\n\rApplySelfEdit\x12\x1d.seal.v1.ApplySelfEditRequest\x1a\x1e.seal.v1.ApplySelfEditResponse0\x01\x12S\n\x0e\x41pplySelfEdits\x12\x1e.seal.v1.ApplySelfEditsRequest\x1a\x1f.seal.v1.ApplySelfEditsResponse0\x01\x12?\n\x08Generate\x12\x18.seal.v1.GenerateRequest\x1a\x19.seal.v1.GenerateResponse\x12N\n\rGenerateMixed\x12\x1d.seal.v1.GenerateMixedRequest\x1a\x1e.seal.v1.GenerateMixedResponse\x12K\n\x0cListAdapters\x12\x1c.seal.v1.ListAdaptersRequest\x1a\x1d.seal.v1.ListAdaptersResponse\x12\x45\n\nGetAdapter\x12\x1a.seal.v1.GetAdapterRequest\x1a\x1b.seal.v1.GetAdapterResponse\x12<\n\x07Promote\x12\x17.seal.v1.PromoteRequest\x1a\x18.seal.v1.PromoteResponse\x12\x39\n\x06Reject\x12\x16.seal.v1.RejectRequest\x1a\x17.seal.v1.RejectResponse\x12?\n\x08Rollback\x12\x18.seal.v1.RollbackRequest\x1a\x19.seal.v1.RollbackResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15seal/v1/student.proto\x12\x07seal.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x14seal/v1/common.proto\"\xec\x01\n\x14\x41pplySelfEditRequest\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x01 \x01(\t\x12!\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x10.seal.v1.Context\x12\x11\n\tself_edit\x18\x03 \x01(\t\x12+\n\toverrides\x18\x04 \x01(\x0b\x32\x18.seal.v1.UpdateOverrides\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x18\n\x10training_prompts\x18\x06 \x03(\t\x12%\n\x07\x66\x65wshot\x18\x07 \x01(\x0b\x32\x14.seal.v1.FewShotTaskB\x07\n\x05_seed\"`\n\x15\x41pplySelfEditsRequest\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x01 \x01(\t\x12\x31\n\ncandidates\x18\x02 \x03(\x0b\x32\x1d.seal.v1.ApplySelfEditRequest\"\x9c\x03\n\x16\x41pplySelfEditsResponse\x12<\n\x08progress\x18\x01 \x01(\x0b\x32(.seal.v1.ApplySelfEditsResponse.ProgressH\x00\x12:\n\x07trained\x18\x02 \x01(\x0b\x32\'.seal.v1.ApplySelfEditsResponse.TrainedH\x00\x12\x38\n\x06\x66\x61iled\x18\x03 \x01(\x0b\x32&.seal.v1.ApplySelfEditsResponse.FailedH\x00\x1a\x46\n\x08Progress\x12\r\n\x05index\x18\x01 \x01(\r\x12+\n\x08progress\x18\x02 \x01(\x0b\x32\x19.seal.v1.TrainingProgress\x1a\x45\n\x07Trained\x12\r\n\x05index\x18\x01 \x01(\r\x12+\n\tcandidate\x18\x02 \x01(\x0b\x32\x18.seal.v1.AdapterManifest\x1a\x36\n\x06\x46\x61iled\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\tB\x07\n\x05\x65vent\"~\n\x15\x41pplySelfEditResponse\x12-\n\x08progress\x18\x01 \x01(\x0b\x32\x19.seal.v1.TrainingProgressH\x00\x12-\n\tcandidate\x18\x02 \x01(\x0b\x32\x18.seal.v1.AdapterManifestH\x00\x42\x07\n\x05\x65vent\"v\n\x0f\x41\x64\x61pterSelector\x12,\n\nbase_model\x18\x01 \x01(\x0b\x32\x16.google.protobuf.EmptyH\x00\x12\x14\n\nadapter_id\x18\x02 \x01(\tH\x00\x12\x15\n\x0bpromoted_of\x18\x03 \x01(\tH\x00\x42\x08\n\x06target\"\xdc\x01\n\x0fGenerateRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12)\n\x07\x61\x64\x61pter\x18\x02 \x01(\x0b\x32\x18.seal.v1.AdapterSelector\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x01\x12\r\n\x05top_p\x18\x05 \x01(\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nraw_prompt\x18\x07 \x01(\x08\x12!\n\x19stop_after_first_sentence\x18\x08 \x01(\x08\x42\x07\n\x05_seed\"\xcb\x01\n\x14GenerateMixedRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\x13\n\x0b\x61\x64\x61pter_ids\x18\x02 \x03(\t\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x01\x12\r\n\x05top_p\x18\x05 \x01(\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nraw_prompt\x18\x07 \x01(\x08\x12!\n\x19stop_after_first_sentence\x18\x08 \x01(\x08\x42\x07\n\x05_seed\"L\n\nCompletion\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\"W\n\x10GenerateResponse\x12(\n\x0b\x63ompletions\x18\x01 \x03(\x0b\x32\x13.seal.v1.Completion\x12\x19\n\x11served_adapter_id\x18\x02 \x01(\t\"A\n\x15GenerateMixedResponse\x12(\n\x0b\x63ompletions\x18\x01 \x03(\x0b\x32\x13.seal.v1.Completion\"S\n\x13ListAdaptersRequest\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x01 \x01(\t\x12&\n\x06status\x18\x02 \x01(\x0e\x32\x16.seal.v1.AdapterStatus\"B\n\x14ListAdaptersResponse\x12*\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x18.seal.v1.AdapterManifest\"\'\n\x11GetAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"?\n\x12GetAdapterResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.seal.v1.AdapterManifest\"4\n\x0ePromoteRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"<\n\x0fPromoteResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.seal.v1.AdapterManifest\"L\n\rRejectRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x17\n\x0f\x64iscard_weights\x18\x03 \x01(\x08\";\n\x0eRejectResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.seal.v1.AdapterManifest\"Q\n\x0fRollbackRequest\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x18\n\x10\x61llow_base_model\x18\x03 \x01(\x08\"p\n\x10RollbackResponse\x12-\n\x0brolled_back\x18\x01 \x01(\x0b\x32\x18.seal.v1.AdapterManifest\x12-\n\x0bnow_serving\x18\x02 \x01(\x0b\x32\x18.seal.v1.AdapterManifest2\x96\x05\n\x0eStudentService\x12P\n\rApplySelfEdit\x12\x1d.seal.v1.ApplySelfEditRequest\x1a\x1e.seal.v1.ApplySelfEditResponse0\x01\x12S\n\x0e\x41pplySelfEdits\x12\x1e.seal.v1.ApplySelfEditsRequest\x1a\x1f.seal.v1.ApplySelfEditsResponse0\x01\x12?\n\x08Generate\x12\x18.seal.v1.GenerateRequest\x1a\x19.seal.v1.GenerateResponse\x12N\n\rGenerateMixed\x12\x1d.seal.v1.GenerateMixedRequest\x1a\x1e.seal.v1.GenerateMixedResponse\x12K\n\x0cListAdapters\x12\x1c.seal.v1.ListAdaptersRequest\x1a\x1d.seal.v1.ListAdaptersResponse\x12\x45\n\nGetAdapter\x12\x1a.seal.v1.GetAdapterRequest\x1a\x1b.seal.v1.GetAdapterResponse\x12<\n\x07Promote\x12\x17.seal.v1.PromoteRequest\x1a\x18.seal.v1.PromoteResponse\x12\x39\n\x06Reject\x12\x16.seal.v1.RejectRequest\x1a\x17.seal.v1.RejectResponse\x12?\n\x08Rollback\x12\x18.seal.v1.RollbackRequest\x1a\x19.seal.v1.RollbackResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,35 +50,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ADAPTERSELECTOR']._serialized_start=965
   _globals['_ADAPTERSELECTOR']._serialized_end=1083
   _globals['_GENERATEREQUEST']._serialized_start=1086
-  _globals['_GENERATEREQUEST']._serialized_end=1271
-  _globals['_GENERATEMIXEDREQUEST']._serialized_start=1274
-  _globals['_GENERATEMIXEDREQUEST']._serialized_end=1442
-  _globals['_COMPLETION']._serialized_start=1444
-  _globals['_COMPLETION']._serialized_end=1520
-  _globals['_GENERATERESPONSE']._serialized_start=1522
-  _globals['_GENERATERESPONSE']._serialized_end=1609
-  _globals['_GENERATEMIXEDRESPONSE']._serialized_start=1611
-  _globals['_GENERATEMIXEDRESPONSE']._serialized_end=1676
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1678
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1761
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1763
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1829
-  _globals['_GETADAPTERREQUEST']._serialized_start=1831
-  _globals['_GETADAPTERREQUEST']._serialized_end=1870
-  _globals['_GETADAPTERRESPONSE']._serialized_start=1872
-  _globals['_GETADAPTERRESPONSE']._serialized_end=1935
-  _globals['_PROMOTEREQUEST']._serialized_start=1937
-  _globals['_PROMOTEREQUEST']._serialized_end=1989
-  _globals['_PROMOTERESPONSE']._serialized_start=1991
-  _globals['_PROMOTERESPONSE']._serialized_end=2051
-  _globals['_REJECTREQUEST']._serialized_start=2053
-  _globals['_REJECTREQUEST']._serialized_end=2129
-  _globals['_REJECTRESPONSE']._serialized_start=2131
-  _globals['_REJECTRESPONSE']._serialized_end=2190
-  _globals['_ROLLBACKREQUEST']._serialized_start=2192
-  _globals['_ROLLBACKREQUEST']._serialized_end=2273
-  _globals['_ROLLBACKRESPONSE']._serialized_start=2275
-  _globals['_ROLLBACKRESPONSE']._serialized_end=2387
-  _globals['_STUDENTSERVICE']._serialized_start=2390
-  _globals['_STUDENTSERVICE']._serialized_end=3052
+  _globals['_GENERATEREQUEST']._serialized_end=1306
+  _globals['_GENERATEMIXEDREQUEST']._serialized_start=1309
+  _globals['_GENERATEMIXEDREQUEST']._serialized_end=1512
+  _globals['_COMPLETION']._serialized_start=1514
+  _globals['_COMPLETION']._serialized_end=1590
+  _globals['_GENERATERESPONSE']._serialized_start=1592
+  _globals['_GENERATERESPONSE']._serialized_end=1679
+  _globals['_GENERATEMIXEDRESPONSE']._serialized_start=1681
+  _globals['_GENERATEMIXEDRESPONSE']._serialized_end=1746
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1748
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1831
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1833
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1899
+  _globals['_GETADAPTERREQUEST']._serialized_start=1901
+  _globals['_GETADAPTERREQUEST']._serialized_end=1940
+  _globals['_GETADAPTERRESPONSE']._serialized_start=1942
+  _globals['_GETADAPTERRESPONSE']._serialized_end=2005
+  _globals['_PROMOTEREQUEST']._serialized_start=2007
+  _globals['_PROMOTEREQUEST']._serialized_end=2059
+  _globals['_PROMOTERESPONSE']._serialized_start=2061
+  _globals['_PROMOTERESPONSE']._serialized_end=2121
+  _globals['_REJECTREQUEST']._serialized_start=2123
+  _globals['_REJECTREQUEST']._serialized_end=2199
+  _globals['_REJECTRESPONSE']._serialized_start=2201
+  _globals['_REJECTRESPONSE']._serialized_end=2260
+  _globals['_ROLLBACKREQUEST']._serialized_start=2262
+  _globals['_ROLLBACKREQUEST']._serialized_end=2343
+  _globals['_ROLLBACKRESPONSE']._serialized_start=2345
+  _globals['_ROLLBACKRESPONSE']._serialized_end=2457
+  _globals['_STUDENTSERVICE']._serialized_start=2460
+  _globals['_STUDENTSERVICE']._serialized_end=3122
 # @@protoc_insertion_point(module_scope)

@@ -86,7 +86,7 @@ class AdapterSelector(_message.Message):
     def __init__(self, base_model: _Optional[_Union[_empty_pb2.Empty, _Mapping]] = ..., adapter_id: _Optional[str] = ..., promoted_of: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompts", "adapter", "max_new_tokens", "temperature", "top_p", "seed", "raw_prompt")
+    __slots__ = ("prompts", "adapter", "max_new_tokens", "temperature", "top_p", "seed", "raw_prompt", "stop_after_first_sentence")
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +94,7 @@ class GenerateRequest(_message.Message):
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     RAW_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    STOP_AFTER_FIRST_SENTENCE_FIELD_NUMBER: _ClassVar[int]
     prompts: _containers.RepeatedScalarFieldContainer[str]
     adapter: AdapterSelector
     max_new_tokens: int
@@ -101,10 +102,11 @@ class GenerateRequest(_message.Message):
     top_p: float
     seed: int
     raw_prompt: bool
-    def __init__(self, prompts: _Optional[_Iterable[str]] = ..., adapter: _Optional[_Union[AdapterSelector, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., raw_prompt: _Optional[bool] = ...) -> None: ...
+    stop_after_first_sentence: bool
+    def __init__(self, prompts: _Optional[_Iterable[str]] = ..., adapter: _Optional[_Union[AdapterSelector, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., raw_prompt: _Optional[bool] = ..., stop_after_first_sentence: _Optional[bool] = ...) -> None: ...
 
 class GenerateMixedRequest(_message.Message):
-    __slots__ = ("prompts", "adapter_ids", "max_new_tokens", "temperature", "top_p", "seed", "raw_prompt")
+    __slots__ = ("prompts", "adapter_ids", "max_new_tokens", "temperature", "top_p", "seed", "raw_prompt", "stop_after_first_sentence")
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_IDS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +114,7 @@ class GenerateMixedRequest(_message.Message):
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     RAW_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    STOP_AFTER_FIRST_SENTENCE_FIELD_NUMBER: _ClassVar[int]
     prompts: _containers.RepeatedScalarFieldContainer[str]
     adapter_ids: _containers.RepeatedScalarFieldContainer[str]
     max_new_tokens: int
@@ -119,7 +122,8 @@ class GenerateMixedRequest(_message.Message):
     top_p: float
     seed: int
     raw_prompt: bool
-    def __init__(self, prompts: _Optional[_Iterable[str]] = ..., adapter_ids: _Optional[_Iterable[str]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., raw_prompt: _Optional[bool] = ...) -> None: ...
+    stop_after_first_sentence: bool
+    def __init__(self, prompts: _Optional[_Iterable[str]] = ..., adapter_ids: _Optional[_Iterable[str]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., raw_prompt: _Optional[bool] = ..., stop_after_first_sentence: _Optional[bool] = ...) -> None: ...
 
 class Completion(_message.Message):
     __slots__ = ("text", "prompt_tokens", "completion_tokens")

@@ -120,6 +120,9 @@ class TritonBackend:
     def _generate(
         self, prompts: Sequence[str], adapter: str | None, params: SamplingParams, chat: bool
     ) -> list[TritonGeneration]:
+        # params.stop_after_first_sentence is not sent: the Python model cannot import seal's
+        # grader (model.py is self-contained), so it generates to max_new_tokens; the committed
+        # grader reads only the first sentence, so every grade is the same, the text only longer.
         return self._client.generate(list(prompts), adapter=adapter, max_new_tokens=params.max_new_tokens,
                                      temperature=params.temperature, top_p=params.top_p, seed=params.seed,
                                      chat=chat)
