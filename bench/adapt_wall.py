@@ -72,8 +72,10 @@ def markdown(report: dict[str, Any]) -> str:
         f"Command: `{report['command']}`  ",
         f"Model {report['model']}; k={report['k']}; passage \"{report['passage']}\"; services in one process "
         f"(real gRPC on loopback, in-process student backend); torch threads {report['torch_threads']}; "
-        f"load average at start {report['load_average']}. Warm-up call (builds the retention probe and the "
-        f"anchor set once per base model): {report['warm_up_s']} s, not counted.", "",
+        f"load average at start {report['load_average']}. Warm-up call: {report['warm_up_s']} s, not counted "
+        + ("(the retention probe and the anchor set were already in --home, as after any first call)."
+           if report.get("probe_preexisting") else "(it builds the retention probe and the anchor set once per base model)."),
+        "",
         "| path | call | wall s | generation s | training s | scoring s | candidates | promoted | τ before → after |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -110,12 +112,14 @@ def main() -> int:
         parser.error(f"unknown paths {sorted(unknown)}")
 
     home = args.home or Path(tempfile.mkdtemp(prefix="seal-adapt-wall-"))
+    probe_preexisting = any((home / "auditor" / "retention").glob("*.json"))
     base = {"home": str(home), "auth": {"insecure": True}, "model": {"torch_threads": args.threads}}
     report: dict[str, Any] = {
         "command": "python bench/adapt_wall.py " + " ".join(sys.argv[1:]),
         "model": "SmolLM2-135M-Instruct", "k": args.k, "passage": INVENTED[args.passage].title,
         "torch_threads": args.threads or "torch default", "load_average": [round(x, 1) for x in os.getloadavg()],
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "paths": {},
+        "probe_preexisting": probe_preexisting,
     }
     warmed = False
     for path in paths:
