@@ -852,13 +852,13 @@ class Auditing:
         its exception in its place; should the mixed call fail, each candidate is asked alone."""
         from seal.domains.fewshot import answer_budget, solve_prompts
 
-        ids = []
+        manifests: dict[str, AdapterFacts] = {}
         for adapter_id in dict.fromkeys(c.adapter_id for c in candidates if c.adapter_id):
             try:
-                self._manifest(student, adapter_id)
+                manifests[adapter_id] = self._manifest(student, adapter_id)
             except Exception:  # noqa: BLE001 - e.g. an unknown version: it fails alone below, not the batch
                 continue
-            ids.append(adapter_id)
+        ids = list(manifests)
         owners = ([] if task.context_id in self._fewshot_baselines else [""]) + ids
         prompts = list(dict.fromkeys(solve_prompts(task, self._fewshot))) if task.has_solutions else []
         budget = answer_budget(task, self._fewshot.answer_max_new_tokens)
@@ -882,7 +882,7 @@ class Auditing:
                 results.append(self.score_fewshot(
                     student, adapter_id=candidate.adapter_id, task=task, guardrails=candidate.guardrails,
                     prompt=candidate.prompt, self_edit=candidate.self_edit, seed=candidate.seed, request_id=request_id,
-                    answered=(asked, budget),
+                    answered=asked, manifest=manifests.get(candidate.adapter_id),
                 ))
             except Exception as exc:  # noqa: BLE001 - this candidate fails alone; the caller classifies
                 results.append(exc)
@@ -899,22 +899,23 @@ class Auditing:
         self_edit: str = "",
         seed: int = 0,
         request_id: str = "",
-        answered: tuple[Mapping[tuple[str, str], str], int] = ({}, 0),
+        answered: Mapping[tuple[str, str], str] | None = None,
+        manifest: AdapterFacts | None = None,
     ) -> ScoredCandidate:
         """Score ``adapter_id`` on a few-shot task's test outputs (pass@2, binary reward, the
         ``solved`` gate); without an adapter, the base model alone. Recorded like :meth:`score`.
-        ``answered``: ((adapter_id, prompt) → answer, the max_new_tokens they were asked with),
-        answers already generated (:meth:`score_many_fewshot`); the rest are asked of ``student``."""
+        :meth:`score_many_fewshot` passes what it already has: ``answered``, (adapter_id, prompt)
+        → answer asked with the task's answer budget (the rest are asked of ``student``), and the
+        adapter's ``manifest``."""
         from seal.domains import fewshot_audit
 
         if not task.has_solutions:
             raise ValueError(f"few-shot task {task.task_id} needs a test output per test input to be scored")
-        known, known_tokens = answered
 
         def answer(prompts: Sequence[str], max_new_tokens: int, adapter: str) -> list[str]:
-            if max_new_tokens == known_tokens and all((adapter, p) in known for p in prompts):
-                return [known[(adapter, p)] for p in prompts]
-            return student.answer(list(prompts), adapter, max_new_tokens=max_new_tokens)
+            # predict() asks every prompt with the same budget (answer_budget), the one of ``answered``.
+            ask = prefetched(lambda missing, a: student.answer(missing, a, max_new_tokens=max_new_tokens), answered or {})
+            return ask(list(prompts), adapter)
 
         baseline = self._fewshot_baselines.get(task.context_id)
         if baseline is None:
@@ -924,7 +925,7 @@ class Auditing:
         if not adapter_id:
             verdict = fewshot_audit.score_task(task, baseline, baseline, guardrails)
             return ScoredCandidate(verdict.report(guardrails))
-        manifest = self._manifest(student, adapter_id)
+        manifest = manifest or self._manifest(student, adapter_id)
         adapted = fewshot_audit.grade_with(task, answer, adapter_id, self._fewshot)
         report = fewshot_audit.score_task(task, baseline, adapted, guardrails).report(guardrails)
         return self._record_scored(

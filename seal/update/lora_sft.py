@@ -454,12 +454,17 @@ def linear_module_names(model: Any) -> list[str]:
     )
 
 
+def _pair(example: TokenizedExample) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of an example; plain token ids are their own labels."""
+    return example if isinstance(example, tuple) else (example, example)
+
+
 def _right_padded(batch: Sequence[TokenizedExample], pad_id: int) -> tuple[Any, Any, Any]:
     # Right padding keeps real tokens at positions 0..n-1, the positions a causal LM's forward
     # assumes when no position_ids are passed; -100 keeps padding (even when pad == EOS) out of the loss.
     import torch
 
-    pairs = [item if isinstance(item, tuple) else (item, item) for item in batch]
+    pairs = [_pair(item) for item in batch]
     width = max(len(ids) for ids, _ in pairs)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -542,7 +547,7 @@ def row_sums(
 
     order: list[int] = []
     ce_parts, kl_parts, target_parts, token_parts = [], [], [], []
-    lengths = [len(row[0]) if isinstance(row, tuple) else len(row) for row in rows]
+    lengths = [len(_pair(row)[0]) for row in rows]
     for group in length_groups(lengths, max_padding_share):
         input_ids, attention_mask, labels = (t.to(device) for t in _right_padded([rows[i] for i in group], pad_id))
         logits = forward(input_ids, attention_mask, group)[:, :-1]
