@@ -80,6 +80,12 @@ class LoraAdapterSettings(BaseModel):
         description="'mlp' (the feed-forward blocks' linear layers), 'all-linear' (every linear layer but the "
         "output head), or layer names separated by commas (e.g. 'q_proj,v_proj')",
     )
+    layers: str = Field(
+        "",
+        description="transformer blocks that get LoRA matrices: '' = every block, else block indices and inclusive "
+        "ranges separated by commas (e.g. '15-29' for the upper half of a 30-block model); blocks below the lowest "
+        "one also skip the backward pass",
+    )
     batch_size: LoraBatchSize = Field(8, description="training sequences per optimizer step")
     max_seq_len: LoraMaxSeqLen = Field(256, description="tokens kept per training sequence (longer ones are cut)")
     grad_clip: float = Field(1.0, gt=0, description="max gradient norm per step")

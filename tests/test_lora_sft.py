@@ -183,6 +183,23 @@ def test_named_target_modules_limit_where_lora_goes(tiny) -> None:
     assert adapted == {"q_proj", "v_proj"}
 
 
+def test_layers_limit_lora_to_the_named_blocks_and_the_saved_config_says_so(tiny, tmp_path: Path) -> None:
+    model, tokenizer = tiny
+    config = LoraSFTConfig(epochs=1, layers="1", **FAST)
+    result = LoraSFTTrainer(model, tokenizer, config).train(TEXTS)
+    blocks = {int(name.split(".layers.")[1].split(".")[0])
+              for name, module in result.model.named_modules() if hasattr(module, "lora_A")}
+    assert blocks == {1}
+    save_adapter(result.model, tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["layers_to_transform"] == [1]
+
+
+def test_layers_past_the_models_last_block_are_refused_with_the_range_to_use(tiny) -> None:
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match=r"has 2 \(0-1\)"):
+        LoraSFTTrainer(model, tokenizer, LoraSFTConfig(epochs=1, layers="0-5", **FAST)).train(TEXTS)
+
+
 def test_half_precision_base_trains_in_float32_and_stays_half(tiny) -> None:
     model, tokenizer = tiny
     half = copy.deepcopy(model).to(torch.bfloat16)
@@ -213,11 +230,22 @@ def test_a_peft_model_is_refused_as_base(tiny) -> None:
         ("max_seq_len", 1),
         ("grad_clip", 0.0),
         ("seed", -1),
+        ("layers", "top"),
+        ("layers", "5-2"),
+        ("layers", "-1"),
     ],
 )
 def test_config_validation_names_the_field(field: str, value) -> None:
     with pytest.raises(ValueError, match=field):
         LoraSFTConfig(**{field: value})
+
+
+def test_config_layers_forms() -> None:
+    from seal.update.lora_sft import parse_layers
+
+    assert parse_layers("") is None and parse_layers("  ") is None
+    assert parse_layers("3") == [3]
+    assert parse_layers("4, 0-1, 4") == [0, 1, 4]
 
 
 def test_config_target_modules_forms() -> None:

@@ -131,6 +131,18 @@ def test_batched_adapters_equal_each_trained_alone(tiny, retention) -> None:
     assert [step for position, step, _ in reported if position == 2] == [1, 2]
 
 
+def test_batched_adapters_on_some_blocks_equal_each_trained_alone(tiny) -> None:
+    """``layers`` reaches the batched trainer the same way: one block's matrices, equal weights."""
+    model, tokenizer = tiny
+    specs = three_candidates(tokenizer, layers="1")
+    with MultiLoraTrainer(model, tokenizer, specs).train() as trained:
+        batched = {run.name: lora_weights(trained.model, run.name) for run in trained.runs}
+    for spec in specs:
+        alone = lora_weights(train_alone(model, tokenizer, spec).model, "default")
+        assert all(".layers.1." in name for name in alone)
+        assert_same_weights(batched[spec.name], alone)
+
+
 def test_a_small_pass_limit_changes_nothing(tiny) -> None:
     """Passes split by whole candidates are the same training (candidates are independent)."""
     model, tokenizer = tiny

@@ -47,6 +47,9 @@ class LoraSFTConfig:
     dropout: float = 0.0
     # "all-linear", or module names separated by commas ("q_proj,v_proj").
     target_modules: str | Sequence[str] = "all-linear"
+    # Transformer blocks that get LoRA matrices: "" = every block, else indices and inclusive
+    # ranges separated by commas ("15-29", "0,2,4-6"); see parse_layers.
+    layers: str = ""
     batch_size: int = 8
     max_seq_len: int = 256
     grad_clip: float = 1.0
@@ -82,6 +85,11 @@ class LoraSFTConfig:
             f"dropout must be in [0, 1), got {self.dropout!r}",
         )
         require(self.target_module_list() != [], "target_modules is empty; use 'all-linear' or e.g. 'q_proj,v_proj'")
+        require(isinstance(self.layers, str), f"layers must be a string such as '15-29' or '' (all), got {self.layers!r}")
+        try:
+            parse_layers(self.layers)
+        except ValueError as exc:
+            require(False, str(exc))
         require(
             is_int(self.batch_size) and self.batch_size >= 1, f"batch_size must be an integer >= 1, got {self.batch_size!r}"
         )
@@ -230,7 +238,7 @@ class LoraSFTTrainer:
 
     def _wrap_copy(self) -> Any:
         import torch
-        from peft import LoraConfig, PeftModel, get_peft_model
+        from peft import PeftModel, get_peft_model
 
         if isinstance(self.base_model, PeftModel):
             raise TypeError("pass the plain base model, not a PeftModel: each run trains a fresh adapter")
@@ -238,18 +246,7 @@ class LoraSFTTrainer:
         if getattr(model, "device", torch.device("cpu")).type == "cpu" and model.dtype != torch.float32:
             # bf16/fp16 matmuls are emulated on most CPUs: a bf16 LoRA step measured >15x slower.
             model = model.float()
-        # Shorthands are spelled out as leaf names: PEFT would record every full module path
-        # instead (210 for SmolLM2), which bloats adapter_config.json and ties it to one layer count.
-        targets = resolve_target_modules(model, self.config.target_module_list())
-        lora = LoraConfig(
-            r=self.config.rank,
-            lora_alpha=self.config.alpha,
-            lora_dropout=self.config.dropout,
-            target_modules=targets,
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
-        return get_peft_model(model, lora)
+        return get_peft_model(model, peft_lora_config(model, self.config))
 
     def train(
         self,
@@ -407,6 +404,60 @@ def token_kl(p_logits: Any, q_logits: Any) -> Any:
 # bench/forgetting.py measured to forget less than all-linear at equal learning.
 SHORTHANDS = ("all-linear", "mlp")
 _MLP_BLOCKS = frozenset({"mlp", "feed_forward", "ffn"})
+
+
+def peft_lora_config(model: Any, config: LoraSFTConfig) -> Any:
+    """The PEFT ``LoraConfig`` of ``config`` on ``model``: what both trainers (sequential and
+    batched) build, so their adapter_config.json files are the same."""
+    from peft import LoraConfig
+
+    layers = parse_layers(config.layers)
+    if layers is not None:
+        blocks = getattr(model.config, "num_hidden_layers", None)
+        if isinstance(blocks, int) and max(layers) >= blocks:
+            raise ValueError(
+                f"layers {config.layers!r} names block {max(layers)}, but this model has {blocks} "
+                f"(0-{blocks - 1}); use e.g. '{blocks // 2}-{blocks - 1}'"
+            )
+    # Shorthands are spelled out as leaf names: PEFT would record every full module path
+    # instead (210 for SmolLM2), which bloats adapter_config.json and ties it to one layer count.
+    return LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=resolve_target_modules(model, config.target_module_list()),
+        layers_to_transform=layers,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def parse_layers(spec: str) -> list[int] | None:
+    """Block indices named by a ``layers`` setting: None (every block) for an empty string, else
+    the sorted, distinct indices of its comma-separated items, each an index or an inclusive range.
+
+    >>> parse_layers("")
+    >>> parse_layers("15-17")
+    [15, 16, 17]
+    >>> parse_layers("4, 0-1, 4")
+    [0, 1, 4]
+    """
+    if not spec.strip():
+        return None
+    indices: set[int] = set()
+    for item in spec.split(","):
+        item = item.strip()
+        low, dash, high = item.partition("-")
+        try:
+            first, last = int(low), int(high if dash else low)
+        except ValueError:
+            raise ValueError(
+                f"layers: {item!r} is not a block index or a range like '15-29' (in {spec!r})"
+            ) from None
+        if first < 0 or last < first:
+            raise ValueError(f"layers: {item!r} must be an index >= 0 or a range low-high with low <= high")
+        indices.update(range(first, last + 1))
+    return sorted(indices)
 
 
 def resolve_target_modules(model: Any, targets: str | list[str]) -> list[str]:

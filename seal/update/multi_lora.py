@@ -56,7 +56,7 @@ from seal.update.lora_sft import (
     TrainingCancelled,
     TrainingDiverged,
     _diverged_message,
-    resolve_target_modules,
+    peft_lora_config,
     row_sums,
 )
 
@@ -176,20 +176,6 @@ def step_batches(spec: AdapterSpec) -> Iterator[tuple[list[TokenizedExample], li
             yield batch, picked
 
 
-def lora_config_for(model: Any, config: LoraSFTConfig) -> Any:
-    """The PEFT LoraConfig the sequential trainer builds for ``config`` (same adapter_config.json)."""
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=config.rank,
-        lora_alpha=config.alpha,
-        lora_dropout=config.dropout,
-        target_modules=resolve_target_modules(model, config.target_module_list()),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-
-
 def pack_passes(row_counts: Sequence[int], max_rows: int) -> list[list[int]]:
     """Group candidate positions into passes of at most ``max_rows`` rows, whole candidates only
     (a candidate bigger than the cap gets a pass of its own)."""
@@ -271,7 +257,7 @@ class MultiLoraTrainer:
 
         # Target names are resolved on the plain model: once the first adapter is in, its own
         # lora_A/lora_B layers would count as linear layers too.
-        loras = [lora_config_for(host, spec.config) for spec in self.specs]
+        loras = [peft_lora_config(host, spec.config) for spec in self.specs]
         model = None
         for spec, lora in zip(self.specs, loras, strict=True):
             torch.manual_seed(spec.config.seed)
