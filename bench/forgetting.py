@@ -218,7 +218,7 @@ INVENTED: tuple[Passage, ...] = (
 # The settings the issue measured forgetting with, spelled out so the row keeps its meaning.
 OLD_DEFAULTS: dict[str, Any] = {
     "learning_rate": 1e-3, "epochs": 10, "rank": 16, "alpha": 32, "target_modules": "all-linear",
-    "batch_size": 8, "rehearsal_ratio": 0.0, "kl_beta": 0.0,
+    "batch_size": 8, "rehearsal_ratio": 0.0, "kl_beta": 0.0, "layers": "", "delta_scale": 1.0,
 }
 VARIANTS: dict[str, dict[str, Any] | None] = {
     "lora_sft": OLD_DEFAULTS,
@@ -493,6 +493,16 @@ def _share(rows: list[dict[str, Any]], kind: str) -> float | None:
     return sum(r["correct_by_kind"].get(kind, 0) for r in rows) / asked if asked else None
 
 
+def _layers(lora: dict[str, Any]) -> str:
+    return f" in blocks {lora['layers']}" if lora.get("layers") else ""
+
+
+def _scale(lora: dict[str, Any]) -> str:
+    # Rows measured before delta_scale existed kept the whole update.
+    scale = lora.get("delta_scale", 1.0)
+    return f", update scaled by {scale:g}" if scale != 1.0 else ""
+
+
 def markdown(report: dict[str, Any]) -> str:
     probe = report["probe"]
     lines = [
@@ -534,7 +544,8 @@ def markdown(report: dict[str, Any]) -> str:
         lora = entry["lora"]
         lines.append(
             f"- `{name}`: lr {lora['learning_rate']:g}, {lora['epochs']} epochs, rank {lora['rank']}, alpha {lora['alpha']}, "
-            f"targets `{lora['target_modules']}`, rehearsal ratio {lora['rehearsal_ratio']:g}, KL β {lora['kl_beta']:g}"
+            f"targets `{lora['target_modules']}`{_layers(lora)}, rehearsal ratio {lora['rehearsal_ratio']:g}, "
+            f"KL β {lora['kl_beta']:g}{_scale(lora)}"
         )
     lines += ["", "Per passage (τ correct before→after / questions, probe drop, KL, promoted):", ""]
     names = list(report["variants"])

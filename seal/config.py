@@ -117,6 +117,11 @@ class LoraSettings(LoraAdapterSettings):
     anchor_max_new_tokens: int = Field(
         48, ge=4, le=512, description="length of the base model's greedy answers stored as anchors"
     )
+    delta_scale: float = Field(
+        1.0, gt=0, le=1,
+        description="share of the trained update kept: LoRA's B matrices are multiplied by it after training, "
+        "i.e. weight-space interpolation between the base and the trained candidate (WiSE-FT); 1 = as trained",
+    )
 
 
 class UpdateSettings(BaseModel):

@@ -200,6 +200,25 @@ def test_layers_past_the_models_last_block_are_refused_with_the_range_to_use(tin
         LoraSFTTrainer(model, tokenizer, LoraSFTConfig(epochs=1, layers="0-5", **FAST)).train(TEXTS)
 
 
+def test_delta_scale_keeps_that_share_of_the_trained_update(tiny) -> None:
+    """Same seed, same training: the scaled adapter's B·A is exactly ``delta_scale`` times the
+    full one's, so its logits sit between the base model's and the full candidate's."""
+    model, tokenizer = tiny
+    full = LoraSFTTrainer(model, tokenizer, LoraSFTConfig(epochs=2, **FAST)).train(TEXTS)
+    half = LoraSFTTrainer(model, tokenizer, LoraSFTConfig(epochs=2, delta_scale=0.5, **FAST)).train(TEXTS)
+    assert half.losses == full.losses  # the scale is applied once training ends
+    full_b = {n: p for n, p in full.model.named_parameters() if "lora_B" in n}
+    half_b = {n: p for n, p in half.model.named_parameters() if "lora_B" in n}
+    assert full_b.keys() == half_b.keys() and full_b
+    for name, weight in full_b.items():
+        torch.testing.assert_close(half_b[name], 0.5 * weight)
+    ids = torch.tensor([tokenizer(FACT)["input_ids"]])
+    with torch.no_grad():
+        base_logits = model(ids).logits
+        full_logits, half_logits = full.model(ids).logits, half.model(ids).logits
+    assert 0 < (half_logits - base_logits).abs().max() < (full_logits - base_logits).abs().max()
+
+
 def test_half_precision_base_trains_in_float32_and_stays_half(tiny) -> None:
     model, tokenizer = tiny
     half = copy.deepcopy(model).to(torch.bfloat16)
@@ -233,6 +252,8 @@ def test_a_peft_model_is_refused_as_base(tiny) -> None:
         ("layers", "top"),
         ("layers", "5-2"),
         ("layers", "-1"),
+        ("delta_scale", 0.0),
+        ("delta_scale", 1.5),
     ],
 )
 def test_config_validation_names_the_field(field: str, value) -> None:

@@ -106,7 +106,8 @@ def train_alone(model, tokenizer, spec: AdapterSpec):
 @pytest.mark.parametrize("retention", [
     {"rehearsal_ratio": 0.0, "kl_beta": 0.0},
     {"rehearsal_ratio": 1.0, "kl_beta": 5.0},
-], ids=["plain", "rehearsal+kl"])
+    {"rehearsal_ratio": 1.0, "kl_beta": 5.0, "delta_scale": 0.5},
+], ids=["plain", "rehearsal+kl", "rehearsal+kl+scaled"])
 def test_batched_adapters_equal_each_trained_alone(tiny, retention) -> None:
     model, tokenizer = tiny
     specs = three_candidates(tokenizer, **retention)

@@ -61,6 +61,9 @@ class LoraSFTConfig:
     kl_beta: float = 0.0
     # Anchor examples per step for the KL term when rehearsal adds none of its own.
     kl_anchors_per_step: int = 4
+    # Share of the trained update that is kept: LoRA's B matrices are multiplied by it once
+    # training ends (weight-space interpolation toward the base, as WiSE-FT does); 1 = as trained.
+    delta_scale: float = 1.0
 
     def __post_init__(self) -> None:
         def require(condition: bool, message: str) -> None:
@@ -108,6 +111,11 @@ class LoraSFTConfig:
                 isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0,
                 f"{name} must be a finite number >= 0 (0 = off), got {value!r}",
             )
+        require(
+            isinstance(self.delta_scale, (int, float)) and not isinstance(self.delta_scale, bool)
+            and math.isfinite(self.delta_scale) and 0.0 < self.delta_scale <= 1.0,
+            f"delta_scale must be in (0, 1] (1 = the update as trained), got {self.delta_scale!r}",
+        )
         require(
             is_int(self.kl_anchors_per_step) and self.kl_anchors_per_step >= 1,
             f"kl_anchors_per_step must be an integer >= 1, got {self.kl_anchors_per_step!r}",
@@ -361,6 +369,7 @@ class LoraSFTTrainer:
                     tokens += int(sums.tokens.sum())
                     if on_step is not None:
                         on_step(step, total_steps, loss_value)
+        scale_lora_delta(model, "default", config.delta_scale)
         model.eval()
         return TrainResult(
             model=model,
@@ -404,6 +413,21 @@ def token_kl(p_logits: Any, q_logits: Any) -> Any:
 # bench/forgetting.py measured to forget less than all-linear at equal learning.
 SHORTHANDS = ("all-linear", "mlp")
 _MLP_BLOCKS = frozenset({"mlp", "feed_forward", "ffn"})
+
+
+def scale_lora_delta(model: Any, adapter_name: str, scale: float) -> None:
+    """Multiply adapter ``adapter_name``'s update B·A by ``scale`` in place (its B matrices), so
+    every later use (saving, serving, merging, the KL measure) sees the interpolated update:
+    base + scale · ΔW. A no-op for 1."""
+    import torch
+
+    if scale == 1.0:
+        return
+    with torch.no_grad():
+        for module in model.modules():
+            lora_b = getattr(module, "lora_B", None)
+            if isinstance(lora_b, torch.nn.ModuleDict) and adapter_name in lora_b:
+                lora_b[adapter_name].weight.mul_(scale)
 
 
 def peft_lora_config(model: Any, config: LoraSFTConfig) -> Any:

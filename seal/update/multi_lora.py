@@ -58,6 +58,7 @@ from seal.update.lora_sft import (
     _diverged_message,
     peft_lora_config,
     row_sums,
+    scale_lora_delta,
 )
 
 # (adapter position in the specs, its step, its total steps, its training loss)
@@ -322,6 +323,9 @@ class MultiLoraTrainer:
                 run.seconds = time.perf_counter() - started
                 if on_step is not None:
                     on_step(position, run.steps, run.total_steps, losses[position])
+        for run, spec in zip(runs, self.specs, strict=True):
+            if run.error is None:
+                scale_lora_delta(model, spec.name, spec.config.delta_scale)
         return MultiTrainResult(model=model, runs=runs, seconds=time.perf_counter() - started)
 
     def _forward_backward(
