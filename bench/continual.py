@@ -399,8 +399,10 @@ def _short(config: dict) -> str:
     targets = update["target_modules"]
     targets = targets if isinstance(targets, str) else "+".join(targets)
     replay = f", replay {config['replay_size']}" if config["replay_size"] else ""
+    # Runs recorded before delta_scale existed kept the whole update.
+    scale = f", ×{update.get('delta_scale', 1.0):g}" if update.get("delta_scale", 1.0) != 1.0 else ""
     return (f"LoRA {targets}, lr {update['learning_rate']:g}, {update['epochs']} ep, r {update['rank']}, "
-            f"reh {update['rehearsal_ratio']:g}, KL {update['kl_beta']:g}{replay}")
+            f"reh {update['rehearsal_ratio']:g}, KL {update['kl_beta']:g}{scale}{replay}")
 
 
 def _describe(config: dict) -> str:
@@ -413,7 +415,8 @@ def _describe(config: dict) -> str:
     targets = targets if isinstance(targets, str) else ", ".join(targets)
     return (f"LoRA SFT: lr {update['learning_rate']}, {update['epochs']} epochs, rank {update['rank']}, "
             f"alpha {update['alpha']}, targets {targets}, batch {update['batch_size']}, "
-            f"rehearsal ratio {update['rehearsal_ratio']}, KL β {update['kl_beta']}, replay {config['replay_size']}.")
+            f"rehearsal ratio {update['rehearsal_ratio']}, KL β {update['kl_beta']}, "
+            f"update scaled by {update.get('delta_scale', 1.0)}, replay {config['replay_size']}.")
 
 
 if __name__ == "__main__":
